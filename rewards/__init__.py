@@ -1,0 +1,9 @@
+"""Rewards for ddpo: ``reward(images [B,3,H,W] in [0,1], prompts) -> float32 Tensor[B]``.
+
+Use :func:`get_reward` to build one by name and :func:`available` to list the names.
+"""
+
+from . import compression  # noqa: F401  (registers the JPEG rewards)
+from .base import FunctionReward, Reward, RewardError, available, check_reward_output, get_reward, register
+
+__all__ = ["FunctionReward", "Reward", "RewardError", "available", "check_reward_output", "get_reward", "register"]

@@ -1,0 +1,160 @@
+"""The reward protocol, the registry and the checks every reward output goes through.
+
+A reward is a callable ``reward(images, prompts) -> torch.Tensor`` where
+
+* ``images`` is a float tensor ``[B, 3, H, W]`` with values in ``[0, 1]`` on any device,
+* ``prompts`` is a list of ``B`` strings,
+* the result is a float32 tensor ``[B]`` of finite values (higher is better).
+
+Plain functions with that signature are rewards. Classes derived from :class:`Reward` may also
+
+* report per-component statistics of the last call (``last_info``), logged to ``metrics.jsonl``,
+* learn online (``update``, called once per epoch with the fresh samples, e.g. a discriminator),
+* carry state that must survive a checkpoint (``state_dict`` / ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+class Reward:
+    """Base class for rewards with optional state, online updates and per-component logging."""
+
+    #: Name used in logs; set by the registry when built through :func:`get_reward`.
+    name: str = "reward"
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def last_info(self) -> dict[str, float]:
+        """Scalars describing the last call (e.g. ``{"reward/brightness_mean": 0.4}``)."""
+        return {}
+
+    def update(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Learn from the epoch's fresh samples (only online rewards do anything). Returns scalars to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values needed to resume this reward exactly (empty for stateless rewards)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"reward {self.name!r} is stateless but the checkpoint holds state keys {sorted(state)}")
+
+
+class FunctionReward(Reward):
+    """Wraps a plain ``fn(images, prompts) -> Tensor[B]`` into a :class:`Reward`."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, list[str]], torch.Tensor], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "reward")
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.fn(images, prompts)
+
+
+_REGISTRY: dict[str, Callable[..., Reward | RewardFn]] = {}
+
+
+def register(name: str) -> Callable:
+    """Decorator: register a reward factory (a class or a function returning a reward) under ``name``."""
+
+    def wrap(factory: Callable) -> Callable:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"reward name {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names of the registered rewards, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _import_path(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({err})") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}") from err
+
+
+def get_reward(name: str, **options: Any) -> Reward:
+    """Build a reward by registry name, or by import path ``"my_pkg.my_module:my_reward"``.
+
+    For an import path the attribute may be a reward function (used as is; ``options`` must be empty), a
+    :class:`Reward` subclass or any factory (called with ``options``).
+    """
+    if ":" in name:
+        obj = _import_path(name)
+        if isinstance(obj, type) or options:
+            obj = obj(**options)
+        reward = obj
+    else:
+        if name not in _REGISTRY:
+            hint = difflib.get_close_matches(name, available(), n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"unknown reward {name!r}.{suggestion} Available: {', '.join(available())}; "
+                "or give an import path 'package.module:function'."
+            )
+        try:
+            reward = _REGISTRY[name](**options)
+        except TypeError as err:
+            raise ValueError(f"reward {name!r}: bad options {sorted(options)}: {err}") from err
+    if not isinstance(reward, Reward):
+        if not callable(reward):
+            raise ValueError(f"reward {name!r} is not callable: got {type(reward).__name__}")
+        reward = FunctionReward(reward, name=name)
+    if reward.name == "reward" or ":" not in name:
+        reward.name = name
+    return reward
+
+
+class RewardError(RuntimeError):
+    """A reward returned something the trainer cannot use (wrong shape/dtype, NaN or inf)."""
+
+
+def check_reward_output(values: Any, batch_size: int, name: str) -> torch.Tensor:
+    """Validate a reward's output; returns it unchanged (a float32 tensor ``[B]``) or raises :class:`RewardError`."""
+    if not isinstance(values, torch.Tensor):
+        raise RewardError(f"reward {name!r} returned {type(values).__name__}; it must return a torch.Tensor [B]")
+    if values.shape != (batch_size,):
+        raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)}; expected ({batch_size},)")
+    if values.dtype != torch.float32:
+        raise RewardError(f"reward {name!r} returned dtype {values.dtype}; it must return torch.float32")
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        shown = values.detach().cpu()[bad].tolist()
+        raise RewardError(
+            f"reward {name!r} returned non-finite values at sample indices {bad} (values {shown}); "
+            "the run stops before any optimiser step uses them"
+        )
+    return values
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise ValueError unless ``images`` is a float tensor ``[B, 3, H, W]``."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor [B, 3, H, W] in [0, 1]; got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1]; got {images.dtype}")
