@@ -3,7 +3,7 @@
 Use :func:`get_reward` to build one by name and :func:`available` to list the names.
 """
 
-from . import compression  # noqa: F401  (registers the JPEG rewards)
+from . import aesthetic, clip_score, compression, discriminator, rules, weighted  # noqa: F401  (register rewards)
 from .base import FunctionReward, Reward, RewardError, available, check_reward_output, get_reward, register
 
 __all__ = ["FunctionReward", "Reward", "RewardError", "available", "check_reward_output", "get_reward", "register"]
