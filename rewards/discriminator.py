@@ -170,7 +170,9 @@ class DiscriminatorReward(Reward):
             raise ValueError("reward 'discriminator': no reference images")
 
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        self.model = Discriminator(channels=channels, depth=depth)
+        with torch.device("meta"):  # no default initialisation: it would draw from the global RNG
+            self.model = Discriminator(channels=channels, depth=depth)
+        self.model.to_empty(device="cpu")
         self.model.reset_parameters(self.generator)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=float(learning_rate), betas=tuple(betas), weight_decay=float(weight_decay)
