@@ -238,25 +238,27 @@ class DiscriminatorReward(Reward):
             ``{"reward/discriminator_loss", "reward/discriminator_accuracy", "reward/discriminator_updates"}``.
         """
         check_images(images)
-        with self._lock, torch.enable_grad():
+        with self._lock:
             device = self._place(images)
-            samples = self._resize(images.detach().to(device=device, dtype=torch.float32))
-            losses, accuracies = [], []
-            self.model.train()
-            for _ in range(self.steps_per_epoch):
-                index = torch.randint(len(samples), (self.batch_size,), generator=self.generator)
-                fake = samples[index.to(device)]
-                real = self._reference_batch(self.batch_size).to(device)
-                logits = self.model(torch.cat([real, fake]))
-                labels = torch.cat([torch.ones(len(real), device=device), torch.zeros(len(fake), device=device)])
-                loss = F.binary_cross_entropy_with_logits(logits, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                losses.append(loss.detach())
-                accuracies.append(((logits.detach() > 0).float() == labels).float().mean())
-                self.updates += 1
-            self.model.eval()
+            # Train in float32 with gradients, whatever no_grad / autocast context the caller is in.
+            with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
+                samples = self._resize(images.detach().to(device=device, dtype=torch.float32))
+                losses, accuracies = [], []
+                self.model.train()
+                for _ in range(self.steps_per_epoch):
+                    index = torch.randint(len(samples), (self.batch_size,), generator=self.generator)
+                    fake = samples[index.to(device)]
+                    real = self._reference_batch(self.batch_size).to(device)
+                    logits = self.model(torch.cat([real, fake]))
+                    labels = torch.cat([torch.ones(len(real), device=device), torch.zeros(len(fake), device=device)])
+                    loss = F.binary_cross_entropy_with_logits(logits, labels)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    losses.append(loss.detach())
+                    accuracies.append(((logits.detach() > 0).float() == labels).float().mean())
+                    self.updates += 1
+                self.model.eval()
         if not losses:
             return {"reward/discriminator_updates": float(self.updates)}
         return {

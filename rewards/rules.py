@@ -70,7 +70,9 @@ class Brightness(Reward):
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images)
-        mean = luma(images.float()).mean(dim=(1, 2))
+        # The luma is linear in RGB: weight the channel means instead of building a [B, H, W] luma image.
+        weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.float32, device=images.device)
+        mean = images.float().mean(dim=(2, 3)) @ weights
         return mean if self.target is None else -(mean - self.target).abs()
 
 
