@@ -152,7 +152,7 @@ def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str =
             pipe = StableDiffusionPipeline.from_pretrained(
                 str(local) if local.exists() else pretrained,
                 revision=revision,
-                torch_dtype=torch.float32,
+                dtype=torch.float32,
                 safety_checker=None,
                 requires_safety_checker=False,
             )

@@ -1,0 +1,83 @@
+"""Rewards to advantages: per-prompt running statistics, group and batch normalisation, clipping."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+
+EPS = 1e-6
+
+
+def batch_normalize(rewards: torch.Tensor) -> torch.Tensor:
+    """``(r - mean(r)) / (std(r) + eps)`` over the whole batch (population std). ``[N] -> [N]``."""
+    rewards = rewards.float()
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + EPS)
+
+
+def group_normalize(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Normalise within each group of samples that share a prompt (GRPO-style). ``[N] -> [N]``.
+
+    A group of one sample gets advantage 0 (there is nothing to compare it with).
+    """
+    rewards = rewards.float()
+    out = torch.zeros_like(rewards)
+    for prompt in dict.fromkeys(prompts):
+        index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt], device=rewards.device)
+        group = rewards[index]
+        if group.numel() > 1:
+            out[index] = (group - group.mean()) / (group.std(unbiased=False) + EPS)
+    return out
+
+
+class PerPromptStatTracker:
+    """Running per-prompt reward statistics (DDPO paper): each prompt keeps a buffer of its last ``buffer_size``
+    rewards; a prompt whose buffer holds fewer than ``min_count`` rewards is normalised with the batch statistics.
+
+    The state (every buffer) is saved in checkpoints with :meth:`state_dict` so a resumed run continues exactly.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int):
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"per-prompt buffer_size and min_count must be >= 1; got {buffer_size}, {min_count}")
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque] = {}
+
+    def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Add this epoch's rewards to the buffers and return the advantages. ``rewards [N] -> [N]``."""
+        values = rewards.detach().double().cpu().numpy()
+        advantages = np.empty_like(values)
+        batch_mean, batch_std = values.mean(), values.std() + EPS
+        prompt_array = np.array(prompts, dtype=object)
+        for prompt in dict.fromkeys(prompts):
+            mask = prompt_array == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(values[mask].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                mean, std = np.mean(buffer), np.std(buffer) + EPS
+            advantages[mask] = (values[mask] - mean) / std
+        return torch.as_tensor(advantages, dtype=torch.float32, device=rewards.device)
+
+    def stats(self) -> dict[str, float]:
+        return {"tracker_prompts": float(len(self.buffers))}
+
+    def state_dict(self) -> dict:
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_size = int(state["buffer_size"])
+        self.min_count = int(state["min_count"])
+        self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in state["buffers"].items()}
+
+
+def clip_advantages(advantages: torch.Tensor, max_abs: float) -> torch.Tensor:
+    """Clip to ``[-max_abs, max_abs]``."""
+    return advantages.clamp(-max_abs, max_abs)

@@ -1,0 +1,110 @@
+"""The ``ddpo`` command line: ``ddpo train | presets | config | rewards | prompts``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+DEFAULT_PRESET = "tiny"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import build_config
+    from .trainer import resume, train
+
+    if args.resume:
+        if args.preset or args.config:
+            raise SystemExit("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
+        resume(args.resume, args.overrides)
+        return 0
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    config = build_config(preset=preset, config_file=args.config, overrides=args.overrides)
+    train(config)
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from .config import preset_names
+
+    for name in preset_names():
+        first = resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text().splitlines()[0]
+        print(f"{name:28s} {first.lstrip('# ')}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .config import build_config, to_dict
+
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    config = build_config(preset=preset, config_file=args.config, overrides=args.overrides)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def _rewards(args: argparse.Namespace) -> int:
+    import rewards
+
+    print("\n".join(rewards.available()))
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> int:
+    from .prompts import available_prompt_sets, load_prompts
+
+    for name in available_prompt_sets():
+        print(f"{name:24s} {len(load_prompts(name))} prompts")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpo", description="RL fine-tuning (DDPO, RWR) of diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train (with no arguments: the embedded default on the CPU)",
+        description="Train a run. Config = defaults <- preset <- --config file <- key.sub=value overrides.",
+    )
+    train.add_argument("--preset", help="a shipped preset (`ddpo presets` lists them)")
+    train.add_argument("--config", help="a YAML config file")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    train.set_defaults(func=_train)
+
+    presets = sub.add_parser("presets", help="list the shipped presets")
+    presets.set_defaults(func=_presets)
+
+    config = sub.add_parser("config", help="print the resolved config (every key with its value)")
+    config.add_argument("--preset")
+    config.add_argument("--config")
+    config.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    config.set_defaults(func=_config)
+
+    rewards = sub.add_parser("rewards", help="list the registered rewards")
+    rewards.set_defaults(func=_rewards)
+
+    prompts = sub.add_parser("prompts", help="list the shipped prompt sets")
+    prompts.set_defaults(func=_prompts)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None) and getattr(args, "config", None):
+        print("ddpo: give either --preset or --config, not both", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"ddpo: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

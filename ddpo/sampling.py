@@ -1,0 +1,194 @@
+"""The denoising loop that records trajectories, and the training-time recomputation of their log-probs.
+
+Both go through :func:`guided_model_output` and the same step function, so a stored trajectory re-scored by the
+unchanged model gives ``log_prob == old_log_prob`` (ratio 1): same CFG batching, same autocast, same float32 step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .schedulers import STEP_FUNCTIONS, StepOutput
+
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """The UNet/VAE/text-encoder autocast context for ``mixed_precision`` in ``no | bf16 | fp16``."""
+    dtype = AUTOCAST_DTYPES[mixed_precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Trajectories:
+    """A batch of ``B`` sampled trajectories of ``T`` steps (all tensors on the sampling device).
+
+    Attributes:
+        prompts: ``B`` prompt strings.
+        prompt_embeds: ``[B, L, D]`` text-encoder states of the prompts (float32).
+        negative_embeds: ``[1, L, D]`` states of the negative prompt, shared by the batch (None without CFG).
+        latents: ``[B, T + 1, C, h, w]`` float32: ``x_T, ..., x_0``.
+        log_probs: ``[B, T]`` float32: ``log pi(x_{t-1} | x_t, c)`` of each step (0 for deterministic steps).
+        timesteps: ``[T]`` long: the scheduler timestep of each step.
+        images: ``[B, 3, H, W]`` float32 in ``[0, 1]``: the decoded ``x_0``.
+    """
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    images: torch.Tensor
+
+    @staticmethod
+    def cat(items: list[Trajectories]) -> Trajectories:
+        """Concatenate batches along the batch dimension (they share timesteps and the negative prompt)."""
+        return Trajectories(
+            prompts=[p for item in items for p in item.prompts],
+            prompt_embeds=torch.cat([item.prompt_embeds for item in items]),
+            negative_embeds=items[0].negative_embeds,
+            latents=torch.cat([item.latents for item in items]),
+            log_probs=torch.cat([item.log_probs for item in items]),
+            timesteps=items[0].timesteps,
+            images=torch.cat([item.images for item in items]),
+        )
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """CLIP text-encoder hidden states ``[B, L, D]`` (float32) for ``prompts``, padded to the model length."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return text_encoder(ids)[0].float()
+
+
+def guided_model_output(
+    unet,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor | int,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The UNet output with classifier-free guidance as **one** batched call. Returns float32 ``[B, C, h, w]``.
+
+    Args:
+        latents: ``x_t`` ``[B, C, h, w]`` (float32; autocast, if active, casts inside the UNet).
+        timesteps: int or ``[B]``.
+        prompt_embeds: ``[B, L, D]``; negative_embeds: ``[1, L, D]`` or ``[B, L, D]`` (None when no CFG).
+    """
+    batch = latents.shape[0]
+    if negative_embeds is None or guidance_scale == 1.0:
+        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
+    timesteps = torch.as_tensor(timesteps, device=latents.device)
+    if timesteps.ndim == 1:
+        timesteps = torch.cat([timesteps, timesteps])
+    embeds = torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds])
+    output = unet(torch.cat([latents, latents]), timesteps, encoder_hidden_states=embeds).sample.float()
+    uncond, cond = output.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def check_schedule(scheduler, scheduler_name: str, num_steps: int, eta: float) -> None:
+    """Raise once, before sampling, if a trainable step of the schedule would have zero variance."""
+    scheduler.set_timesteps(num_steps)
+    step = STEP_FUNCTIONS[scheduler_name]
+    probe = torch.zeros(1, 1, 1, 1)
+    for t in scheduler.timesteps.tolist():
+        step(scheduler, probe, t, probe, eta=eta, noise=probe)
+
+
+@torch.no_grad()
+def sample_trajectories(
+    unet,
+    vae,
+    scheduler,
+    scheduler_name: str,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    prompts: list[str],
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generator: torch.Generator,
+    mixed_precision: str = "no",
+    decode_chunk_size: int = 8,
+) -> Trajectories:
+    """Sample ``B = len(prompts)`` trajectories from ``x_T ~ N(0, I)`` and decode their final latents.
+
+    No host-device synchronisation happens inside the loop: timesteps are Python ints and log-probs stay on the
+    device. Call :func:`check_schedule` once beforehand (the step here skips its zero-variance check).
+    """
+    device = prompt_embeds.device
+    batch = prompt_embeds.shape[0]
+    in_channels = unet.config.in_channels
+    size = unet.config.sample_size
+    scheduler.set_timesteps(num_steps)
+    step = STEP_FUNCTIONS[scheduler_name]
+    latents = torch.randn(batch, in_channels, size, size, generator=generator, device=device, dtype=torch.float32)
+    latents = latents * scheduler.init_noise_sigma
+    all_latents, all_log_probs = [latents], []
+    timesteps = scheduler.timesteps.tolist()
+    for t in timesteps:
+        with autocast(device, mixed_precision):
+            model_output = guided_model_output(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+        out = step(scheduler, model_output, t, latents, eta=eta, generator=generator, check=False)
+        latents = out.prev_sample
+        all_latents.append(latents)
+        all_log_probs.append(out.log_prob)
+    images = decode_latents(vae, latents, mixed_precision, decode_chunk_size)
+    return Trajectories(
+        prompts=list(prompts),
+        prompt_embeds=prompt_embeds,
+        negative_embeds=negative_embeds,
+        latents=torch.stack(all_latents, dim=1),
+        log_probs=torch.stack(all_log_probs, dim=1),
+        timesteps=torch.tensor(timesteps, dtype=torch.long, device=device),
+        images=images,
+    )
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, mixed_precision: str = "no", chunk_size: int = 8) -> torch.Tensor:
+    """VAE-decode ``[B, C, h, w]`` latents to float32 images ``[B, 3, H, W]`` in ``[0, 1]``, ``chunk_size`` at a time."""
+    images = []
+    for chunk in latents.split(chunk_size):
+        with autocast(latents.device, mixed_precision):
+            decoded = vae.decode(chunk / vae.config.scaling_factor).sample
+        images.append((decoded.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(images)
+
+
+def recompute_step(
+    unet,
+    scheduler,
+    scheduler_name: str,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    guidance_scale: float,
+    eta: float,
+    mixed_precision: str = "no",
+) -> StepOutput:
+    """Log-prob of stored actions under the current UNet, for ``N`` (trajectory, timestep) pairs in one UNet call.
+
+    Args:
+        latents: ``x_t`` ``[N, C, h, w]``; next_latents: the stored ``x_{t-1}`` ``[N, C, h, w]``.
+        timesteps: ``[N]`` long, one per pair; prompt_embeds ``[N, L, D]``.
+    Returns:
+        :class:`~ddpo.schedulers.StepOutput` with differentiable ``log_prob [N]`` and ``mean``.
+    """
+    with autocast(latents.device, mixed_precision):
+        model_output = guided_model_output(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    return STEP_FUNCTIONS[scheduler_name](
+        scheduler, model_output, timesteps, latents, eta=eta, prev_sample=next_latents, check=False
+    )

@@ -1,0 +1,219 @@
+"""One reverse-diffusion step with the log-probability of the action it takes.
+
+The policy at state ``(c, t, x_t)`` is the Gaussian ``N(mu_theta(x_t, t, c), sigma_t^2 I)`` over ``x_{t-1}``.
+These functions compute ``mu`` and ``sigma`` exactly as diffusers' ``DDIMScheduler.step`` (with ``eta``) and
+``DDPMScheduler.step`` do, sample ``x_{t-1}`` (or take a given one) and return its log-density in float32.
+
+Log-probabilities are **averaged over the latent dimensions** (``C * H * W``), not summed, as in the DDPO paper's
+code: the PPO clip range (1e-4 in the paper) and the learning rate then do not depend on the latent size. A
+summed log-prob is ``log_prob * C * H * W``; the ratio would change by the same factor in the exponent.
+
+Every timestep argument may be a Python int or a ``LongTensor [B]`` (one timestep per sample), so that one UNet
+call can train on (trajectory, timestep) pairs of different timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    """Result of one step. All tensors float32; ``prev_sample``/``mean`` ``[B, C, H, W]``; ``std``/``log_prob`` ``[B]``."""
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dims of the log-density of ``N(mean, std^2 I)`` at ``x``, in float32.
+
+    Args:
+        x, mean: ``[B, ...]``.
+        std: ``[B]`` (one standard deviation per sample), strictly positive.
+    Returns:
+        ``[B]`` float32.
+    """
+    x, mean, std = x.float(), mean.float(), std.float()
+    std = std.view(-1, *([1] * (x.ndim - 1)))
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return log_density.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _per_sample(values: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
+    """Gather ``values[index]`` as a float32 ``[B]`` tensor (index a 0-d or ``[B]`` tensor on values' device)."""
+    if index.ndim == 0:
+        index = index.expand(batch)
+    return values[index].to(torch.float32)
+
+
+def _schedule(scheduler, timestep, batch: int, device: torch.device):
+    """``(alphas_cumprod, t, prev_t)`` on ``device``; ``prev_t = t - num_train_timesteps // num_inference_steps``."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    timestep = torch.as_tensor(timestep, device=device).long()
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    return alphas_cumprod, timestep, prev_timestep
+
+
+def _alphas(scheduler, timestep, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``alpha_bar_t`` and ``alpha_bar_prev`` as ``[B]`` float32, with diffusers' DDIM definition of the previous step."""
+    alphas_cumprod, timestep, prev_timestep = _schedule(scheduler, timestep, batch, device)
+    alpha_t = _per_sample(alphas_cumprod, timestep, batch)
+    alpha_prev = _per_sample(alphas_cumprod, prev_timestep.clamp(min=0), batch)
+    final = float(scheduler.final_alpha_cumprod)
+    is_last = prev_timestep < 0
+    if is_last.ndim == 0:
+        is_last = is_last.expand(batch)
+    alpha_prev = torch.where(is_last, torch.full_like(alpha_prev, final), alpha_prev)
+    return alpha_t, alpha_prev
+
+
+def predict_x0_eps(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted ``x_0`` and ``epsilon`` from the model output, for epsilon, v and sample prediction (float32)."""
+    a = alpha_t.view(-1, 1, 1, 1)
+    model_output, sample = model_output.float(), sample.float()
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output
+        eps = a.sqrt() * model_output + (1 - a).sqrt() * sample
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+    else:
+        raise ValueError(f"prediction_type must be epsilon, v_prediction or sample; got {prediction_type!r}")
+    return x0, eps
+
+
+def _check_scheduler(scheduler) -> None:
+    if getattr(scheduler.config, "thresholding", False):
+        raise ValueError("dynamic thresholding is not supported by the log-prob step; set scheduler thresholding=False")
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+
+
+def _finish(
+    mean, std, prev_sample, noise, generator, deterministic: torch.Tensor | None = None, check: bool = True
+) -> StepOutput:
+    """Sample (or take) ``x_{t-1}`` and score it. Rows flagged ``deterministic`` (std 0 by construction) return
+    ``prev_sample = mean`` and ``log_prob = 0``: they are dynamics, not policy, and are never trained on.
+    ``check=False`` skips the zero-variance check (a host-device sync) once the schedule was checked up front."""
+    deterministic = torch.zeros_like(std, dtype=torch.bool) if deterministic is None else deterministic
+    if check and bool(((std <= 0) & ~deterministic).any()):
+        raise ValueError(
+            "a step has zero variance (eta=0, or set_alpha_to_one=True at the last step), so it has no log-probability; "
+            "use sample.eta > 0 and a scheduler with set_alpha_to_one=False"
+        )
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        scale = torch.where(deterministic, torch.zeros_like(std), std)
+        prev_sample = mean + scale.view(-1, 1, 1, 1) * noise.float()
+    prev_sample = prev_sample.float()
+    log_prob = gaussian_log_prob(prev_sample, mean, safe_std)
+    log_prob = torch.where(deterministic, torch.zeros_like(log_prob), log_prob)
+    return StepOutput(prev_sample, log_prob, mean, torch.where(deterministic, torch.zeros_like(std), std))
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    check: bool = True,
+) -> StepOutput:
+    """DDIM step (Song et al. 2021, eq. 12) with ``eta > 0``, as ``DDIMScheduler.step`` but returning the log-prob.
+
+    Args:
+        scheduler: a ``diffusers.DDIMScheduler`` after ``set_timesteps``.
+        model_output: the (guided) UNet output ``[B, C, H, W]`` (any dtype; cast to float32).
+        timestep: int or ``LongTensor [B]``.
+        sample: ``x_t`` ``[B, C, H, W]``.
+        eta: 1.0 gives the DDPM posterior variance.
+        prev_sample: ``x_{t-1}`` to score instead of sampling one (training-time recomputation).
+        noise: the standard normal noise to use when sampling (``[B, C, H, W]``); else drawn from ``generator``.
+        check: raise on a zero-variance step (costs a host-device sync; the sampler checks the schedule once).
+    Returns:
+        :class:`StepOutput`; ``mean = sqrt(abar_prev) * x0 + sqrt(1 - abar_prev - sigma^2) * eps``,
+        ``std = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))``.
+    """
+    _check_scheduler(scheduler)
+    batch = sample.shape[0]
+    alpha_t, alpha_prev = _alphas(scheduler, timestep, batch, sample.device)
+    x0, eps = predict_x0_eps(model_output, sample, alpha_t, scheduler.config.prediction_type)
+    if scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-limit, limit)
+        eps = (sample.float() - alpha_t.sqrt().view(-1, 1, 1, 1) * x0) / (1 - alpha_t).sqrt().view(-1, 1, 1, 1)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt().view(-1, 1, 1, 1) * eps
+    mean = alpha_prev.sqrt().view(-1, 1, 1, 1) * x0 + direction
+    return _finish(mean, std, prev_sample, noise, generator, check=check)
+
+
+def ddpm_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    check: bool = True,
+) -> StepOutput:
+    """DDPM ancestral step (Ho et al. 2020) as ``DDPMScheduler.step`` with ``variance_type="fixed_small"``.
+
+    ``mean = c0 * x0 + ct * x_t`` with the posterior coefficients, ``std = sqrt(beta_tilde)`` where
+    ``beta_tilde = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)`` (for strided sampling the
+    "beta" is ``1 - abar_t / abar_prev``). ``eta`` is accepted for a uniform signature and must be 1.
+    """
+    _check_scheduler(scheduler)
+    if eta != 1.0:
+        raise ValueError(f"the DDPM step has a fixed variance; sample.eta must be 1.0 with scheduler ddpm, got {eta}")
+    variance_type = scheduler.config.variance_type
+    if variance_type not in ("fixed_small", "fixed_small_log"):
+        raise ValueError(f"DDPM variance_type {variance_type!r} is not supported; use fixed_small")
+    batch = sample.shape[0]
+    alphas_cumprod, timestep_t, prev_t = _schedule(scheduler, timestep, batch, sample.device)
+    alpha_t = _per_sample(alphas_cumprod, timestep_t, batch)
+    alpha_prev = _per_sample(alphas_cumprod, prev_t.clamp(min=0), batch)
+    is_last = prev_t < 0
+    if is_last.ndim == 0:
+        is_last = is_last.expand(batch)
+    alpha_prev = torch.where(is_last, torch.ones_like(alpha_prev), alpha_prev)
+    x0, _ = predict_x0_eps(model_output, sample, alpha_t, scheduler.config.prediction_type)
+    if scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-limit, limit)
+    beta_t = 1 - alpha_t / alpha_prev
+    c0 = alpha_prev.sqrt() * beta_t / (1 - alpha_t)
+    ct = (1 - beta_t).sqrt() * (1 - alpha_prev) / (1 - alpha_t)
+    mean = c0.view(-1, 1, 1, 1) * x0 + ct.view(-1, 1, 1, 1) * sample.float()
+    std = ((1 - alpha_prev) / (1 - alpha_t) * beta_t).clamp(min=0).sqrt()
+    # The final DDPM step (to abar = 1) has zero variance: it is deterministic, scored 0 and never trained on.
+    return _finish(mean, std, prev_sample, noise, generator, deterministic=is_last, check=check)
+
+
+def trainable_steps(scheduler_name: str, num_steps: int) -> int:
+    """How many of the ``num_steps`` steps are stochastic (policy) steps: all for DDIM, all but the last for DDPM."""
+    return num_steps - 1 if scheduler_name == "ddpm" else num_steps
+
+
+STEP_FUNCTIONS = {"ddim": ddim_step_with_logprob, "ddpm": ddpm_step_with_logprob}

@@ -1,0 +1,522 @@
+"""The epoch loop: sample -> score -> advantages -> optimise -> log -> checkpoint.
+
+The trainer orchestrates; the maths lives in :mod:`ddpo.schedulers` (log-prob steps), :mod:`ddpo.sampling`
+(trajectories and their recomputation), :mod:`ddpo.advantages` and :mod:`ddpo.algorithms` (losses). Device
+placement, mixed precision, gradient accumulation and multi-process gathering go through ``accelerate``.
+
+Reproducibility: every random stream (prompt draws, sampling noise, minibatch shuffles) is derived from
+``(seed, epoch, batch or inner epoch, process)``, and a checkpoint holds the trained weights, the optimiser, the
+per-prompt tracker, the reward's state and the RNG states, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from rewards import check_reward_output, get_reward
+
+from . import checkpoint
+from .advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_normalize
+from .algorithms import LOSSES, kl_to_reference, rwr_weights, sparse_rwr_weights
+from .config import RunConfig, build_config, to_dict, train_steps_per_trajectory
+from .models import add_lora, load_pipeline, lora_state_dict
+from .prompts import derive_seed, draw_prompts, load_prompts
+from .sampling import (
+    AUTOCAST_DTYPES,
+    Trajectories,
+    check_schedule,
+    encode_prompts,
+    recompute_step,
+    sample_trajectories,
+)
+from .schedulers import trainable_steps
+from .visualize import save_image_grid
+
+# Stream identifiers for derive_seed: each random stream of the run gets its own.
+_SAMPLING_NOISE, _SHUFFLE = 2, 3
+
+TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite gradients, ...); the last checkpoint is intact."""
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    name = config.run_name or time.strftime("%Y%m%d-%H%M%S")
+    return Path(config.output_dir) / name
+
+
+class Trainer:
+    """Fine-tunes a Stable Diffusion UNet with DDPO / RWR. Use :meth:`from_config` or :meth:`resume`, then :meth:`run`."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, resume_checkpoint: Path | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        c, s, t = config, config.sample, config.train
+        self.accelerator = Accelerator(
+            mixed_precision=c.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            log_with="tensorboard",
+            project_dir=str(self.run_dir),
+        )
+        acc = self.accelerator
+        set_seed(c.seed, device_specific=True)
+
+        # Everything that can fail on user input fails here, before a model is loaded.
+        self.prompts = load_prompts(c.prompts)
+        self.reward = get_reward(c.reward.name, **c.reward.options)
+
+        pipe = load_pipeline(c.model.pretrained, c.model.revision, s.scheduler)
+        self.pipe = pipe
+        self.scheduler = pipe.scheduler
+        check_schedule(self.scheduler, s.scheduler, s.num_steps, s.eta)
+        device = acc.device
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        unet = pipe.unet
+        if c.model.use_lora:
+            add_lora(unet, c.model.lora_rank, c.model.lora_alpha, c.model.lora_target_modules)
+        else:
+            unet.requires_grad_(True)
+        self.ref_unet = None
+        if t.kl_coef > 0 and not c.model.use_lora:  # full fine-tuning keeps a frozen copy as the KL reference
+            import copy
+
+            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device)
+        autocast_dtype = AUTOCAST_DTYPES[c.mixed_precision]
+        if autocast_dtype is not None and c.model.use_lora:
+            # Frozen weights are only ever used under autocast, which casts them to this dtype anyway: storing them
+            # in it is numerically identical and halves their memory. Trainable (LoRA) weights stay float32.
+            from diffusers.training_utils import cast_training_params
+
+            unet.to(dtype=autocast_dtype)
+            cast_training_params(unet, dtype=torch.float32)
+            pipe.vae.to(dtype=autocast_dtype)
+        pipe.vae.to(device)
+        pipe.text_encoder.to(device)
+        unet.to(device)
+        self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+        )
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        self.params = params
+        self.tracker = (
+            PerPromptStatTracker(t.per_prompt_buffer_size, t.per_prompt_min_count)
+            if t.advantage == "per_prompt"
+            else None
+        )
+        self.negative_embeds = None
+        if s.guidance_scale > 1.0:
+            self.negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.negative_prompt], device)
+        self.start_epoch = 0
+        self.global_step = 0
+        self.samples_per_epoch = s.batch_size * s.num_batches_per_epoch * acc.num_processes
+        self.steps_per_trajectory = train_steps_per_trajectory(c)
+        if resume_checkpoint is not None:
+            self._load_checkpoint(resume_checkpoint)
+        self._write_run_files()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_config(cls, config: RunConfig, run_dir: Path | None = None) -> Trainer:
+        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+        if (run_dir / "config.yaml").exists():
+            raise FileExistsError(
+                f"{run_dir} already holds a run; continue it with `ddpo train --resume {run_dir}` "
+                "or choose another run_name / output_dir"
+            )
+        return cls(config, run_dir)
+
+    @classmethod
+    def resume(cls, run_dir: Path, overrides: list[str] | None = None) -> Trainer:
+        run_dir = Path(run_dir)
+        config_file = run_dir / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
+        latest = checkpoint.latest(run_dir / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint to resume from")
+        base = yaml.safe_load(config_file.read_text())
+        config = build_config(base=base, overrides=overrides)
+        return cls(config, run_dir, resume_checkpoint=latest)
+
+    def _write_run_files(self) -> None:
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            text = yaml.safe_dump(to_dict(self.config), sort_keys=False)
+            tmp = self.run_dir / ".config.yaml.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.run_dir / "config.yaml")
+            self._truncate_metrics(self.start_epoch)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.init_trackers("tensorboard")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Path:
+        """Train from ``start_epoch`` to ``config.num_epochs``; write the final checkpoint and ``final/``."""
+        c, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            print(f"ddpo: run directory {self.run_dir.resolve()}", flush=True)
+        bar = tqdm(
+            range(self.start_epoch, c.num_epochs),
+            desc="epochs",
+            initial=self.start_epoch,
+            total=c.num_epochs,
+            disable=not acc.is_local_main_process,
+        )
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as executor:
+            self.executor = executor
+            for epoch in bar:
+                metrics = self.run_epoch(epoch)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics['approx_kl']:.2g}")
+                if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
+                    self.save_checkpoint(epoch + 1)
+        self.save_final()
+        acc.end_training()
+        if acc.is_main_process:
+            print(f"ddpo: done; weights in {(self.run_dir / 'final').resolve()}", flush=True)
+        return self.run_dir
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch; returns (and logs) its metrics."""
+        start = time.perf_counter()
+        samples, rewards, reward_info, timings = self.sample_and_score(epoch)
+        all_rewards, all_prompts = self.gather(rewards, samples.prompts)
+        weights = self.compute_weights(all_rewards, all_prompts)
+        reward_info.update(self.reward.update(samples.images, samples.prompts))
+        train_start = time.perf_counter()
+        train_info = self.optimise(epoch, samples, weights)
+        timings["training_seconds"] = time.perf_counter() - train_start
+        metrics = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "samples": (epoch + 1) * self.samples_per_epoch,
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std(unbiased=False).item(),
+            **train_info,
+            **reward_info,
+            **timings,
+            "epoch_seconds": time.perf_counter() - start,
+        }
+        self.log(epoch, metrics, samples, rewards)
+        return metrics
+
+    # ------------------------------------------------------------------ phases
+
+    def sample_and_score(self, epoch: int) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
+        """Sample this process's trajectories for ``epoch`` and score them.
+
+        With ``overlap_scoring`` the reward of batch k runs in a worker thread while batch k+1 is sampled;
+        ``scoring_seconds`` is then only the time spent waiting for the reward after sampling ended.
+        """
+        c, s, acc = self.config, self.config.sample, self.accelerator
+        pipe, unet = self.pipe, self.unet
+        unet.eval()
+        batches: list[Trajectories] = []
+        pending: list[Future | tuple] = []
+        sampling_start = time.perf_counter()
+        for b in tqdm(range(s.num_batches_per_epoch), desc="sampling", leave=False, disable=not acc.is_local_main_process):
+            prompts = draw_prompts(self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index)
+            embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, acc.device)
+            generator = torch.Generator(device=acc.device).manual_seed(
+                derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index)
+            )
+            trajectories = sample_trajectories(
+                unet,
+                pipe.vae,
+                self.scheduler,
+                s.scheduler,
+                embeds,
+                self.negative_embeds,
+                prompts,
+                s.num_steps,
+                s.guidance_scale,
+                s.eta,
+                generator,
+                c.mixed_precision,
+                s.decode_chunk_size,
+            )
+            batches.append(trajectories)
+            if c.overlap_scoring:
+                pending.append(self.executor.submit(self._score, trajectories.images, prompts))
+            else:
+                pending.append(self._score(trajectories.images, prompts))
+        sampling_seconds = time.perf_counter() - sampling_start
+        wait_start = time.perf_counter()
+        results = [item.result() if isinstance(item, Future) else item for item in pending]
+        scoring_seconds = time.perf_counter() - wait_start
+        if not c.overlap_scoring:
+            scoring_seconds = sum(seconds for _, _, seconds in results)
+            sampling_seconds -= scoring_seconds
+        rewards = torch.cat([values for values, _, _ in results])
+        infos = [info for _, info, _ in results]
+        reward_info = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos and infos[0] else {}
+        reward_info["reward_compute_seconds"] = sum(seconds for _, _, seconds in results)
+        timings = {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
+        return Trajectories.cat(batches), rewards, reward_info, timings
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            values = self.reward(images, prompts)
+        values = check_reward_output(values, len(prompts), self.reward.name)
+        return values.detach().to(self.accelerator.device), dict(self.reward.last_info()), time.perf_counter() - start
+
+    def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Rewards and prompts of every process, in process order."""
+        if self.accelerator.num_processes == 1:
+            return rewards, prompts
+        return self.accelerator.gather(rewards), gather_object(prompts)
+
+    def compute_weights(self, all_rewards: torch.Tensor, all_prompts: list[str]) -> torch.Tensor:
+        """Per-trajectory weights of this process's samples: advantages (DDPO) or RWR weights."""
+        t = self.config.train
+        if t.advantage == "per_prompt":
+            advantages = self.tracker.update(all_prompts, all_rewards)
+        elif t.advantage == "group":
+            advantages = group_normalize(all_rewards, all_prompts)
+        else:
+            advantages = batch_normalize(all_rewards)
+        weights = clip_advantages(advantages, t.adv_clip_max)
+        if t.algorithm == "rwr":
+            weights = rwr_weights(weights, t.rwr_temperature)
+        elif t.algorithm == "rwr_sparse":
+            weights = sparse_rwr_weights(weights, t.rwr_quantile)
+        acc = self.accelerator
+        return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
+
+    def optimise(self, epoch: int, samples: Trajectories, weights: torch.Tensor) -> dict[str, float]:
+        """Inner epochs over shuffled (trajectory, timestep) minibatches; returns the epoch's mean diagnostics."""
+        c, s, t, acc = self.config, self.config.sample, self.config.train, self.accelerator
+        unet = self.unet
+        unet.train()
+        num_samples = samples.latents.shape[0]
+        stochastic = trainable_steps(s.scheduler, s.num_steps)
+        k = self.steps_per_trajectory
+        guidance = s.guidance_scale if self.negative_embeds is not None else 1.0
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
+        loss_fn = LOSSES[t.algorithm]
+        history: dict[str, list[torch.Tensor]] = {}
+        grad_norms: list[torch.Tensor] = []
+        total = t.num_inner_epochs * num_samples * k // t.batch_size
+        bar = tqdm(total=total, desc="training", leave=False, disable=not acc.is_local_main_process)
+        for inner in range(t.num_inner_epochs):
+            generator = torch.Generator().manual_seed(derive_seed(c.seed, _SHUFFLE, epoch, inner, acc.process_index))
+            steps = torch.stack([torch.randperm(stochastic, generator=generator)[:k] for _ in range(num_samples)])
+            trajs = torch.arange(num_samples).unsqueeze(1).expand(num_samples, k)
+            order = torch.randperm(num_samples * k, generator=generator)
+            pair_traj = trajs.flatten()[order].to(acc.device)
+            pair_step = steps.flatten()[order].to(acc.device)
+            for first in range(0, num_samples * k, t.batch_size):
+                i = pair_traj[first : first + t.batch_size]
+                j = pair_step[first : first + t.batch_size]
+                with acc.accumulate(unet):
+                    out = recompute_step(
+                        unet,
+                        self.scheduler,
+                        s.scheduler,
+                        samples.latents[i, j],
+                        samples.latents[i, j + 1],
+                        samples.timesteps[j],
+                        samples.prompt_embeds[i],
+                        self.negative_embeds,
+                        guidance,
+                        s.eta,
+                        c.mixed_precision,
+                    )
+                    loss, info = loss_fn(out.log_prob, samples.log_probs[i, j], weights[i], t.clip_range)
+                    if t.kl_coef > 0:
+                        kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j, guidance), out.std).mean()
+                        loss = loss + t.kl_coef * kl
+                        info["kl"] = kl.detach()
+                    info["loss"] = loss.detach()
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+                        if not torch.isfinite(grad_norm):
+                            raise TrainingError(
+                                f"non-finite gradient norm at epoch {epoch}, global step {self.global_step}; "
+                                "lower train.learning_rate or use mixed_precision=no. The last checkpoint is intact."
+                            )
+                        grad_norms.append(grad_norm.detach().float())
+                        self.global_step += 1
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for key, value in info.items():
+                    history.setdefault(key, []).append(value.float())
+                bar.update(1)
+        bar.close()
+        means = {key: acc.reduce(torch.stack(values).mean(), reduction="mean") for key, values in history.items()}
+        means["ratio_max"] = acc.reduce(torch.stack(history["ratio_max"]).max(), reduction="max")
+        means["grad_norm"] = acc.reduce(torch.stack(grad_norms).mean(), reduction="mean")
+        return {key: value.item() for key, value in means.items()}
+
+    @torch.no_grad()
+    def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor, guidance: float) -> torch.Tensor:
+        """Mean of the frozen base policy at the same pairs (LoRA: adapters disabled; full: the frozen copy)."""
+        s = self.config.sample
+        if self.ref_unet is not None:
+            model = self.ref_unet
+        else:
+            model = self.accelerator.unwrap_model(self.unet)
+            model.disable_adapters()
+        try:
+            out = recompute_step(
+                model,
+                self.scheduler,
+                s.scheduler,
+                samples.latents[i, j],
+                samples.latents[i, j + 1],
+                samples.timesteps[j],
+                samples.prompt_embeds[i],
+                self.negative_embeds,
+                guidance,
+                s.eta,
+                self.config.mixed_precision,
+            )
+        finally:
+            if self.ref_unet is None:
+                model.enable_adapters()
+        return out.mean
+
+    # ------------------------------------------------------------------ outputs
+
+    def log(self, epoch: int, metrics: dict[str, Any], samples: Trajectories, rewards: torch.Tensor) -> None:
+        acc = self.accelerator
+        acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
+        if not acc.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.config.log_images:
+            count = min(16, len(samples.prompts))
+            save_image_grid(
+                samples.images[:count],
+                samples.prompts[:count],
+                rewards[:count].tolist(),
+                self.run_dir / "samples" / f"epoch_{epoch:04d}.png",
+            )
+
+    def _truncate_metrics(self, start_epoch: int) -> None:
+        """Drop metrics of epochs a resumed run will redo (written after the checkpoint it resumes from)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < start_epoch]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        unet = self.accelerator.unwrap_model(self.unet)
+        named = dict(unet.named_parameters())
+        return {name: named[name].detach() for name in self.trainable_names}
+
+    def save_checkpoint(self, epochs_done: int) -> Path:
+        """Atomically write ``checkpoints/checkpoint_<epochs_done>`` (all processes must call this)."""
+        acc = self.accelerator
+        folder = self.run_dir / "checkpoints"
+        tmp = checkpoint.begin(folder) if acc.is_main_process else None
+        tmp = Path(gather_object([str(tmp)])[0]) if acc.num_processes > 1 else tmp
+        if acc.is_main_process:
+            checkpoint.write_payload(tmp, self.trainable_state(), self.optimizer.state_dict(), self.reward.state_dict())
+        checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
+        acc.wait_for_everyone()
+        final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
+        if acc.is_main_process:
+            state = {
+                "epoch": epochs_done,
+                "global_step": self.global_step,
+                "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+                "num_processes": acc.num_processes,
+                "trainable_names": self.trainable_names,
+            }
+            final = checkpoint.commit(tmp, folder, epochs_done, state, self.config.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
+        data = checkpoint.load(path, acc.process_index)
+        state = data["state"]
+        if state["num_processes"] != acc.num_processes:
+            raise ValueError(
+                f"{path} was written by {state['num_processes']} processes; resume with the same number "
+                f"(now {acc.num_processes}) so that the random streams match"
+            )
+        missing = sorted(set(self.trainable_names) - set(data["trainable"]))
+        unexpected = sorted(set(data["trainable"]) - set(self.trainable_names))
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: trained weights do not match the model (missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}); was the run's model or LoRA config changed?"
+            )
+        named = dict(acc.unwrap_model(self.unet).named_parameters())
+        with torch.no_grad():
+            for name, value in data["trainable"].items():
+                named[name].copy_(value.to(named[name].device, named[name].dtype))
+        self.optimizer.load_state_dict(data["optimizer"])
+        if self.tracker is not None:
+            if state["tracker"] is None:
+                raise ValueError(f"{path} has no per-prompt tracker state but train.advantage is per_prompt")
+            self.tracker.load_state_dict(state["tracker"])
+        self.reward.load_state_dict(data["reward"] or {})
+        if data["rng"] is not None:
+            checkpoint.set_rng_state(data["rng"])
+        self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        if acc.is_main_process:
+            print(f"ddpo: resuming {self.run_dir} from {path.name} (epoch {self.start_epoch})", flush=True)
+
+    def save_final(self) -> Path:
+        """``final/``: LoRA weights for ``pipe.load_lora_weights(final)``, or a full pipeline folder."""
+        acc = self.accelerator
+        final = self.run_dir / "final"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = self.run_dir / f".final-tmp-{os.getpid()}"
+            unet = acc.unwrap_model(self.unet)
+            if self.config.model.use_lora:
+                from diffusers import StableDiffusionPipeline
+
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet))
+            else:
+                self.pipe.unet = unet
+                self.pipe.save_pretrained(tmp, safe_serialization=True)
+            checkpoint.replace_dir(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+
+def train(config: RunConfig, run_dir: Path | None = None) -> Path:
+    """Train a new run; returns its run directory."""
+    return Trainer.from_config(config, run_dir).run()
+
+
+def resume(run_dir: Path, overrides: list[str] | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its newest checkpoint (``num_epochs=N`` extends a finished run)."""
+    return Trainer.resume(run_dir, overrides).run()

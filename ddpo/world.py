@@ -1,0 +1,432 @@
+"""A procedural world of small scenes, its captions, and the tiny text-to-image model pretrained on it.
+
+The world is the embedded default of ``ddpo``: it needs no download, renders thousands of images per second and
+comes with a verifiable reward (:mod:`rewards.world`) that checks an image against its caption.
+
+A scene is one or two flat shapes (circle, square, triangle) of distinct named colours on a plain background::
+
+    "a red circle on a white background"
+    "a blue square and a yellow triangle on a grey background"
+
+Objects are listed left to right (by the x of their centre). Shape colours and background colours are disjoint
+sets, far apart in RGB, so an image can be segmented by nearest named colour.
+
+Shipped with the package (see ``scripts/pretrain_world.py`` for how they were trained):
+
+* ``ddpo/assets/world_model/``: a Stable-Diffusion-shaped pipeline (AutoencoderKL, CLIPTextModel +
+  CLIPTokenizer, UNet2DConditionModel, DDIM scheduler), 64 px images from 16x16x4 latents, loadable with
+  ``StableDiffusionPipeline.from_pretrained(world_model_path())``;
+* ``ddpo/assets/world_clip/``: a tiny open_clip model trained contrastively on (render, caption) pairs, loaded
+  by :func:`load_world_clip`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vocabulary of the world
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Shape colours (RGB in [0, 1]); pairwise far apart and far from every background colour.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.12, 0.12),
+    "green": (0.10, 0.70, 0.15),
+    "blue": (0.12, 0.25, 0.90),
+    "yellow": (0.95, 0.85, 0.10),
+    "purple": (0.60, 0.15, 0.75),
+    "cyan": (0.10, 0.80, 0.85),
+}
+#: Background colours (RGB in [0, 1]).
+BACKGROUNDS: dict[str, tuple[float, float, float]] = {
+    "white": (1.0, 1.0, 1.0),
+    "black": (0.0, 0.0, 0.0),
+    "grey": (0.5, 0.5, 0.5),
+}
+#: Shape kinds. Squares are axis-aligned, triangles upright and isosceles (base = height = size).
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+IMAGE_SIZE = 64
+"""Side of the rendered images (pixels)."""
+
+MAX_SHAPES = 2
+SINGLE_SIZE_RANGE = (18.0, 30.0)
+"""Size (diameter / side, pixels at 64 px) of the shape of a one-object scene."""
+PAIR_SIZE_RANGE = (13.0, 21.0)
+"""Size of each shape of a two-object scene."""
+MARGIN = 2.0
+"""Minimum distance (pixels) between a shape's bounding box and the image border."""
+GAP = 4.0
+"""Minimum gap (pixels) between the bounding boxes of the two shapes of a scene."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One object of a scene. Positions and sizes are in pixels of a ``IMAGE_SIZE`` image.
+
+    Args:
+        kind: one of :data:`SHAPES`.
+        colour: one of :data:`COLOURS`.
+        size: diameter of a circle, side of a square, base (= height) of a triangle.
+        x: horizontal centre of the bounding box (0 = left edge).
+        y: vertical centre of the bounding box (0 = top edge).
+    """
+
+    kind: str
+    colour: str
+    size: float
+    x: float
+    y: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene: one or two :class:`Shape` of distinct colours (left to right) on a background colour."""
+
+    shapes: tuple[Shape, ...]
+    background: str
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Captions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def caption(scene: Scene) -> str:
+    """The caption of a scene: ``"a {colour} {shape}[ and a {colour} {shape}] on a {background} background"``."""
+    objects = " and ".join(f"a {s.colour} {s.kind}" for s in scene.shapes)
+    return f"{objects} on a {scene.background} background"
+
+
+_OBJECT = rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_CAPTION_RE = re.compile(rf"^{_OBJECT}(?: and {_OBJECT})? on a ({'|'.join(BACKGROUNDS)}) background$")
+
+
+def parse_caption(text: str) -> tuple[list[tuple[str, str]], str]:
+    """Parse a caption of the world into ``([(colour, kind), ...], background)``.
+
+    Leading/trailing whitespace, case and a final full stop are ignored. Raises ``ValueError`` on any text outside
+    the grammar (also on two objects of the same colour, which the world never renders).
+    """
+    match = _CAPTION_RE.match(text.strip().lower().rstrip("."))
+    if match is None:
+        raise ValueError(
+            f"not a caption of the world: {text!r}; expected 'a {{colour}} {{shape}}[ and a {{colour}} {{shape}}] "
+            f"on a {{background}} background' with colours {list(COLOURS)}, shapes {list(SHAPES)}, "
+            f"backgrounds {list(BACKGROUNDS)}"
+        )
+    c1, k1, c2, k2, background = match.groups()
+    objects = [(c1, k1)] + ([(c2, k2)] if c2 is not None else [])
+    if c2 is not None and c1 == c2:
+        raise ValueError(f"caption {text!r} names two objects of the same colour; the world never renders that")
+    return objects, background
+
+
+def all_captions() -> list[str]:
+    """Every caption of the world (864), in a fixed order: one-object captions, then two-object captions."""
+    singles = [(c, k) for c in COLOURS for k in SHAPES]
+    captions = [f"a {c} {k} on a {b} background" for b in BACKGROUNDS for c, k in singles]
+    for b in BACKGROUNDS:
+        for c1, k1 in singles:
+            for c2, k2 in singles:
+                if c1 != c2:
+                    captions.append(f"a {c1} {k1} and a {c2} {k2} on a {b} background")
+    return captions
+
+
+def split_captions(seed: int = 0, heldout_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+    """Split :func:`all_captions` into ``(train, heldout)`` lists by a seeded permutation (each list keeps the
+    order of :func:`all_captions`). The shipped model was pretrained on the train captions only."""
+    captions = all_captions()
+    order = np.random.default_rng(seed).permutation(len(captions))
+    n_heldout = int(round(heldout_fraction * len(captions)))
+    heldout = set(order[:n_heldout].tolist())
+    train = [c for i, c in enumerate(captions) if i not in heldout]
+    return train, [c for i, c in enumerate(captions) if i in heldout]
+
+
+def write_prompt_files(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``world_train.txt`` and ``world_heldout.txt`` (one prompt per line) into ``directory``."""
+    directory = Path(directory)
+    train, heldout = split_captions(seed)
+    paths = directory / "world_train.txt", directory / "world_heldout.txt"
+    for path, prompts in zip(paths, (train, heldout)):
+        path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sampling scenes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def sample_scene(rng: np.random.Generator, caption_text: str | None = None, image_size: int = IMAGE_SIZE) -> Scene:
+    """Draw a random scene; a pure function of the state of ``rng``.
+
+    With ``caption_text`` the colours, kinds and background are the caption's and only sizes and positions are
+    drawn (the caption's objects are placed left to right in the order named).
+    """
+    if caption_text is None:
+        n = int(rng.integers(1, MAX_SHAPES + 1))
+        colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=n, replace=False)]
+        kinds = [SHAPES[i] for i in rng.integers(len(SHAPES), size=n)]
+        background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+        objects = list(zip(colours, kinds))
+    else:
+        objects, background = parse_caption(caption_text)
+    scale = image_size / IMAGE_SIZE
+    low, high = SINGLE_SIZE_RANGE if len(objects) == 1 else PAIR_SIZE_RANGE
+    while True:
+        sizes = rng.uniform(low, high, size=len(objects)) * scale
+        xs = np.array([rng.uniform(s / 2 + MARGIN, image_size - s / 2 - MARGIN) for s in sizes])
+        ys = np.array([rng.uniform(s / 2 + MARGIN, image_size - s / 2 - MARGIN) for s in sizes])
+        if len(objects) == 1:
+            break
+        reach = (sizes[0] + sizes[1]) / 2 + GAP * scale
+        # Distinct x centres keep "left to right" well defined.
+        if (abs(xs[0] - xs[1]) >= reach or abs(ys[0] - ys[1]) >= reach) and abs(xs[0] - xs[1]) >= 1.0:
+            break
+    order = np.argsort(xs, kind="stable")
+    if caption_text is not None:
+        # Keep the caption's order: its first object gets the leftmost position.
+        xs, ys_sorted = xs[order], ys[order]
+        sizes_sorted = sizes[order]
+        shapes = tuple(
+            Shape(kind=k, colour=c, size=float(s), x=float(x), y=float(y))
+            for (c, k), s, x, y in zip(objects, sizes_sorted, xs, ys_sorted)
+        )
+    else:
+        shapes = tuple(
+            Shape(kind=objects[i][1], colour=objects[i][0], size=float(sizes[i]), x=float(xs[i]), y=float(ys[i]))
+            for i in order
+        )
+    return Scene(shapes=shapes, background=background)
+
+
+def sample_scenes(
+    count: int, seed: int, captions: Sequence[str] | None = None, image_size: int = IMAGE_SIZE
+) -> list[Scene]:
+    """``count`` scenes from ``seed``. With ``captions``, each scene's caption is drawn uniformly from that list
+    (e.g. the train split), otherwise scenes are drawn from the whole world."""
+    rng = np.random.default_rng(seed)
+    if captions is None:
+        return [sample_scene(rng, image_size=image_size) for _ in range(count)]
+    picks = rng.integers(len(captions), size=count)
+    return [sample_scene(rng, captions[i], image_size=image_size) for i in picks]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------------------------
+
+_KIND_INDEX = {k: i for i, k in enumerate(SHAPES)}
+
+
+def render(scenes: Sequence[Scene], image_size: int = IMAGE_SIZE, supersample: int = 2) -> torch.Tensor:
+    """Render scenes into float32 images ``[B, 3, image_size, image_size]`` in ``[0, 1]``.
+
+    Vectorised over the batch (masks of every shape slot are computed on a ``supersample``-times finer grid and
+    averaged down, which anti-aliases the edges). Scenes are in pixels of ``image_size`` images (see
+    :func:`sample_scene`). Deterministic: the same scenes give bit-identical pixels.
+    """
+    batch = len(scenes)
+    slots = MAX_SHAPES
+    kind = torch.full((batch, slots), -1, dtype=torch.long)
+    colour = torch.zeros(batch, slots, 3)
+    geometry = torch.zeros(batch, slots, 3)  # x, y, half size
+    background = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32).view(batch, 3, 1, 1)
+    for b, scene in enumerate(scenes):
+        for k, shape in enumerate(scene.shapes):
+            kind[b, k] = _KIND_INDEX[shape.kind]
+            colour[b, k] = torch.tensor(COLOURS[shape.colour])
+            geometry[b, k] = torch.tensor((shape.x, shape.y, shape.size / 2))
+
+    fine = image_size * supersample
+    coords = (torch.arange(fine, dtype=torch.float32) + 0.5) / supersample  # pixel units
+    px = coords.view(1, 1, 1, fine)
+    py = coords.view(1, 1, fine, 1)
+    dx = px - geometry[..., 0, None, None]  # [B, S, 1, F] broadcast below
+    dy = py - geometry[..., 1, None, None]  # [B, S, F, 1]
+    r = geometry[..., 2, None, None]
+    circle = dx * dx + dy * dy <= r * r
+    square = (dx.abs() <= r) & (dy.abs() <= r)
+    triangle = (dy >= -r) & (dy <= r) & (2 * dx.abs() <= dy + r)
+    k = kind[..., None, None]
+    masks = ((k == 0) & circle) | ((k == 1) & square) | ((k == 2) & triangle)  # [B, S, F, F]
+
+    image = background.expand(batch, 3, fine, fine)
+    for s in range(slots):
+        m = masks[:, s, None]  # [B, 1, F, F]
+        image = torch.where(m, colour[:, s, :, None, None], image)
+    if supersample > 1:
+        image = torch.nn.functional.avg_pool2d(image, supersample)
+    return image.contiguous()
+
+
+def render_captions(
+    captions: Sequence[str], seed: int, image_size: int = IMAGE_SIZE
+) -> tuple[torch.Tensor, list[Scene]]:
+    """Render one random scene per caption (sizes and positions from ``seed``). Returns ``(images, scenes)``."""
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, c, image_size=image_size) for c in captions]
+    return render(scenes, image_size=image_size), scenes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pretrained model: configuration, shipped locations, loading
+# --------------------------------------------------------------------------------------------------------------------
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+WORLD_CLIP_NAME = "ddpo-world-clip"
+"""open_clip model name under which :func:`load_world_clip` registers the tiny CLIP config."""
+
+
+def world_model_path() -> Path:
+    """Folder of the shipped pretrained pipeline (``StableDiffusionPipeline.from_pretrained`` loads it)."""
+    return ASSETS / "world_model"
+
+
+def world_clip_paths() -> tuple[Path, Path]:
+    """``(config_json, weights_safetensors)`` of the shipped tiny open_clip model."""
+    directory = ASSETS / "world_clip"
+    return directory / f"{WORLD_CLIP_NAME}.json", directory / "open_clip_model.safetensors"
+
+
+def build_world_pipeline(seed: int = 0):
+    """The shipped pipeline's architecture with fresh random weights (seeded), built from configs.
+
+    * VAE: AutoencoderKL, 3 levels ``(32, 64, 64)``, 64 px RGB <-> 16x16x4 latents;
+    * text encoder: CLIPTextModel, hidden 32, 2 layers, real 49,408-token CLIP tokenizer (max length 77);
+    * UNet: UNet2DConditionModel on 16x16x4 latents, ``(32, 64, 64)`` channels, one layer per block,
+      cross-attention (dim 32) at the 8x8 and 4x4 levels (attention at 16x16 would triple the CPU cost),
+      epsilon prediction;
+    * scheduler: the Stable Diffusion DDIM configuration (scaled_linear 0.00085..0.012, 1000 steps).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .models import build_clip_tokenizer
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 64, 64),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=IMAGE_SIZE,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=IMAGE_SIZE // 4,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_world_pipeline(path: str | Path | None = None):
+    """Load the shipped pretrained pipeline (float32, CPU, progress bar off) with plain diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(path or world_model_path()), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: open_clip config of the tiny world CLIP (64 px ViT, 2-layer text transformer).
+WORLD_CLIP_CONFIG: dict = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+}
+
+
+def register_world_clip_config(config_path: str | Path | None = None) -> str:
+    """Register the tiny world CLIP config with open_clip (idempotent). Returns the model name to pass to
+    ``open_clip.create_model`` / ``open_clip.get_tokenizer``."""
+    import open_clip
+
+    config_path = Path(config_path or world_clip_paths()[0])
+    if WORLD_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(config_path)
+    return WORLD_CLIP_NAME
+
+
+def load_world_clip(weights: str | Path | None = None):
+    """Load the shipped tiny open_clip model. Returns ``(model, tokenizer, normalize)``.
+
+    ``model.encode_image`` takes images ``[B, 3, 64, 64]`` already normalised by ``normalize`` (a callable mapping
+    ``[0, 1]`` images to the model's input), ``model.encode_text`` takes ``tokenizer(list_of_str)``. The model is in
+    eval mode on the CPU.
+    """
+    import open_clip
+
+    name = register_world_clip_config()
+    model = open_clip.create_model(name, pretrained=str(weights or world_clip_paths()[1]))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    mean = torch.tensor(WORLD_CLIP_CONFIG["preprocess_cfg"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(WORLD_CLIP_CONFIG["preprocess_cfg"]["std"]).view(1, 3, 1, 1)
+
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in ``[0, 1]`` -> model input ``[B, 3, 64, 64]``."""
+        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            images = torch.nn.functional.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+        return (images - mean.to(images)) / std.to(images)
+
+    return model, tokenizer, normalize

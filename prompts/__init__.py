@@ -1,0 +1,1 @@
+"""Plain-text prompt sets (one prompt per line), installed as the data package ``ddpo.prompt_sets``."""

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny real Stable Diffusion pipeline saved to disk and loaded through the real loading code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpo.models import build_tiny_pipeline
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 16-px tiny pipeline (8x8 latents), saved with save_pretrained; tests load it as model.pretrained=<dir>."""
+    path = tmp_path_factory.mktemp("tiny_model") / "pipe"
+    build_tiny_pipeline(seed=0, sample_size=8).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def fast_overrides(tiny_model_dir, tmp_path) -> list[str]:
+    """CLI overrides for a run that takes about a second an epoch on 2 CPU cores."""
+    return [
+        f"model.pretrained={tiny_model_dir}",
+        f"output_dir={tmp_path / 'runs'}",
+        "run_name=run",
+        "sample.num_steps=4",
+        "sample.batch_size=2",
+        "sample.num_batches_per_epoch=2",
+        "train.batch_size=4",
+        "train.timestep_fraction=1.0",
+        "train.learning_rate=0.01",
+        "train.advantage=batch",
+        "log_images=true",
+    ]
