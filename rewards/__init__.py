@@ -4,6 +4,24 @@ Use :func:`get_reward` to build one by name and :func:`available` to list the na
 """
 
 from . import aesthetic, clip_score, compression, discriminator, rules, weighted  # noqa: F401  (register rewards)
-from .base import FunctionReward, Reward, RewardError, available, check_reward_output, get_reward, register
+from .base import (
+    FunctionReward,
+    Reward,
+    RewardError,
+    accepts_metadata,
+    available,
+    check_reward_output,
+    get_reward,
+    register,
+)
 
-__all__ = ["FunctionReward", "Reward", "RewardError", "available", "check_reward_output", "get_reward", "register"]
+__all__ = [
+    "FunctionReward",
+    "Reward",
+    "RewardError",
+    "accepts_metadata",
+    "available",
+    "check_reward_output",
+    "get_reward",
+    "register",
+]

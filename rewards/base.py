@@ -6,6 +6,9 @@ A reward is a callable ``reward(images, prompts) -> torch.Tensor`` where
 * ``prompts`` is a list of ``B`` strings,
 * the result is a float32 tensor ``[B]`` of finite values (higher is better).
 
+A reward may also take a keyword argument ``metadata`` (a list of ``B`` dicts, one per sample); callers pass it
+only when they have per-sample metadata, so rewards without that parameter keep working.
+
 Plain functions with that signature are rewards. Classes derived from :class:`Reward` may also
 
 * report per-component statistics of the last call (``last_info``), logged to ``metrics.jsonl``,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,14 +58,26 @@ class Reward:
             raise ValueError(f"reward {self.name!r} is stateless but the checkpoint holds state keys {sorted(state)}")
 
 
+def accepts_metadata(fn: Callable) -> bool:
+    """Whether ``fn`` takes a ``metadata`` keyword argument (or ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "metadata" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class FunctionReward(Reward):
     """Wraps a plain ``fn(images, prompts) -> Tensor[B]`` into a :class:`Reward`."""
 
     def __init__(self, fn: Callable[[torch.Tensor, list[str]], torch.Tensor], name: str | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "reward")
+        self._takes_metadata = accepts_metadata(fn)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        if metadata is not None and self._takes_metadata:
+            return self.fn(images, prompts, metadata=metadata)
         return self.fn(images, prompts)
 
 

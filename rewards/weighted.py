@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import Reward, check_images, check_reward_output, get_reward, register
+from .base import Reward, accepts_metadata, check_images, check_reward_output, get_reward, register
 
 
 def _parse_component(name: str, spec: Any) -> tuple[float, dict[str, Any]]:
@@ -63,14 +63,19 @@ class WeightedReward(Reward):
         self._last: dict[str, torch.Tensor] = {}
         self._last_component_info: dict[str, float] = {}
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        """``images [B, 3, H, W]`` in ``[0, 1]`` -> ``float32 [B]``; ``metadata`` goes to the components that take it."""
         check_images(images)
         batch_size = images.shape[0]
         total = torch.zeros(batch_size, dtype=torch.float32, device=images.device)
         means: dict[str, torch.Tensor] = {}
         component_info: dict[str, float] = {}
         for name, reward in self.components.items():
-            values = check_reward_output(reward(images, prompts), batch_size, f"weighted/{name}")
+            if metadata is not None and accepts_metadata(reward.__call__):
+                values = reward(images, prompts, metadata=metadata)
+            else:
+                values = reward(images, prompts)
+            values = check_reward_output(values, batch_size, f"weighted/{name}")
             total = total + self.weights[name] * values.to(total.device)
             means[name] = values.detach().mean()
             component_info.update(reward.last_info())

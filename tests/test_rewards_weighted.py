@@ -141,3 +141,18 @@ def test_weighted_rejects_bad_specs():
         rewards.get_reward("weighted", components={"brightness": {"options": {}}})
     with pytest.raises(ValueError, match="unknown reward"):
         rewards.get_reward("weighted", components={"no_such_reward": 1.0})
+
+
+def test_metadata_reaches_components_that_take_it(monkeypatch):
+    seen = []
+
+    def uses_metadata(images, prompts, metadata=None):
+        seen.append(metadata)
+        return torch.tensor([float(m["score"]) for m in metadata])
+
+    _register_temporarily(monkeypatch, "test_metadata_reward", uses_metadata)
+    reward = rewards.get_reward("weighted", components={"test_metadata_reward": 2.0, "jpeg_compressibility": 0.0})
+    metadata = [{"score": i} for i in range(4)]
+    out = reward(_images(), [""] * 4, metadata=metadata)  # jpeg_compressibility does not take metadata
+    torch.testing.assert_close(out, torch.tensor([0.0, 2.0, 4.0, 6.0]))
+    assert seen == [metadata]
