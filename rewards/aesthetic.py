@@ -142,6 +142,8 @@ class AestheticReward(Reward):
     output ``float32 [B]``.
     """
 
+    name = "aesthetic"
+
     def __init__(
         self,
         clip_model: str = "ViT-L-14",

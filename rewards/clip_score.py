@@ -33,6 +33,8 @@ class ClipScoreReward(Reward):
     Input ``images [B, 3, H, W]`` in ``[0, 1]``, ``prompts`` a list of ``B`` strings; output ``float32 [B]``.
     """
 
+    name = "clip_score"
+
     def __init__(
         self,
         model: str = "ViT-B-32",

@@ -122,6 +122,8 @@ class DiscriminatorReward(Reward):
     ``reward/discriminator_updates`` (optimiser steps so far).
     """
 
+    name = "discriminator"
+
     def __init__(
         self,
         reference_dir: str | None = None,

@@ -63,6 +63,8 @@ def parse_color(color: str | Sequence[float]) -> tuple[float, float, float]:
 class Brightness(Reward):
     """Mean Rec. 709 luma in ``[0, 1]``; with ``target`` set, ``-|mean luma - target|`` (closest to target wins)."""
 
+    name = "brightness"
+
     def __init__(self, target: float | None = None):
         if target is not None and not 0.0 <= float(target) <= 1.0:
             raise ValueError(f"brightness target must lie in [0, 1]; got {target}")
@@ -80,6 +82,8 @@ class Brightness(Reward):
 class Contrast(Reward):
     """RMS contrast: the standard deviation of the luma over the pixels of each image (``0..0.5``)."""
 
+    name = "contrast"
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images)
         return luma(images.float()).flatten(1).std(dim=1, unbiased=False)
@@ -88,6 +92,8 @@ class Contrast(Reward):
 @register("saturation")
 class Saturation(Reward):
     """Mean HSV saturation ``(max - min) / max`` over the pixels (``0`` grey .. ``1`` pure colours)."""
+
+    name = "saturation"
 
     def __init__(self, eps: float = 1e-6):
         self.eps = float(eps)
@@ -109,6 +115,8 @@ class Colorfulness(Reward):
     above 59 "highly" colourful (the paper's scale).
     """
 
+    name = "colorfulness"
+
     def __init__(self, eps: float = 1e-8):
         self.eps = float(eps)
 
@@ -129,6 +137,8 @@ class TargetColor(Reward):
     Options:
         color: a name (``"red"``), ``"#rrggbb"`` or ``[r, g, b]`` in ``[0, 1]`` (or ``0..255``). Default red.
     """
+
+    name = "target_color"
 
     def __init__(self, color: str | Sequence[float] = "red"):
         self.color = parse_color(color)

@@ -49,6 +49,8 @@ class WeightedReward(Reward):
     component name).
     """
 
+    name = "weighted"
+
     def __init__(self, components: Mapping[str, Any]):
         if not isinstance(components, Mapping) or not components:
             raise ValueError("weighted reward: 'components' must be a non-empty mapping {name: weight}")
