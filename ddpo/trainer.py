@@ -205,7 +205,9 @@ class Trainer:
         samples, rewards, reward_info, timings = self.sample_and_score(epoch)
         all_rewards, all_prompts = self.gather(rewards, samples.prompts)
         weights = self.compute_weights(all_rewards, all_prompts)
-        reward_info.update(self.reward.update(samples.images, samples.prompts))
+        # Online rewards (the discriminator) learn from every process's samples, so their copies stay identical.
+        all_images = samples.images if self.accelerator.num_processes == 1 else self.accelerator.gather(samples.images)
+        reward_info.update(self.reward.update(all_images, all_prompts))
         train_start = time.perf_counter()
         train_info = self.optimise(epoch, samples, weights)
         timings["training_seconds"] = time.perf_counter() - train_start
@@ -237,8 +239,12 @@ class Trainer:
         batches: list[Trajectories] = []
         pending: list[Future | tuple] = []
         sampling_start = time.perf_counter()
-        for b in tqdm(range(s.num_batches_per_epoch), desc="sampling", leave=False, disable=not acc.is_local_main_process):
-            prompts = draw_prompts(self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index)
+        for b in tqdm(
+            range(s.num_batches_per_epoch), desc="sampling", leave=False, disable=not acc.is_local_main_process
+        ):
+            prompts = draw_prompts(
+                self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
+            )
             embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, acc.device)
             generator = torch.Generator(device=acc.device).manual_seed(
                 derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index)

@@ -1,0 +1,155 @@
+"""End to end through the CLI on a tiny real pipeline: the run-directory contract, reloading in plain diffusers,
+exact resume, and failures that must stop a run early and leave its checkpoints intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from ddpo import checkpoint
+from ddpo.cli import main
+
+TIMING = {"sampling_seconds", "scoring_seconds", "training_seconds", "epoch_seconds", "reward_compute_seconds"}
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_epochs_write_the_whole_contract_and_final_loads_in_diffusers(fast_overrides, tiny_model_dir, tmp_path):
+    assert main(["train", "--preset", "tiny", "num_epochs=2", "keep_checkpoints=1", *fast_overrides]) == 0
+    run = tmp_path / "runs" / "run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["num_epochs"] == 2 and config["model"]["pretrained"] == str(tiny_model_dir)
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    required = {"epoch", "global_step", "samples", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac"}
+    required |= {"ratio_mean", "grad_norm", "sampling_seconds", "scoring_seconds", "training_seconds"}
+    assert required <= set(metrics[0])
+    # 4 samples x 4 steps = 16 pairs per epoch, 4 per optimiser step.
+    assert metrics[0]["samples"] == 4 and metrics[1]["global_step"] == 8
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert (run / "samples" / "epoch_0000.png").is_file() and (run / "samples" / "epoch_0001.txt").is_file()
+    assert list((run / "tensorboard").rglob("events.out.tfevents*")), "no TensorBoard events written"
+    # newest-1 kept, and the last one is the end of the run
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["checkpoint_000002"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+    # final/ loads into a fresh plain diffusers pipeline, every LoRA tensor lands, and the output changes.
+    saved = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+    assert saved and all(k.startswith("unet.") for k in saved)
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    base.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, output_type="pt", height=16, width=16)
+    before = base("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    base.load_lora_weights(run / "final")
+    lora_params = {n: p for n, p in base.unet.named_parameters() if "lora" in n}
+    assert len(lora_params) == len(saved), "some LoRA tensors did not load"
+    after = base("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (after - before).abs().max() > 1e-4
+
+
+def _reference_folder(path: Path) -> Path:
+    """Eight flat orange 16-px PNGs: the discriminator's reference style."""
+    from PIL import Image
+
+    path.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (255, 128 + i, 0)).save(path / f"{i}.png")
+    return path
+
+
+def test_resume_matches_an_uninterrupted_run(fast_overrides, tmp_path):
+    """Weights, metrics and the online discriminator's state all continue exactly across a resume."""
+    reference = _reference_folder(tmp_path / "reference")
+    options = {"reference_dir": str(reference), "image_size": 16, "steps_per_epoch": 2, "batch_size": 4}
+    components = {"jpeg_compressibility": 1.0, "discriminator": {"weight": 0.5, "options": options}}
+    reward = "reward.options=" + json.dumps({"components": components})  # JSON is YAML
+    straight = [o for o in fast_overrides if not o.startswith("run_name")] + ["reward.name=weighted", reward]
+    assert main(["train", "--preset", "tiny", "num_epochs=4", "run_name=straight", *straight]) == 0
+    assert main(["train", "--preset", "tiny", "num_epochs=2", "run_name=split", *straight]) == 0
+    split = tmp_path / "runs" / "split"
+    assert main(["train", "--resume", str(split), "num_epochs=4"]) == 0
+    a = load_file(str(tmp_path / "runs" / "straight" / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(split / "final" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
+    metrics = strip(read_metrics(tmp_path / "runs" / "straight"))
+    assert metrics == strip(read_metrics(split))
+    assert {"reward/jpeg_compressibility_mean", "reward/discriminator_mean", "reward/discriminator_loss"} <= set(
+        metrics[-1]
+    )
+    assert (split / "checkpoints" / "checkpoint_000004" / "reward.pt").is_file()
+    assert yaml.safe_load((split / "config.yaml").read_text())["num_epochs"] == 4
+
+
+def test_resume_drops_metrics_of_epochs_after_the_checkpoint(fast_overrides, tmp_path):
+    assert main(["train", "--preset", "tiny", "num_epochs=2", "save_every=5", *fast_overrides]) == 0
+    run = tmp_path / "runs" / "run"
+    # Simulate a crash after epoch 3's metrics were written but before its checkpoint: the checkpoint is at 2.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "reward_mean": 123.0}) + "\n")
+    assert main(["train", "--resume", str(run), "num_epochs=3"]) == 0
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2] and metrics[2]["reward_mean"] != 123.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rat=1e-3", "Did you mean 'train.learning_rate'"),
+        ("train.learning_rate=fast", "train.learning_rate: expected a number"),
+        ("sample.num_stepz=3", "Did you mean 'sample.num_steps'"),
+        ("train.batch_size=2.5", "train.batch_size: expected an integer"),
+        ("model.pretrained=/no/such/model", "does not exist"),
+        ("sample.eta=0", "sample.eta must be > 0"),
+        ("train.batch_size=3", "not a multiple of train.batch_size"),
+        ("reward.name=jpeg_compressibilty", "Did you mean 'jpeg_compressibility'"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(fast_overrides, override, message, capsys):
+    assert main(["train", *fast_overrides, override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_prompt_file_gives_a_clear_error(fast_overrides, tmp_path, capsys):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n# only a comment\n")
+    assert main(["train", *fast_overrides, f"prompts={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no prompt" in err and str(empty) in err
+
+
+def test_unknown_preset_and_run_dir_reuse(fast_overrides, capsys):
+    assert main(["train", "--preset", "tinyy", *fast_overrides]) == 2
+    assert "Did you mean 'tiny'" in capsys.readouterr().err
+
+
+def test_nan_reward_stops_before_any_update_and_keeps_the_checkpoint(fast_overrides, tmp_path, monkeypatch):
+    assert main(["train", "--preset", "tiny", "num_epochs=1", *fast_overrides]) == 0
+    run = tmp_path / "runs" / "run"
+    before = load_file(str(run / "checkpoints" / "checkpoint_000001" / "trainable.safetensors"))
+    module = tmp_path / "bad_reward.py"
+    module.write_text(
+        "import torch\n"
+        "def nan_reward(images, prompts):\n"
+        "    out = torch.zeros(len(prompts))\n"
+        "    out[1] = float('nan')\n"
+        "    return out\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from rewards import RewardError
+
+    with pytest.raises(RewardError, match=r"non-finite values at sample indices \[1\]"):
+        main(["train", "--resume", str(run), "num_epochs=2", "reward.name=bad_reward:nan_reward"])
+    after = load_file(str(run / "checkpoints" / "checkpoint_000001" / "trainable.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["checkpoint_000001"]
