@@ -85,7 +85,9 @@ def test_kl_between_equal_variance_gaussians_matches_torch_distributions():
     std = torch.tensor([0.5, 2.0])
     ours = kl_to_reference(mean, ref, std)
     s = std.view(-1, 1, 1, 1).expand_as(mean)
-    reference = torch.distributions.kl_divergence(torch.distributions.Normal(mean, s), torch.distributions.Normal(ref, s))
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, s), torch.distributions.Normal(ref, s)
+    )
     torch.testing.assert_close(ours, reference.mean(dim=(1, 2, 3)))
 
 

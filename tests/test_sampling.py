@@ -22,7 +22,17 @@ def _sample(pipe, mixed_precision, guidance=5.0, steps=5, batch=3, seed=0):
     check_schedule(pipe.scheduler, "ddim", steps, 1.0)
     generator = torch.Generator().manual_seed(seed)
     return sample_trajectories(
-        pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, steps, guidance, 1.0, generator,
+        pipe.unet,
+        pipe.vae,
+        pipe.scheduler,
+        "ddim",
+        embeds,
+        negative,
+        prompts,
+        steps,
+        guidance,
+        1.0,
+        generator,
         mixed_precision,
     )
 
@@ -35,8 +45,17 @@ def test_recomputed_log_probs_give_ratio_one_with_cfg(pipe, mixed_precision):
     i = torch.tensor([2, 0, 1, 1, 0, 2, 2])
     j = torch.tensor([0, 4, 2, 3, 1, 1, 3])
     out = recompute_step(
-        pipe.unet, pipe.scheduler, "ddim", traj.latents[i, j], traj.latents[i, j + 1], traj.timesteps[j],
-        traj.prompt_embeds[i], traj.negative_embeds, 5.0, 1.0, mixed_precision,
+        pipe.unet,
+        pipe.scheduler,
+        "ddim",
+        traj.latents[i, j],
+        traj.latents[i, j + 1],
+        traj.timesteps[j],
+        traj.prompt_embeds[i],
+        traj.negative_embeds,
+        5.0,
+        1.0,
+        mixed_precision,
     )
     ratio = torch.exp(out.log_prob - traj.log_probs[i, j])
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)

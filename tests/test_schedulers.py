@@ -6,9 +6,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddpo.schedulers import ddim_step_with_logprob, ddpm_step_with_logprob, gaussian_log_prob, trainable_steps
 
-SD_SCHEDULE = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
-)
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
 
 
 def make_ddim(prediction_type: str, steps: int = 10) -> DDIMScheduler:
