@@ -234,8 +234,9 @@ class Trainer:
         ``scoring_seconds`` is then only the time spent waiting for the reward after sampling ended.
         """
         c, s, acc = self.config, self.config.sample, self.accelerator
-        pipe, unet = self.pipe, self.unet
-        unet.eval()
+        pipe = self.pipe
+        self.unet.eval()
+        unet = acc.unwrap_model(self.unet)  # sampling needs no DDP gradient sync
         batches: list[Trajectories] = []
         pending: list[Future | tuple] = []
         sampling_start = time.perf_counter()
