@@ -228,44 +228,39 @@ def sample_scenes(
 _KIND_INDEX = {k: i for i, k in enumerate(SHAPES)}
 
 
-def render(scenes: Sequence[Scene], image_size: int = IMAGE_SIZE, supersample: int = 2) -> torch.Tensor:
+def render(scenes: Sequence[Scene], image_size: int = IMAGE_SIZE) -> torch.Tensor:
     """Render scenes into float32 images ``[B, 3, image_size, image_size]`` in ``[0, 1]``.
 
-    Vectorised over the batch (masks of every shape slot are computed on a ``supersample``-times finer grid and
-    averaged down, which anti-aliases the edges). Scenes are in pixels of ``image_size`` images (see
+    Vectorised over the batch: each shape slot's coverage of every pixel comes from the shape's signed distance
+    at the pixel centre, ``clamp(0.5 - distance, 0, 1)`` (a one-pixel anti-aliased edge), and the slots are
+    composited over the background in order. Scenes are in pixels of ``image_size`` images (see
     :func:`sample_scene`). Deterministic: the same scenes give bit-identical pixels.
     """
     batch = len(scenes)
-    slots = MAX_SHAPES
-    kind = torch.full((batch, slots), -1, dtype=torch.long)
-    colour = torch.zeros(batch, slots, 3)
-    geometry = torch.zeros(batch, slots, 3)  # x, y, half size
-    background = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32).view(batch, 3, 1, 1)
+    kind = np.full((batch, MAX_SHAPES), -1, dtype=np.int64)
+    colour = np.zeros((batch, MAX_SHAPES, 3), dtype=np.float32)
+    geometry = np.zeros((batch, MAX_SHAPES, 3), dtype=np.float32)  # x, y, half size
+    background = np.array([BACKGROUNDS[s.background] for s in scenes], dtype=np.float32).reshape(batch, 3, 1, 1)
     for b, scene in enumerate(scenes):
         for k, shape in enumerate(scene.shapes):
             kind[b, k] = _KIND_INDEX[shape.kind]
-            colour[b, k] = torch.tensor(COLOURS[shape.colour])
-            geometry[b, k] = torch.tensor((shape.x, shape.y, shape.size / 2))
+            colour[b, k] = COLOURS[shape.colour]
+            geometry[b, k] = (shape.x, shape.y, shape.size / 2)
+    kind_t, colour_t, geometry_t = torch.from_numpy(kind), torch.from_numpy(colour), torch.from_numpy(geometry)
 
-    fine = image_size * supersample
-    coords = (torch.arange(fine, dtype=torch.float32) + 0.5) / supersample  # pixel units
-    px = coords.view(1, 1, 1, fine)
-    py = coords.view(1, 1, fine, 1)
-    dx = px - geometry[..., 0, None, None]  # [B, S, 1, F] broadcast below
-    dy = py - geometry[..., 1, None, None]  # [B, S, F, 1]
-    r = geometry[..., 2, None, None]
-    circle = dx * dx + dy * dy <= r * r
-    square = (dx.abs() <= r) & (dy.abs() <= r)
-    triangle = (dy >= -r) & (dy <= r) & (2 * dx.abs() <= dy + r)
-    k = kind[..., None, None]
-    masks = ((k == 0) & circle) | ((k == 1) & square) | ((k == 2) & triangle)  # [B, S, F, F]
-
-    image = background.expand(batch, 3, fine, fine)
-    for s in range(slots):
-        m = masks[:, s, None]  # [B, 1, F, F]
-        image = torch.where(m, colour[:, s, :, None, None], image)
-    if supersample > 1:
-        image = torch.nn.functional.avg_pool2d(image, supersample)
+    centres = torch.arange(image_size, dtype=torch.float32) + 0.5  # pixel centres, in pixels
+    image = torch.from_numpy(background).expand(batch, 3, image_size, image_size)
+    for s in range(MAX_SHAPES):
+        x, y, r = (geometry_t[:, s, i].view(batch, 1, 1) for i in range(3))
+        dx = (centres.view(1, 1, image_size) - x).abs()  # [B, 1, W]
+        dy = centres.view(1, image_size, 1) - y  # [B, H, 1]
+        k = kind_t[:, s].view(batch, 1, 1)
+        circle = torch.sqrt(dx * dx + dy * dy) - r
+        square = torch.maximum(dx, dy.abs()) - r
+        triangle = torch.maximum(dy - r, (2 * dx - dy - r) / 5**0.5)  # upright: apex (0, -r), base at dy = r
+        distance = torch.where(k == 0, circle, torch.where(k == 1, square, triangle))  # [B, H, W]
+        alpha = ((0.5 - distance).clamp(0, 1) * (k >= 0)).unsqueeze(1)  # [B, 1, H, W]
+        image = image + alpha * (colour_t[:, s].view(batch, 3, 1, 1) - image)
     return image.contiguous()
 
 
@@ -301,7 +296,7 @@ def world_clip_paths() -> tuple[Path, Path]:
 def build_world_pipeline(seed: int = 0):
     """The shipped pipeline's architecture with fresh random weights (seeded), built from configs.
 
-    * VAE: AutoencoderKL, 3 levels ``(32, 64, 64)``, 64 px RGB <-> 16x16x4 latents;
+    * VAE: AutoencoderKL, 3 levels ``(16, 32, 64)``, no mid-block attention, 64 px RGB <-> 16x16x4 latents;
     * text encoder: CLIPTextModel, hidden 32, 2 layers, real 49,408-token CLIP tokenizer (max length 77);
     * UNet: UNet2DConditionModel on 16x16x4 latents, ``(32, 64, 64)`` channels, one layer per block,
       cross-attention (dim 32) at the 8x8 and 4x4 levels (attention at 16x16 would triple the CPU cost),
@@ -321,11 +316,12 @@ def build_world_pipeline(seed: int = 0):
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(32, 64, 64),
+            block_out_channels=(16, 32, 64),
             latent_channels=4,
             layers_per_block=1,
-            norm_num_groups=16,
+            norm_num_groups=8,
             sample_size=IMAGE_SIZE,
+            mid_block_add_attention=False,
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
@@ -392,8 +388,10 @@ WORLD_CLIP_CONFIG: dict = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
 }
+WORLD_CLIP_MEAN = (0.5, 0.5, 0.5)
+WORLD_CLIP_STD = (0.5, 0.5, 0.5)
+"""Input normalisation of the world CLIP: ``(image - mean) / std`` per channel, images in ``[0, 1]``."""
 
 
 def register_world_clip_config(config_path: str | Path | None = None) -> str:
@@ -420,8 +418,8 @@ def load_world_clip(weights: str | Path | None = None):
     model = open_clip.create_model(name, pretrained=str(weights or world_clip_paths()[1]))
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
-    mean = torch.tensor(WORLD_CLIP_CONFIG["preprocess_cfg"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(WORLD_CLIP_CONFIG["preprocess_cfg"]["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(WORLD_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(WORLD_CLIP_STD).view(1, 3, 1, 1)
 
     def normalize(images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in ``[0, 1]`` -> model input ``[B, 3, 64, 64]``."""

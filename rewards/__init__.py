@@ -3,7 +3,7 @@
 Use :func:`get_reward` to build one by name and :func:`available` to list the names.
 """
 
-from . import aesthetic, clip_score, compression, discriminator, rules, weighted  # noqa: F401  (register rewards)
+from . import aesthetic, clip_score, compression, discriminator, rules, weighted, world  # noqa: F401  (register rewards)
 from .base import (
     FunctionReward,
     Reward,

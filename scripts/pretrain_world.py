@@ -1,0 +1,401 @@
+"""Pretrain the embedded default model of ddpo on the procedural world, from scratch, on the CPU.
+
+Phases (each reproducible from ``--seed``: the data and noise of step ``k`` are a pure function of
+``(seed, phase, k)``, so a resumed phase sees exactly the batches an uninterrupted one would):
+
+1. ``vae``  — AutoencoderKL, 64 px RGB <-> 16x16x4 latents, L1 + MSE reconstruction and a small KL term; the
+   latent ``scaling_factor`` is then set to ``1 / std`` of the latents of fresh renders.
+2. ``clip`` — a tiny open_clip model trained contrastively on (render, caption) pairs of the whole world.
+3. ``unet`` — UNet2DConditionModel and the CLIP text encoder trained jointly with the DDPM epsilon loss (min-SNR-5
+   weighting) on VAE latents of renders of the *train* captions; 10% of captions are dropped to "" so
+   classifier-free guidance works; the saved weights are an EMA of the trained ones.
+4. ``eval`` — the saved pipeline (reloaded with plain diffusers) samples 256 images over the held-out prompts
+   (20 DDIM steps, eta 1, guidance 5) and the ``world`` reward scores them; writes ``eval.json`` and a grid.
+
+Usage (the shipped model)::
+
+    python scripts/pretrain_world.py --out ddpo/assets --work /tmp/world_pretrain
+
+Checkpoints go to ``--work`` every ``--save-every`` steps; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddpo import world
+
+PHASE_IDS = {"vae": 1, "unet": 2, "clip": 3, "eval": 4}
+
+
+def step_seed(seed: int, phase: str, step: int) -> int:
+    """Seed of the data/noise of one step of one phase."""
+    return int(np.random.SeedSequence([seed, PHASE_IDS[phase], step]).generate_state(1)[0])
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_ckpt(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path: Path) -> dict | None:
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 1: VAE
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train_vae(pipe, args) -> None:
+    vae = pipe.vae
+    ckpt_path = args.work / "vae.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start = 0
+    if (ckpt := load_ckpt(ckpt_path)) is not None:
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        log(f"vae: resumed at step {start}")
+    vae.train()
+    t0 = time.time()
+    for step in range(start, args.vae_steps):
+        s = step_seed(args.seed, "vae", step)
+        images = world.render(world.sample_scenes(args.vae_batch, s)) * 2 - 1  # [B, 3, 64, 64] in [-1, 1]
+        generator = torch.Generator().manual_seed(s)
+        if args.vae_crop < world.IMAGE_SIZE:
+            # The VAE is fully convolutional (no attention): random crops cost 4x less per step than full images.
+            top, left = torch.randint(0, world.IMAGE_SIZE - args.vae_crop + 1, (2,), generator=generator).tolist()
+            top, left = top // 8 * 8, left // 8 * 8  # keep the latent grid aligned with the full image's
+            images = images[:, :, top : top + args.vae_crop, left : left + args.vae_crop]
+        posterior = vae.encode(images).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = rec + args.vae_kl * kl
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step} rec {rec.item():.4f} kl/dim {kl.item():.3f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % args.save_every == 0 or step == args.vae_steps - 1:
+            save_ckpt(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+    vae.eval()
+    # Latent scale: unit variance for the diffusion model (as Stable Diffusion's 0.18215).
+    with torch.no_grad():
+        images = world.render(world.sample_scenes(512, step_seed(args.seed, "vae", 10**6))) * 2 - 1
+        z = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(128)])
+        recon = torch.cat([vae.decode(chunk).sample for chunk in z.split(128)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    log(
+        f"vae: latent std {z.std().item():.3f} -> scaling_factor {vae.config.scaling_factor:.4f}; "
+        f"held-out recon MSE {F.mse_loss(recon, images).item():.5f}"
+    )
+    save_grid(torch.cat([images[:16], recon[:16]]).add(1).div(2), args.work / "vae_recon.png", nrow=16)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 16) -> None:
+    from torchvision.utils import save_image
+
+    save_image(images.clamp(0, 1), path, nrow=nrow)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 2: UNet + text encoder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train_unet(pipe, args) -> None:
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = torch.clamp(snr, max=args.min_snr_gamma) / snr  # min-SNR weighting for epsilon prediction
+
+    train_captions, _ = world.split_captions(args.prompt_seed)
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def tokens(prompts: list[str]) -> torch.Tensor:
+        for p in set(prompts) - token_cache.keys():
+            token_cache[p] = tokenizer(
+                p, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids[0]
+        return torch.stack([token_cache[p] for p in prompts])
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    ckpt_path = args.work / "unet.pt"
+    start = 0
+    if (ckpt := load_ckpt(ckpt_path)) is not None:
+        unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text_encoder"])
+        opt.load_state_dict(ckpt["opt"])
+        ema = ckpt["ema"]
+        start = ckpt["step"]
+        log(f"unet: resumed at step {start}")
+    unet.train()
+    text_encoder.train()
+    vae.requires_grad_(False)
+    t0 = time.time()
+    running = None
+    for step in range(start, args.unet_steps):
+        s = step_seed(args.seed, "unet", step)
+        rng = np.random.default_rng(s)
+        scenes = [
+            world.sample_scene(rng, train_captions[i]) for i in rng.integers(len(train_captions), size=args.batch)
+        ]
+        prompts = [world.caption(sc) if rng.random() >= args.cond_drop else "" for sc in scenes]
+        generator = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            images = world.render(scenes) * 2 - 1
+            posterior = vae.encode(images).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(tokens(prompts))[0]
+        pred = unet(noisy, timesteps, hidden).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weight[timesteps]).mean()
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.unet_steps, args.unet_lr, warmup=200)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        running = per_sample.mean().item() if running is None else 0.98 * running + 0.02 * per_sample.mean().item()
+        if step % 50 == 0 or step == args.unet_steps - 1:
+            rate = (step + 1 - start) / (time.time() - t0)
+            log(
+                f"unet step {step} mse {running:.4f} grad {grad_norm.item():.2f} ({time.time() - t0:.0f}s, {rate:.2f} it/s)"
+            )
+        if (step + 1) % args.save_every == 0 or step == args.unet_steps - 1:
+            save_ckpt(
+                ckpt_path,
+                unet=unet.state_dict(),
+                text_encoder=text_encoder.state_dict(),
+                opt=opt.state_dict(),
+                ema=ema,
+                step=step + 1,
+            )
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+
+
+def load_unet_ema(pipe, work: Path) -> None:
+    """Put the EMA weights of the latest UNet checkpoint into ``pipe`` (to look at samples mid-training)."""
+    ckpt = load_ckpt(work / "unet.pt")
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    with torch.no_grad():
+        for e, p in zip(ckpt["ema"], params):
+            p.copy_(e)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 3: world CLIP
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train_clip(args) -> None:
+    import open_clip
+
+    clip_dir = args.out / "world_clip"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    config_path = clip_dir / f"{world.WORLD_CLIP_NAME}.json"
+    config_path.write_text(json.dumps(world.WORLD_CLIP_CONFIG, indent=2) + "\n")
+    name = world.register_world_clip_config(config_path)
+    torch.manual_seed(args.seed)
+    model = open_clip.create_model(name, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(name)
+    mean = torch.tensor(world.WORLD_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(world.WORLD_CLIP_STD).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
+    ckpt_path = args.work / "clip.pt"
+    start = 0
+    if (ckpt := load_ckpt(ckpt_path)) is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        log(f"clip: resumed at step {start}")
+    model.train()
+    all_captions = world.all_captions()
+    t0 = time.time()
+    for step in range(start, args.clip_steps):
+        s = step_seed(args.seed, "clip", step)
+        # Distinct captions in a batch: no false negatives in the contrastive loss.
+        rng = np.random.default_rng(s)
+        picks = rng.choice(len(all_captions), size=args.clip_batch, replace=False)
+        scenes = [world.sample_scene(rng, all_captions[i]) for i in picks]
+        images = (world.render(scenes) - mean) / std
+        # Light augmentation so the model also reads blurry/noisy generated images.
+        noise_std = torch.from_numpy(rng.uniform(0, 0.15, size=(len(scenes), 1, 1, 1))).float()
+        images = images + noise_std * torch.randn(images.shape, generator=torch.Generator().manual_seed(s))
+        text = tokenizer([world.caption(sc) for sc in scenes])
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(text), dim=-1)
+        logits = model.logit_scale.exp() * image_features @ text_features.T
+        labels = torch.arange(len(scenes))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.clip_steps, args.clip_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == args.clip_steps - 1:
+            acc = (logits.argmax(1) == labels).float().mean().item()
+            log(f"clip step {step} loss {loss.item():.3f} acc {acc:.2f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % args.save_every == 0 or step == args.clip_steps - 1:
+            save_ckpt(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
+    from safetensors.torch import save_file
+
+    # float16 on disk halves the size; open_clip loads it into the float32 model.
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(clip_dir / "open_clip_model.safetensors"))
+    log(f"clip: saved to {clip_dir}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 4: evaluation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model_dir: Path, args) -> dict:
+    from rewards.world import WorldReward
+
+    pipe = world.load_world_pipeline(model_dir)
+    _, heldout = world.split_captions(args.prompt_seed)
+    rng = np.random.default_rng(step_seed(args.seed, "eval", 0))
+    prompts = [heldout[i] for i in rng.integers(len(heldout), size=args.eval_samples)]
+    reward = WorldReward()
+    images, scores, infos = [], [], []
+    t0 = time.time()
+    for i in range(0, len(prompts), 16):
+        batch = prompts[i : i + 16]
+        generator = torch.Generator().manual_seed(step_seed(args.seed, "eval", i + 1))
+        out = pipe(
+            batch, num_inference_steps=20, guidance_scale=5.0, eta=1.0, generator=generator, output_type="pt"
+        ).images
+        images.append(out)
+        scores.append(reward(out, batch))
+        infos.append(reward.last_info())
+    seconds = time.time() - t0
+    images = torch.cat(images)
+    scores = torch.cat(scores)
+    result = {k: float(np.mean([info[k] for info in infos])) for k in infos[0]}
+    result.update(
+        {
+            "reward/world_mean": scores.mean().item(),
+            "samples": len(prompts),
+            "seconds_per_16_samples": seconds / (len(prompts) / 16),
+            "settings": "heldout prompts, DDIM 20 steps, eta 1.0, guidance 5.0",
+        }
+    )
+    save_grid(images[:64], args.work / "eval_samples.png", nrow=8)
+    (args.work / "eval_prompts.txt").write_text("\n".join(prompts[:64]) + "\n")
+    return result
+
+
+def save_pipeline(pipe, args) -> Path:
+    model_dir = args.out / "world_model"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("ddpo/assets"), help="writes world_model/ and world_clip/")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/world_pretrain"), help="checkpoints, logs, grids")
+    parser.add_argument("--phases", default="vae,clip,unet,eval", help="comma-separated subset, run in this order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the train / held-out caption split")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared 2-core box)"
+    )
+    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term")
+    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--min-snr-gamma", type=float, default=5.0)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    parser.add_argument("--clip-steps", type=int, default=200)
+    parser.add_argument("--clip-batch", type=int, default=64)
+    parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--eval-samples", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    phases = args.phases.split(",")
+    t_start = time.time()
+    log(f"pretrain_world: {vars(args)}")
+
+    pipe = world.build_world_pipeline(seed=args.seed)
+    pipe.set_progress_bar_config(disable=True)
+    if "vae" in phases:
+        train_vae(pipe, args)
+        torch.save(pipe.vae.state_dict(), args.work / "vae_final.pt")
+        (args.work / "vae_scaling.json").write_text(json.dumps({"scaling_factor": pipe.vae.config.scaling_factor}))
+    elif (args.work / "vae_final.pt").exists():
+        pipe.vae.load_state_dict(torch.load(args.work / "vae_final.pt"))
+        pipe.vae.register_to_config(**json.loads((args.work / "vae_scaling.json").read_text()))
+    if "clip" in phases:
+        train_clip(args)
+    if "unet" in phases:  # last, so that a run short of time can be finished from its latest checkpoint
+        train_unet(pipe, args)
+        model_dir = save_pipeline(pipe, args)
+        log(f"saved pipeline to {model_dir}")
+    log(f"training wall time {time.time() - t_start:.0f}s")
+    if "eval" in phases:
+        result = evaluate(args.out / "world_model", args)
+        (args.work / "eval.json").write_text(json.dumps(result, indent=2))
+        log(f"eval: {json.dumps(result)}")
+
+
+if __name__ == "__main__":
+    main()
