@@ -1,4 +1,4 @@
-"""The ``ddpo`` command line: ``ddpo train | presets | config | rewards | prompts``."""
+"""The ``ddpo`` command line: ``ddpo train | bench | presets | config | rewards | prompts``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def _train(args: argparse.Namespace) -> int:
     preset = args.preset or (None if args.config else DEFAULT_PRESET)
     config = build_config(preset=preset, config_file=args.config, overrides=args.overrides)
     train(config)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .config import build_config
+
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    config = build_config(preset=preset, config_file=args.config, overrides=args.overrides)
+    bench.main(config, args.json, args.repeats, args.warmup, args.threads, args.mode)
     return 0
 
 
@@ -74,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train.set_defaults(func=_train)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time an epoch's phases, ours vs the straightforward reference",
+        description="Time sampling, decoding, scoring and training of one epoch (median of --repeats after --warmup), "
+        "ours and the straightforward reference way on the same config, and print the ours / reference ratios.",
+    )
+    bench.add_argument("--preset", help="a shipped preset (default: tiny)")
+    bench.add_argument("--config", help="a YAML config file")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--repeats", type=int, default=3, help="measured epochs per mode (median; default 3)")
+    bench.add_argument("--warmup", type=int, default=1, help="unmeasured epochs per mode first (default 1)")
+    bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
+    bench.add_argument("--mode", choices=("both", "ours", "reference"), default="both")
+    bench.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    bench.set_defaults(func=_bench)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=_presets)

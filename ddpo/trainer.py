@@ -30,7 +30,7 @@ from rewards import check_reward_output, get_reward
 from . import checkpoint
 from .advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_normalize
 from .algorithms import LOSSES, kl_to_reference, rwr_weights, sparse_rwr_weights
-from .config import RunConfig, build_config, to_dict, train_steps_per_trajectory
+from .config import ConfigError, RunConfig, build_config, to_dict, train_steps_per_trajectory
 from .models import add_lora, load_pipeline, lora_state_dict
 from .prompts import derive_seed, draw_prompts, load_prompts
 from .sampling import (
@@ -78,6 +78,7 @@ class Trainer:
         # Everything that can fail on user input fails here, before a model is loaded.
         self.prompts = load_prompts(c.prompts)
         self.reward = get_reward(c.reward.name, **c.reward.options)
+        optimizer_class = get_optimizer_class(t.optimizer)
 
         pipe = load_pipeline(c.model.pretrained, c.model.revision, s.scheduler)
         self.pipe = pipe
@@ -91,6 +92,10 @@ class Trainer:
             add_lora(unet, c.model.lora_rank, c.model.lora_alpha, c.model.lora_target_modules)
         else:
             unet.requires_grad_(True)
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if c.model.channels_last:
+            unet.to(memory_format=torch.channels_last)
         self.ref_unet = None
         if t.kl_coef > 0 and not c.model.use_lora:  # full fine-tuning keeps a frozen copy as the KL reference
             import copy
@@ -110,13 +115,15 @@ class Trainer:
         unet.to(device)
         self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
         params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
+        optimizer = optimizer_class(
             params,
             lr=t.learning_rate,
             betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
+        if c.model.compile:
+            unet.compile()  # in place: parameter names (checkpoints, LoRA export) are unchanged
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.params = params
         self.tracker = (
@@ -316,49 +323,23 @@ class Trainer:
 
     def optimise(self, epoch: int, samples: Trajectories, weights: torch.Tensor) -> dict[str, float]:
         """Inner epochs over shuffled (trajectory, timestep) minibatches; returns the epoch's mean diagnostics."""
-        c, s, t, acc = self.config, self.config.sample, self.config.train, self.accelerator
+        t, acc = self.config.train, self.accelerator
         unet = self.unet
         unet.train()
         num_samples = samples.latents.shape[0]
-        stochastic = trainable_steps(s.scheduler, s.num_steps)
         k = self.steps_per_trajectory
-        guidance = s.guidance_scale if self.negative_embeds is not None else 1.0
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
-        loss_fn = LOSSES[t.algorithm]
         history: dict[str, list[torch.Tensor]] = {}
         grad_norms: list[torch.Tensor] = []
         total = t.num_inner_epochs * num_samples * k // t.batch_size
         bar = tqdm(total=total, desc="training", leave=False, disable=not acc.is_local_main_process)
         for inner in range(t.num_inner_epochs):
-            generator = torch.Generator().manual_seed(derive_seed(c.seed, _SHUFFLE, epoch, inner, acc.process_index))
-            steps = torch.stack([torch.randperm(stochastic, generator=generator)[:k] for _ in range(num_samples)])
-            trajs = torch.arange(num_samples).unsqueeze(1).expand(num_samples, k)
-            order = torch.randperm(num_samples * k, generator=generator)
-            pair_traj = trajs.flatten()[order].to(acc.device)
-            pair_step = steps.flatten()[order].to(acc.device)
+            pair_traj, pair_step = self.training_pairs(epoch, inner, num_samples)
             for first in range(0, num_samples * k, t.batch_size):
                 i = pair_traj[first : first + t.batch_size]
                 j = pair_step[first : first + t.batch_size]
                 with acc.accumulate(unet):
-                    out = recompute_step(
-                        unet,
-                        self.scheduler,
-                        s.scheduler,
-                        samples.latents[i, j],
-                        samples.latents[i, j + 1],
-                        samples.timesteps[j],
-                        samples.prompt_embeds[i],
-                        self.negative_embeds,
-                        guidance,
-                        s.eta,
-                        c.mixed_precision,
-                    )
-                    loss, info = loss_fn(out.log_prob, samples.log_probs[i, j], weights[i], t.clip_range)
-                    if t.kl_coef > 0:
-                        kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j, guidance), out.std).mean()
-                        loss = loss + t.kl_coef * kl
-                        info["kl"] = kl.detach()
-                    info["loss"] = loss.detach()
+                    loss, info = self.minibatch_loss(samples, weights, i, j)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
@@ -379,6 +360,48 @@ class Trainer:
         means["ratio_max"] = acc.reduce(torch.stack(history["ratio_max"]).max(), reduction="max")
         means["grad_norm"] = acc.reduce(torch.stack(grad_norms).mean(), reduction="mean")
         return {key: value.item() for key, value in means.items()}
+
+    def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shuffled (trajectory, step) pairs of one inner epoch: two ``[num_samples * k]`` long tensors.
+
+        Each trajectory contributes ``k = steps_per_trajectory`` distinct random steps; all pairs are shuffled
+        together, so one minibatch mixes trajectories and timesteps. A pure function of ``(seed, epoch, inner)``.
+        """
+        c, s, acc = self.config, self.config.sample, self.accelerator
+        k = self.steps_per_trajectory
+        stochastic = trainable_steps(s.scheduler, s.num_steps)
+        generator = torch.Generator().manual_seed(derive_seed(c.seed, _SHUFFLE, epoch, inner, acc.process_index))
+        steps = torch.stack([torch.randperm(stochastic, generator=generator)[:k] for _ in range(num_samples)])
+        trajs = torch.arange(num_samples).unsqueeze(1).expand(num_samples, k)
+        order = torch.randperm(num_samples * k, generator=generator)
+        return trajs.flatten()[order].to(acc.device), steps.flatten()[order].to(acc.device)
+
+    def minibatch_loss(
+        self, samples: Trajectories, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of ``N`` (trajectory ``i``, step ``j``) pairs (``[N]`` each) in **one** UNet call, with diagnostics."""
+        c, s, t = self.config, self.config.sample, self.config.train
+        guidance = s.guidance_scale if self.negative_embeds is not None else 1.0
+        out = recompute_step(
+            self.unet,
+            self.scheduler,
+            s.scheduler,
+            samples.latents[i, j],
+            samples.latents[i, j + 1],
+            samples.timesteps[j],
+            samples.prompt_embeds[i],
+            self.negative_embeds,
+            guidance,
+            s.eta,
+            c.mixed_precision,
+        )
+        loss, info = LOSSES[t.algorithm](out.log_prob, samples.log_probs[i, j], weights[i], t.clip_range)
+        if t.kl_coef > 0:
+            kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j, guidance), out.std).mean()
+            loss = loss + t.kl_coef * kl
+            info["kl"] = kl.detach()
+        info["loss"] = loss.detach()
+        return loss, info
 
     @torch.no_grad()
     def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -517,6 +540,21 @@ class Trainer:
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """``train.optimizer`` -> optimiser class: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes)."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise ConfigError(
+                "train.optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` (or use train.optimizer=adamw)"
+            ) from err
+        return bitsandbytes.optim.AdamW8bit
+    raise ConfigError(f"train.optimizer must be adamw or adamw8bit; got {name!r}")
 
 
 def train(config: RunConfig, run_dir: Path | None = None) -> Path:

@@ -1,0 +1,164 @@
+"""The bench's reference mode (the straightforward ddpo-pytorch way) and ours compute the same maths: same sampled
+trajectories, same per-pair losses and gradients, same epoch losses; and ``ddpo bench --json`` writes its keys.
+Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ddpo.bench import PHASES, EpochBench, reference_minibatch_loss, reference_sample
+from ddpo.cli import main
+from ddpo.config import build_config
+from ddpo.prompts import derive_seed
+from ddpo.sampling import encode_prompts, sample_trajectories
+from ddpo.trainer import _SAMPLING_NOISE
+
+
+def _overrides(model_dir) -> list[str]:
+    return [
+        f"model.pretrained={model_dir}",
+        "sample.num_steps=4",
+        "sample.batch_size=2",
+        "sample.num_batches_per_epoch=2",
+        "train.batch_size=4",
+        "train.timestep_fraction=1.0",
+        "train.advantage=batch",
+        "train.learning_rate=0.01",
+    ]
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_model_dir, tmp_path_factory) -> EpochBench:
+    config = build_config(preset="tiny", overrides=_overrides(tiny_model_dir))
+    bench = EpochBench(config, tmp_path_factory.mktemp("bench") / "run")
+    # LoRA B starts at zero, which makes the gradients of A zero: give every adapter weight a value so that all
+    # trainable tensors get a gradient to compare.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in bench.trainer.params:
+            param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    bench._initial["params"] = [p.detach().clone() for p in bench.trainer.params]
+    return bench
+
+
+def _sample(bench: EpochBench, reference: bool):
+    tr, s = bench.trainer, bench.config.sample
+    prompts = ["a cat", "a dog"]
+    embeds = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, prompts, tr.accelerator.device)
+    generator = torch.Generator().manual_seed(derive_seed(0, _SAMPLING_NOISE, 0, 0, 0))
+    tr.unet.eval()
+    args = (s.num_steps, s.guidance_scale, s.eta, generator)
+    if reference:
+        return reference_sample(tr.unet, tr.scheduler, embeds, tr.negative_embeds, *args)
+    out = sample_trajectories(
+        tr.unet, tr.pipe.vae, tr.scheduler, "ddim", embeds, tr.negative_embeds, prompts, *args, "no", 8
+    )
+    return out.latents, out.log_probs, out.timesteps
+
+
+def test_reference_sampler_draws_the_same_trajectories(bench):
+    ours, reference = _sample(bench, reference=False), _sample(bench, reference=True)
+    torch.testing.assert_close(reference[2], ours[2])  # timesteps
+    torch.testing.assert_close(reference[0], ours[0], rtol=1e-5, atol=1e-5)  # latents x_T .. x_0
+    torch.testing.assert_close(reference[1], ours[1], rtol=1e-5, atol=1e-4)  # log-probs (~ -1 per latent dim)
+
+
+def _grads(bench: EpochBench) -> list[torch.Tensor]:
+    grads = [p.grad.detach().clone() for p in bench.trainer.params]
+    bench.trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_one_call_and_per_minibatch_calls_give_the_same_loss_and_gradients(bench):
+    """Ours: 8 pairs in one UNet call. Reference: the same 8 pairs in 4 calls of 2, gradients accumulated."""
+    bench.reset()
+    tr = bench.trainer
+    from ddpo.sampling import Trajectories
+
+    latents, log_probs, timesteps = _sample(bench, reference=False)
+    samples = Trajectories(["a cat", "a dog"], None, tr.negative_embeds, latents, log_probs, timesteps, None)
+    samples.prompt_embeds = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, samples.prompts, latents.device)
+    weights = torch.tensor([1.5, -0.7])
+    i = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1])
+    j = torch.tensor([3, 0, 2, 1, 0, 3, 2, 1])
+    tr.unet.train()
+    tr.optimizer.zero_grad(set_to_none=True)
+
+    loss_ours, info = tr.minibatch_loss(samples, weights, i, j)
+    loss_ours.backward()
+    grads_ours = _grads(bench)
+    # Unchanged weights re-score their own samples: the importance ratio is 1 (the recomputation is faithful).
+    assert abs(info["ratio_mean"].item() - 1) < 1e-5
+
+    loss_ref = 0.0
+    for start in range(0, 8, 2):
+        loss, _ = reference_minibatch_loss(tr, samples, weights, i[start : start + 2], j[start : start + 2])
+        loss = loss * 2 / 8
+        loss.backward()
+        loss_ref += loss.item()
+    grads_ref = _grads(bench)
+
+    assert loss_ours.item() == pytest.approx(loss_ref, abs=1e-6)
+    assert any(g.abs().max() > 0 for g in grads_ours)
+    # Float32 tolerance: each tensor's error is small next to its largest entry (the sum over pairs cancels).
+    for g_ours, g_ref in zip(grads_ours, grads_ref):
+        assert (g_ref - g_ours).norm() <= 1e-4 * g_ours.norm() + 1e-12
+        torch.testing.assert_close(g_ref, g_ours, rtol=1e-3, atol=1e-4 * g_ours.abs().max().item())
+
+
+def test_a_whole_epoch_gives_the_same_losses_both_ways(bench):
+    ours, reference = bench.run("ours"), bench.run("reference")
+    assert set(PHASES) <= set(ours) and set(PHASES) <= set(reference)
+    assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-3, abs=1e-6)
+    assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-3)
+
+
+def test_ddpo_bench_writes_the_documented_json(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--json", str(path), "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert main([*args, *_overrides(tiny_model_dir), "sample.num_batches_per_epoch=1", "train.batch_size=2"]) == 0
+    result = json.loads(path.read_text())
+    for mode in ("ours", "reference"):
+        keys = set(PHASES) | {"images_per_second", "pairs_per_second", "peak_memory_mib", "loss"}
+        assert keys <= set(result[mode]), mode
+        assert result[mode]["total_seconds"] > 0 and result[mode]["peak_memory_mib"] > 0
+    assert result["ratio_total"] == pytest.approx(
+        result["ours"]["total_seconds"] / result["reference"]["total_seconds"]
+    )
+    assert result["max_abs_loss_difference"] < 1e-5
+    out = capsys.readouterr().out
+    assert "ratio_total" in out and "training (s)" in out
+
+
+def test_bench_refuses_what_the_reference_does_not_implement(tiny_model_dir, capsys):
+    args = ["bench", "--repeats", "1", *_overrides(tiny_model_dir), "sample.scheduler=ddpm", "sample.eta=1.0"]
+    assert main([*args, "train.timestep_fraction=1.0", "train.batch_size=3"]) == 2
+    assert "sample.scheduler=ddim or --mode ours" in capsys.readouterr().err
+
+
+def test_memory_and_speed_options_keep_the_maths(bench, tiny_model_dir, tmp_path):
+    """Channels-last weights and gradient checkpointing change how, not what: the epoch's loss is unchanged."""
+    overrides = [*_overrides(tiny_model_dir), "model.channels_last=true", "train.gradient_checkpointing=true"]
+    other = EpochBench(build_config(preset="tiny", overrides=overrides), tmp_path / "run")
+    with torch.no_grad():
+        for param, value in zip(other.trainer.params, bench._initial["params"]):
+            param.copy_(value)
+    other._initial["params"] = [p.detach().clone() for p in other.trainer.params]
+    assert other.trainer.accelerator.unwrap_model(other.trainer.unet).is_gradient_checkpointing
+    assert bench.run("ours")["loss"] == pytest.approx(other.run("ours")["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_8bit_optimizer_without_bitsandbytes_says_how_to_install(fast_overrides, capsys):
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    assert main(["train", *fast_overrides, "train.optimizer=adamw8bit"]) == 2
+    assert "pip install bitsandbytes" in capsys.readouterr().err
+    assert main(["train", *fast_overrides, "train.optimizer=sgd"]) == 2
+    assert "train.optimizer must be adamw or adamw8bit" in capsys.readouterr().err
