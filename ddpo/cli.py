@@ -70,6 +70,21 @@ def _prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from . import ablate
+
+    return ablate.main(args.grid, parallel=args.parallel, output_dir=args.output_dir, dry_run=args.dry_run)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    options = {"prompts": args.prompt, "seeds": args.seeds, "before_after": not args.no_samples}
+    index = write_report(args.path, args.out, **options)
+    print(f"ddpo report: {index}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpo", description="RL fine-tuning (DDPO, RWR) of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     prompts = sub.add_parser("prompts", help="list the shipped prompt sets")
     prompts.set_defaults(func=_prompts)
+
+    ablate = sub.add_parser(
+        "ablate",
+        help="run a grid of (algorithm, reward, seed) cells and tabulate / plot them",
+        description="Validate every cell of GRID, train the unfinished ones (resuming interrupted ones), then write "
+        "results.csv, summary.csv/.md and reward_vs_queries.png into the grid's output_dir.",
+    )
+    ablate.add_argument("grid", metavar="GRID.yaml", help="grid file (see ddpo/ablate.py or the README)")
+    ablate.add_argument("--parallel", type=int, help="cells trained at once (default: the grid's `parallel`)")
+    ablate.add_argument("--output-dir", help="output folder (default: the grid's `output_dir`)")
+    ablate.add_argument("--dry-run", action="store_true", help="validate and print the commands; run nothing")
+    ablate.set_defaults(func=_ablate)
+
+    report = sub.add_parser(
+        "report",
+        help="write PNG figures and an index.html for a run directory or an ablation folder",
+        description="For a run: reward curves, diagnostics, sample grids across epochs and before/after samples "
+        "(base vs final/ weights). For an ablation: reward vs reward queries per cell and the summary table.",
+    )
+    report.add_argument("path", metavar="RUN_DIR|ABLATION_DIR")
+    report.add_argument("--out", help="output folder (default: PATH/report)")
+    report.add_argument("--prompt", action="append", help="before/after prompt (repeatable; default: 4 of the run's)")
+    report.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="before/after seeds (default: 0 1)")
+    report.add_argument("--no-samples", action="store_true", help="skip the before/after samples (no model loaded)")
+    report.set_defaults(func=_report)
     return parser
 
 
