@@ -35,10 +35,12 @@ newest checkpoint, and restarts those that died before their first checkpoint. O
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -432,6 +434,14 @@ def run_grid(grid: Grid, dry_run: bool = False, in_process: bool = False) -> lis
     (no isolation; for debugging and tests). Returns one outcome per cell that was (or would be) run; a failed cell
     does not stop the others. Interrupting (Ctrl-C) stops the running cells; they resume on the next call.
     """
+    if dry_run:
+        return _run_cells(grid, dry_run=True, in_process=in_process)
+    grid.output_dir.mkdir(parents=True, exist_ok=True)
+    with _grid_lock(grid.output_dir):
+        return _run_cells(grid, dry_run=False, in_process=in_process)
+
+
+def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]:
     plan = [(cell, cell_state(cell)) for cell in grid.cells]
     todo = [(cell, state) for cell, state in plan if state != "finished"]
     counts = {s: sum(1 for _, state in plan if state == s) for s in ("finished", "resume", "restart", "new")}
@@ -444,7 +454,6 @@ def run_grid(grid: Grid, dry_run: bool = False, in_process: bool = False) -> lis
         for cell, state in todo:
             print(f"[{state}] ddpo {' '.join(_quote(a) for a in cell_command(grid, cell, state))}")
         return [CellOutcome(cell, state) for cell, state in todo]
-    grid.output_dir.mkdir(parents=True, exist_ok=True)
     (grid.output_dir / "grid.yaml").write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
     logs = grid.output_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -500,6 +509,28 @@ def run_grid(grid: Grid, dry_run: bool = False, in_process: bool = False) -> lis
             process.wait()
             log.close()
     return outcomes
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _grid_lock(output_dir: Path):
+    """Hold an exclusive lock on ``output_dir`` while a grid runs, so two ``ddpo ablate`` never train the same cell."""
+    import fcntl
+
+    with open(output_dir / ".ablate.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise GridError(
+                f"another `ddpo ablate` is running the grid in {output_dir}; wait for it to finish"
+            ) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run_in_process(args: list[str]) -> int:
@@ -689,7 +720,16 @@ def main(
     """``ddpo ablate``: validate, run the unfinished cells, write the results. Returns the exit code."""
     start = time.perf_counter()
     grid = load_grid(grid_file, output_dir, parallel)
-    outcomes = run_grid(grid, dry_run=dry_run)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the cells as Ctrl-C does
+    try:
+        outcomes = run_grid(grid, dry_run=dry_run)
+    except KeyboardInterrupt:
+        print(
+            f"ddpo ablate: interrupted; rerun `ddpo ablate {grid_file}` to resume the unfinished cells", file=sys.stderr
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if dry_run:
         return 0
     paths = write_outputs(grid)
