@@ -26,6 +26,7 @@ CPU (sampled by a thread) and ``torch.cuda.max_memory_allocated`` on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -272,6 +273,31 @@ def _sync(device: torch.device) -> None:
 
 
 @contextmanager
+def plain_unet(unet):
+    """The UNet as the straightforward way runs it: without ours' ``torch.compile``, channels-last weights and
+    gradient checkpointing (restored on exit), so that those options speed up ours only."""
+    compiled = getattr(unet, "_compiled_call_impl", None)
+    channels_last = any(
+        p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in unet.parameters()
+    )
+    checkpointing = getattr(unet, "is_gradient_checkpointing", False)
+    unet._compiled_call_impl = None
+    if channels_last:
+        unet.to(memory_format=torch.contiguous_format)
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield unet
+    finally:
+        unet._compiled_call_impl = compiled
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+
+
+@contextmanager
 def _timed_decoding(totals: dict[str, float], device: torch.device):
     """Time every :func:`ddpo.sampling.decode_latents` call made by ours' sampler (it decodes inside the batch
     loop), adding the seconds to ``totals["decoding_seconds"]``."""
@@ -329,10 +355,16 @@ class EpochBench:
         from concurrent.futures import ThreadPoolExecutor
 
         self.reset()
-        _sync(self.device)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as executor, PeakMemory(self.device) as mem:
+        with contextlib.ExitStack() as stack:
+            if mode == "reference":
+                stack.enter_context(plain_unet(self.trainer.accelerator.unwrap_model(self.trainer.unet)))
+            executor = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward"))
             self.trainer.executor = executor
-            result = self._ours() if mode == "ours" else self._reference()
+            _sync(self.device)
+            cpu_start = time.process_time()
+            with PeakMemory(self.device) as mem:
+                result = self._ours() if mode == "ours" else self._reference()
+            result["cpu_seconds"] = time.process_time() - cpu_start
         s = self.config.sample
         images = s.batch_size * s.num_batches_per_epoch
         pairs = images * self.trainer.steps_per_trajectory * self.config.train.num_inner_epochs
@@ -444,7 +476,9 @@ def run_bench(
     if len(modes) == 2:
         ours, ref = result["ours"], result["reference"]
         result["ratio_total"] = ours["total_seconds"] / ref["total_seconds"]
-        result["ratios"] = {k: ours[k] / ref[k] if ref[k] > 0 else None for k in (*PHASES, "peak_memory_mib")}
+        result["ratios"] = {
+            k: ours[k] / ref[k] if ref[k] > 0 else None for k in (*PHASES, "peak_memory_mib", "cpu_seconds")
+        }
         result["max_abs_loss_difference"] = max(
             abs(a["loss"] - b["loss"]) for a, b in zip(runs["ours"], runs["reference"])
         )
@@ -475,6 +509,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("images / s", "images_per_second"),
         ("pairs / s", "pairs_per_second"),
         ("peak memory (MiB)", "peak_memory_mib"),
+        ("CPU time, process (s)", "cpu_seconds"),
         ("loss (mean)", "loss"),
     ]
     header = f"{'phase':22s}" + "".join(f"{m:>14s}" for m in modes) + (f"{'ours/ref':>10s}" if len(modes) == 2 else "")

@@ -148,7 +148,11 @@ def test_memory_and_speed_options_keep_the_maths(bench, tiny_model_dir, tmp_path
             param.copy_(value)
     other._initial["params"] = [p.detach().clone() for p in other.trainer.params]
     assert other.trainer.accelerator.unwrap_model(other.trainer.unet).is_gradient_checkpointing
-    assert bench.run("ours")["loss"] == pytest.approx(other.run("ours")["loss"], rel=1e-3, abs=1e-6)
+    loss = bench.run("ours")["loss"]
+    assert other.run("ours")["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-6)
+    # The reference mode runs the plain UNet and gives the options back afterwards.
+    assert other.run("reference")["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-6)
+    assert other.trainer.accelerator.unwrap_model(other.trainer.unet).is_gradient_checkpointing
 
 
 def test_8bit_optimizer_without_bitsandbytes_says_how_to_install(fast_overrides, capsys):
