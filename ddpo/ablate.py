@@ -74,6 +74,8 @@ class Variant:
     overrides: dict[str, Any]
     threshold: float | None = None
     """Rewards only: reward level whose first crossing is reported in the summary (None: the default midpoint)."""
+    entry: dict[str, Any] = field(default_factory=dict)
+    """The entry as written in the grid file."""
 
 
 @dataclass
@@ -127,12 +129,6 @@ class Grid:
         if self.config_file:
             base["config"] = str(self.config_file)
         base["overrides"] = self.base_overrides
-        rewards = []
-        for r in self.rewards:
-            entry: dict[str, Any] = {"name": r.name, "overrides": r.overrides}
-            if r.threshold is not None:
-                entry["threshold"] = r.threshold
-            rewards.append(entry)
         return {
             "name": self.name,
             "output_dir": str(self.output_dir),
@@ -140,8 +136,8 @@ class Grid:
             "threads": self.threads,
             "final_epochs": self.final_epochs,
             "base": base,
-            "algorithms": [{"name": a.name, "overrides": a.overrides} for a in self.algorithms],
-            "rewards": rewards,
+            "algorithms": [a.entry for a in self.algorithms],
+            "rewards": [r.entry for r in self.rewards],
             "seeds": self.seeds,
         }
 
@@ -207,7 +203,7 @@ def _variants(entries: Any, kind: str) -> list[Variant]:
                 if isinstance(entry["threshold"], bool) or not isinstance(entry["threshold"], (int, float)):
                     raise GridError(f"{where} ({name}).threshold: expected a number, got {entry['threshold']!r}")
                 threshold = float(entry["threshold"])
-        variants.append(Variant(name, overrides, threshold))
+        variants.append(Variant(name, overrides, threshold, dict(entry)))
     names = [v.name for v in variants]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

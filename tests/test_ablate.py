@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ddpo.ablate import ID_COLUMNS, GridError, parse_grid, run_grid, summarize, write_outputs
+from ddpo.ablate import ID_COLUMNS, GridError, load_grid, parse_grid, run_grid, summarize, write_outputs
 from ddpo.cli import main
 
 
@@ -84,7 +84,8 @@ def test_grid_runs_every_cell_and_writes_results_summary_and_plot(finished_grid)
     assert "| jpeg | rwr_kl |" in markdown and "midpoint" in markdown
     with Image.open(out / "reward_vs_queries.png") as image:
         assert image.size[0] > 300 and image.size[1] > 200
-    assert yaml.safe_load((out / "grid.yaml").read_text())["seeds"] == [0, 1]
+    again = load_grid(out / "grid.yaml")  # the grid as run: the same cells
+    assert [(c.run_dir, c.overrides) for c in again.cells] == [(c.run_dir, c.overrides) for c in finished_grid.cells]
 
 
 def test_rerun_resumes_interrupted_cells_and_skips_finished_ones(finished_grid, tmp_path, capsys):
