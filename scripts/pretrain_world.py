@@ -5,11 +5,13 @@ Phases (each reproducible from ``--seed``: the data and noise of step ``k`` are 
 
 1. ``vae``  — AutoencoderKL, 64 px RGB <-> 16x16x4 latents, L1 + MSE reconstruction and a small KL term; the
    latent ``scaling_factor`` is then set to ``1 / std`` of the latents of fresh renders.
-2. ``clip`` — a tiny open_clip model trained contrastively on (render, caption) pairs of the whole world.
-3. ``unet`` — UNet2DConditionModel and the CLIP text encoder trained jointly with the DDPM epsilon loss (min-SNR-5
+2. ``decoder`` — the VAE decoder alone fine-tuned on full images (encoder frozen: the latent space is unchanged,
+   so this phase and ``unet`` are independent and may run as two processes at once).
+3. ``clip`` — a tiny open_clip model trained contrastively on (render, caption) pairs of the whole world.
+4. ``unet`` — UNet2DConditionModel and the CLIP text encoder trained jointly with the DDPM epsilon loss (min-SNR-5
    weighting) on VAE latents of renders of the *train* captions; 10% of captions are dropped to "" so
    classifier-free guidance works; the saved weights are an EMA of the trained ones.
-4. ``eval`` — the saved pipeline (reloaded with plain diffusers) samples 256 images over the held-out prompts
+5. ``eval`` — the saved pipeline (reloaded with plain diffusers) samples 256 images over the held-out prompts
    (20 DDIM steps, eta 1, guidance 5) and the ``world`` reward scores them; writes ``eval.json`` and a grid.
 
 Usage (the shipped model)::
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from ddpo import world
 
-PHASE_IDS = {"vae": 1, "unet": 2, "clip": 3, "eval": 4}
+PHASE_IDS = {"vae": 1, "unet": 2, "clip": 3, "eval": 4, "decoder": 5}
 
 
 def step_seed(seed: int, phase: str, step: int) -> int:
@@ -117,6 +119,52 @@ def train_vae(pipe, args) -> None:
         f"held-out recon MSE {F.mse_loss(recon, images).item():.5f}"
     )
     save_grid(torch.cat([images[:16], recon[:16]]).add(1).div(2), args.work / "vae_recon.png", nrow=16)
+
+
+def train_decoder(pipe, args) -> None:
+    """Fine-tune the VAE decoder alone (encoder frozen, so the latent space the UNet learns is unchanged), on full
+    64 px images decoded from posterior samples, as Stable Diffusion's ft-MSE decoder was."""
+    vae = pipe.vae
+    vae.requires_grad_(False)
+    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
+    ckpt_path = args.work / "decoder.pt"
+    start = 0
+    if (ckpt := load_ckpt(ckpt_path)) is not None:
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        start = ckpt["step"]
+        log(f"decoder: resumed at step {start}")
+    vae.decoder.train()
+    t0 = time.time()
+    for step in range(start, args.decoder_steps):
+        s = step_seed(args.seed, "decoder", step)
+        images = world.render(world.sample_scenes(args.decoder_batch, s)) * 2 - 1
+        generator = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            posterior = vae.encode(images).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.decoder_steps, args.decoder_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.decoder_steps - 1:
+            log(f"decoder step {step} rec {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % args.save_every == 0 or step == args.decoder_steps - 1:
+            save_ckpt(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+    vae.requires_grad_(False)
+    vae.eval()
+    with torch.no_grad():
+        images = world.render(world.sample_scenes(512, step_seed(args.seed, "vae", 10**6))) * 2 - 1
+        recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in images.split(128)])
+    log(f"decoder: held-out recon MSE {F.mse_loss(recon, images).item():.5f}")
+    save_grid(torch.cat([images[:16], recon[:16]]).add(1).div(2), args.work / "decoder_recon.png", nrow=16)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 16) -> None:
@@ -345,7 +393,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("ddpo/assets"), help="writes world_model/ and world_clip/")
     parser.add_argument("--work", type=Path, default=Path("/tmp/world_pretrain"), help="checkpoints, logs, grids")
-    parser.add_argument("--phases", default="vae,clip,unet,eval", help="comma-separated subset, run in this order")
+    parser.add_argument(
+        "--phases", default="vae,decoder,clip,unet,eval", help="comma-separated subset, run in this order"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the train / held-out caption split")
     parser.add_argument(
@@ -356,7 +406,10 @@ def main() -> None:
     parser.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term")
-    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--decoder-steps", type=int, default=800)
+    parser.add_argument("--decoder-batch", type=int, default=16)
+    parser.add_argument("--decoder-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--min-snr-gamma", type=float, default=5.0)
@@ -384,6 +437,9 @@ def main() -> None:
     elif (args.work / "vae_final.pt").exists():
         pipe.vae.load_state_dict(torch.load(args.work / "vae_final.pt"))
         pipe.vae.register_to_config(**json.loads((args.work / "vae_scaling.json").read_text()))
+    if "decoder" in phases:
+        train_decoder(pipe, args)
+        torch.save(pipe.vae.state_dict(), args.work / "vae_final.pt")
     if "clip" in phases:
         train_clip(args)
     if "unet" in phases:  # last, so that a run short of time can be finished from its latest checkpoint
