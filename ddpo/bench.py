@@ -14,12 +14,13 @@ decoding               VAE in chunks under autocast                     whole ba
 scoring                in a worker thread while the next batch          after all sampling, batch by batch
                        samples (``overlap_scoring``)
 training               ``train.batch_size`` pairs per UNet call         one UNet call per sample minibatch of pairs
-                       (mixed timesteps), one call per optimiser step   (``sample.batch_size`` rows), gradients
+                       (mixed timesteps)                                (``sample.batch_size`` rows), gradients
                                                                         accumulated up to the same optimiser step
 =====================  ===============================================  ===============================================
 
 so their losses and gradients agree to float32 tolerance (``tests/test_bench.py``) and the ratio of their times is
-the speed-up of the execution alone. Each phase is the median over ``repeats`` epochs after ``warmup`` epochs;
+the speed-up of the execution alone. The reference runs the plain UNet: ours' ``model.compile``,
+``model.channels_last`` and ``train.gradient_checkpointing`` are switched off for it (:func:`plain_unet`). Each phase is the median over ``repeats`` epochs after ``warmup`` epochs;
 modes alternate within a repeat so that a change of machine load hits both. Peak memory is the process RSS on a
 CPU (sampled by a thread) and ``torch.cuda.max_memory_allocated`` on a GPU.
 """
@@ -252,6 +253,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _release_freed_memory()  # so that memory a previous run freed does not count as this run's RSS
             self.peak_mib = self.rss_mib()
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
@@ -265,6 +267,19 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_mib = max(self.peak_mib, self.rss_mib())
+
+
+def _release_freed_memory() -> None:
+    """Give memory that the allocator keeps after ``free`` back to the OS (glibc ``malloc_trim``; else nothing)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _sync(device: torch.device) -> None:
