@@ -370,6 +370,13 @@ def evaluate(model_dir: Path, args) -> dict:
     images = torch.cat(images)
     scores = torch.cat(scores)
     result = {k: float(np.mean([info[k] for info in infos])) for k in infos[0]}
+    # Chance levels: the same samples scored against other prompts (a model that ignores its prompt), and perfect
+    # renders of random world scenes scored against the evaluation prompts.
+    reward(images, prompts[1:] + prompts[:1])
+    result.update({f"chance_shifted/{k.split('/')[1]}": v for k, v in reward.last_info().items()})
+    renders = world.render(world.sample_scenes(len(prompts), step_seed(args.seed, "eval", 10**6)))
+    reward(renders, prompts)
+    result.update({f"chance_random_scenes/{k.split('/')[1]}": v for k, v in reward.last_info().items()})
     result.update(
         {
             "reward/world_mean": scores.mean().item(),
