@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "world"
 
 
 def _train(args: argparse.Namespace) -> int:

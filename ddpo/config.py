@@ -21,7 +21,8 @@ import yaml
 @dataclass
 class ModelConfig:
     pretrained: str = "tiny"
-    """Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), local pipeline folder, or ``tiny`` (random test model)."""
+    """Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), local pipeline folder, ``world`` (the embedded
+    pretrained model) or ``tiny`` (random-weight test model)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of ``pretrained``."""
     use_lora: bool = True

@@ -19,6 +19,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY = "tiny"
 """``model.pretrained`` value that builds :func:`build_tiny_pipeline` instead of loading weights."""
+WORLD = "world"
+"""``model.pretrained`` value for the embedded pretrained model of the procedural world (shipped in the package)."""
 
 
 @lru_cache(maxsize=1)
@@ -129,13 +131,17 @@ def _looks_like_path(name: str) -> bool:
 def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str = "ddim") -> StableDiffusionPipeline:
     """Load a Stable Diffusion 1.x/2.x pipeline from a hub id or a local folder, in float32, without safety checker.
 
-    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`. The scheduler is replaced by a DDIM (or DDPM)
+    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`; ``pretrained="world"`` loads the embedded model. The scheduler is replaced by a DDIM (or DDPM)
     scheduler built from the pipeline's own scheduler config, so timesteps and the noise schedule are unchanged.
     Errors name what is missing and how to fix it, instead of surfacing from deep inside a download.
     """
     if pretrained == TINY:
         pipe = build_tiny_pipeline()
     else:
+        if pretrained == WORLD:
+            from .world import world_model_path
+
+            pretrained = str(world_model_path())
         local = Path(pretrained).expanduser()
         if local.exists():
             if not (local / "model_index.json").is_file():

@@ -203,8 +203,24 @@ class Trainer:
         self.save_final()
         acc.end_training()
         if acc.is_main_process:
-            print(f"ddpo: done; weights in {(self.run_dir / 'final').resolve()}", flush=True)
+            print(self.summary(), flush=True)
         return self.run_dir
+
+    def summary(self) -> str:
+        """A few lines for the end of a run: reward of the first and last epochs, where the outputs are."""
+        path = self.run_dir / "metrics.jsonl"
+        metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = [f"ddpo: done after {len(metrics)} epochs; run directory {self.run_dir.resolve()}"]
+        if metrics:
+            first, last = metrics[0], metrics[-1]
+            lines.append(
+                f"  reward ({self.reward.name}): epoch {first['epoch']} {first['reward_mean']:.4g} "
+                f"(std {first['reward_std']:.3g}) -> epoch {last['epoch']} {last['reward_mean']:.4g} "
+                f"(std {last['reward_std']:.3g})"
+            )
+        lines.append(f"  image grids: {(self.run_dir / 'samples').resolve()}/epoch_*.png")
+        lines.append(f"  weights:     {(self.run_dir / 'final').resolve()} (pipe.load_lora_weights(...) in diffusers)")
+        return "\n".join(lines)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch; returns (and logs) its metrics."""

@@ -43,6 +43,10 @@ def _short(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+WORLD_CLIP = "ddpo-world-clip"
+"""Model name (or ``pretrained="world"``) selecting the tiny CLIP of the embedded world model."""
+
+
 def load_open_clip(
     model_name: str,
     pretrained: str | os.PathLike,
@@ -76,6 +80,13 @@ def load_open_clip(
     """
     import open_clip
 
+    world = model_name == WORLD_CLIP or str(pretrained) == "world"
+    if world:  # the tiny CLIP trained on ddpo's procedural world, shipped with the package
+        from ddpo.world import WORLD_CLIP_MEAN, WORLD_CLIP_STD, register_world_clip_config, world_clip_paths
+
+        model_name = register_world_clip_config()
+        if str(pretrained) in ("world", ""):
+            pretrained = world_clip_paths()[1]
     if model_name not in open_clip.list_models():
         raise ValueError(
             f"reward {reward!r}: unknown open_clip model {model_name!r}; see open_clip.list_models() "
@@ -128,6 +139,8 @@ def load_open_clip(
 
     model.eval().requires_grad_(False)
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    if world:
+        cfg.update(mean=WORLD_CLIP_MEAN, std=WORLD_CLIP_STD)
     return model, cfg
 
 

@@ -100,6 +100,14 @@ class Discriminator(nn.Module):
         return self.classifier(features.mean(dim=(2, 3))).squeeze(-1)
 
 
+def world_reference_source(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` fresh ground-truth renders of the procedural world ``[count, 3, 64, 64]``, seeded by ``generator``."""
+    from ddpo.world import render, sample_scenes
+
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    return render(sample_scenes(count, seed))
+
+
 @register("discriminator")
 class DiscriminatorReward(Reward):
     """Reward = the online discriminator's logit (or ``log D``) that an image is a reference image.
@@ -107,7 +115,8 @@ class DiscriminatorReward(Reward):
     Options:
         reference_dir: folder of reference images (png/jpg/...), resized and centre-cropped to ``image_size``.
         reference_images: instead of a folder (Python API): a tensor ``[N, 3, H, W]`` in ``[0, 1]``, a list of PIL
-            images, or a callable ``source(n, generator) -> [n, 3, H, W]`` producing fresh reference images.
+            images, or a callable ``source(n, generator) -> [n, 3, H, W]`` producing fresh reference images; or
+            the string ``"world"`` (also from a config): fresh renders of ddpo's procedural world.
         image_size: side of the square the discriminator sees (images are resized to it, differentiably).
         channels, depth: width of the first convolution and number of stride-2 convolutions.
         steps_per_epoch: optimiser steps per :meth:`update` call.
@@ -140,6 +149,8 @@ class DiscriminatorReward(Reward):
         seed: int = 0,
         device: str | None = None,
     ):
+        if isinstance(reference_images, str) and reference_images == "world":
+            reference_images = world_reference_source
         if (reference_dir is None) == (reference_images is None):
             raise ValueError("reward 'discriminator': give exactly one of reference_dir or reference_images")
         if reward not in ("logit", "log_d"):
