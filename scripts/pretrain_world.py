@@ -14,9 +14,13 @@ Phases (each reproducible from ``--seed``: the data and noise of step ``k`` are 
 5. ``eval`` — the saved pipeline (reloaded with plain diffusers) samples 256 images over the held-out prompts
    (20 DDIM steps, eta 1, guidance 5) and the ``world`` reward scores them; writes ``eval.json`` and a grid.
 
-Usage (the shipped model)::
+Usage (the shipped model: 1000 UNet steps, then resumed to 1600 with a fresh cosine tail)::
 
     python scripts/pretrain_world.py --out ddpo/assets --work /tmp/world_pretrain
+    python scripts/pretrain_world.py --out ddpo/assets --work /tmp/world_pretrain --phases unet,eval --unet-steps 1600
+
+Single-threaded processes (``--threads 1``): on a shared 2-core machine two threads per process oversubscribe the
+cores and run several times slower.
 
 Checkpoints go to ``--work`` every ``--save-every`` steps; rerunning the same command resumes.
 """
