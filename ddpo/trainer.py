@@ -41,7 +41,7 @@ from .sampling import (
     recompute_step,
     sample_trajectories,
 )
-from .schedulers import trainable_steps
+from .schedulers import StepOutput, trainable_steps
 from .visualize import save_image_grid
 
 # Stream identifiers for derive_seed: each random stream of the run gets its own.
@@ -396,10 +396,21 @@ class Trainer:
         self, samples: Trajectories, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of ``N`` (trajectory ``i``, step ``j``) pairs (``[N]`` each) in **one** UNet call, with diagnostics."""
-        c, s, t = self.config, self.config.sample, self.config.train
-        guidance = s.guidance_scale if self.negative_embeds is not None else 1.0
-        out = recompute_step(
-            self.unet,
+        t = self.config.train
+        out = self._recompute(self.unet, samples, i, j)
+        loss, info = LOSSES[t.algorithm](out.log_prob, samples.log_probs[i, j], weights[i], t.clip_range)
+        if t.kl_coef > 0:
+            kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j), out.std).mean()
+            loss = loss + t.kl_coef * kl
+            info["kl"] = kl.detach()
+        info["loss"] = loss.detach()
+        return loss, info
+
+    def _recompute(self, model, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> StepOutput:
+        """The policy step of ``model`` at stored pairs ``(i, j)``, exactly as sampled (same CFG, autocast, eta)."""
+        s = self.config.sample
+        return recompute_step(
+            model,
             self.scheduler,
             s.scheduler,
             samples.latents[i, j],
@@ -407,45 +418,22 @@ class Trainer:
             samples.timesteps[j],
             samples.prompt_embeds[i],
             self.negative_embeds,
-            guidance,
+            s.guidance_scale if self.negative_embeds is not None else 1.0,
             s.eta,
-            c.mixed_precision,
+            self.config.mixed_precision,
         )
-        loss, info = LOSSES[t.algorithm](out.log_prob, samples.log_probs[i, j], weights[i], t.clip_range)
-        if t.kl_coef > 0:
-            kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j, guidance), out.std).mean()
-            loss = loss + t.kl_coef * kl
-            info["kl"] = kl.detach()
-        info["loss"] = loss.detach()
-        return loss, info
 
     @torch.no_grad()
-    def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor, guidance: float) -> torch.Tensor:
+    def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Mean of the frozen base policy at the same pairs (LoRA: adapters disabled; full: the frozen copy)."""
-        s = self.config.sample
         if self.ref_unet is not None:
-            model = self.ref_unet
-        else:
-            model = self.accelerator.unwrap_model(self.unet)
-            model.disable_adapters()
+            return self._recompute(self.ref_unet, samples, i, j).mean
+        model = self.accelerator.unwrap_model(self.unet)
+        model.disable_adapters()
         try:
-            out = recompute_step(
-                model,
-                self.scheduler,
-                s.scheduler,
-                samples.latents[i, j],
-                samples.latents[i, j + 1],
-                samples.timesteps[j],
-                samples.prompt_embeds[i],
-                self.negative_embeds,
-                guidance,
-                s.eta,
-                self.config.mixed_precision,
-            )
+            return self._recompute(model, samples, i, j).mean
         finally:
-            if self.ref_unet is None:
-                model.enable_adapters()
-        return out.mean
+            model.enable_adapters()
 
     # ------------------------------------------------------------------ outputs
 
