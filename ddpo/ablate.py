@@ -30,7 +30,8 @@ newest checkpoint, and restarts those that died before their first checkpoint. O
   to reach a threshold (per reward: the entry's ``threshold``, else the midpoint of the initial reward and the best
   cell's final reward);
 * ``reward_vs_queries.png``: reward versus reward queries, one panel per reward, mean ± std band per algorithm;
-* ``grid.yaml`` (the grid as run), ``logs/`` (each cell's output).
+* ``grid.yaml`` (the grid as run), ``configs/`` (each cell's resolved config, which its ``ddpo train`` is started
+  from), ``logs/`` (each cell's output).
 """
 
 from __future__ import annotations
@@ -403,10 +404,14 @@ def cell_state(cell: Cell) -> str:
     return "restart"
 
 
-def cell_command(grid: Grid, cell: Cell, state: str) -> list[str]:
-    """Arguments of ``ddpo`` that (re)start ``cell`` from ``state``."""
+def cell_command(grid: Grid, cell: Cell, state: str, pinned: Path | None = None) -> list[str]:
+    """Arguments of ``ddpo`` that (re)start ``cell`` from ``state``: the base preset / config file and the cell's
+    overrides, or, with ``pinned``, the cell's fully resolved config file (what :func:`run_grid` launches, so that a
+    preset edited while a grid runs cannot change the cells that start later)."""
     if state == "resume":
         return ["train", "--resume", str(cell.run_dir), f"num_epochs={cell.config.num_epochs}"]
+    if pinned is not None:
+        return ["train", "--config", str(pinned)]
     base = ["--preset", grid.preset] if grid.preset else ["--config", str(grid.config_file)]
     return ["train", *base, *cell.overrides]
 
@@ -470,7 +475,7 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
                 if state == "restart" and cell.run_dir.exists():  # died before its first checkpoint: nothing to keep
                     shutil.rmtree(cell.run_dir)
                 outcome = CellOutcome(cell, state, log=logs / f"{cell.run_name}.log")
-                args = cell_command(grid, cell, state)
+                args = cell_command(grid, cell, state, pinned=_pin_config(grid, cell) if state != "resume" else None)
                 print(f"ddpo ablate: start {cell.run_name} ({state})", flush=True)
                 start = time.perf_counter()
                 if in_process:
@@ -505,6 +510,14 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
             process.wait()
             log.close()
     return outcomes
+
+
+def _pin_config(grid: Grid, cell: Cell) -> Path:
+    """Write the cell's config as validated (every key resolved) to ``OUTPUT_DIR/configs/<run_name>.yaml``."""
+    path = grid.output_dir / "configs" / f"{cell.run_name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cell.config), sort_keys=False))
+    return path
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -65,6 +65,8 @@ def test_grid_runs_every_cell_and_writes_results_summary_and_plot(finished_grid)
     config = yaml.safe_load((out / "runs" / "rwr_kl__jpeg__seed1" / "config.yaml").read_text())
     assert config["seed"] == 1 and config["train"]["algorithm"] == "rwr" and config["train"]["kl_coef"] == 0.1
     assert config["reward"] == {"name": "jpeg_compressibility", "options": {"quality": 90}}
+    # Cells are launched from their validated, fully resolved config (a preset edited mid-grid cannot leak in).
+    assert yaml.safe_load((out / "configs" / "rwr_kl__jpeg__seed1.yaml").read_text()) == config
 
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns[: len(ID_COLUMNS)]) == ID_COLUMNS
