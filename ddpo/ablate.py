@@ -28,7 +28,8 @@ newest checkpoint, and restarts those that died before their first checkpoint. O
   reward_mean, reward_std`` and every other logged metric;
 * ``summary.csv`` / ``summary.md``: per cell, the final reward (mean ± std over seeds) and the reward queries needed
   to reach a threshold (per reward: the entry's ``threshold``, else the midpoint of the initial reward and the best
-  cell's final reward);
+  cell's final reward), and with ``eval_prompts`` in the base config the held-out reward before -> after;
+* ``eval.csv``: the runs' held-out evaluations (``eval.jsonl``), one row per (cell, seed, evaluation);
 * ``reward_vs_queries.png``: reward versus reward queries, one panel per reward, mean ± std band per algorithm;
 * ``grid.yaml`` (the grid as run), ``configs/`` (each cell's resolved config, which its ``ddpo train`` is started
   from), ``logs/`` (each cell's output).
@@ -596,7 +597,28 @@ def collect(grid: Grid):
     return frame
 
 
-def summarize(results, thresholds: dict[str, float | None] | None = None, final_epochs: int = 1):
+def collect_evals(grid: Grid):
+    """The held-out evaluations (``eval.jsonl``, written by runs with ``eval_prompts``) of every finished cell: a
+    ``pandas.DataFrame`` with one row per (cell, seed, evaluation); ``epoch`` is the number of epochs trained before
+    it (0: the base model). Every metric of the evaluation follows ``reward_mean``."""
+    import pandas as pd
+
+    rows = []
+    for cell in grid.cells:
+        path = cell.run_dir / "eval.jsonl"
+        if cell_state(cell) != "finished" or not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            if not line:
+                continue
+            metrics = json.loads(line)
+            row = {"cell": cell.name, "algorithm": cell.algorithm, "reward": cell.reward, "seed": cell.seed}
+            row.update(metrics)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize(results, thresholds: dict[str, float | None] | None = None, final_epochs: int = 1, evals=None):
     """One row per cell: final reward (mean ± std over seeds) and reward queries to reach a threshold.
 
     Per run, the *final reward* is the mean over its last ``final_epochs`` epochs of the batch reward mean; the
@@ -605,6 +627,10 @@ def summarize(results, thresholds: dict[str, float | None] | None = None, final_
     mean epoch-0 batch reward of all its runs: samples of the base model) and the best cell's ``final_mean``.
     ``queries_mean`` / ``queries_std`` are over the seeds whose batch reward mean reached it (``reached`` of ``seeds``):
     the cumulative reward queries at the first epoch with ``reward_mean >= threshold``.
+
+    With ``evals`` (from :func:`collect_evals`), also the held-out reward of the base model (``heldout_before``: the
+    evaluation before the first epoch, identical inputs in every run) and of the trained policy (``heldout_after``:
+    the last evaluation), and their paired difference per seed (``heldout_change``), mean and std over seeds.
     """
     import numpy as np
     import pandas as pd
@@ -648,9 +674,38 @@ def summarize(results, thresholds: dict[str, float | None] | None = None, final_
                     "queries_mean": float(np.mean(queries)) if queries else float("nan"),
                     "queries_std": float(np.std(queries, ddof=1)) if len(queries) > 1 else float("nan"),
                     "reached": len(queries),
+                    **_heldout_columns(evals, cell),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _heldout_columns(evals, cell: str) -> dict[str, float]:
+    import numpy as np
+
+    if evals is None or evals.empty or not (evals.cell == cell).any():
+        return {}
+    before, after = [], []
+    for _, run in evals[evals.cell == cell].groupby("seed"):
+        run = run.sort_values("epoch")
+        if run.epoch.iloc[0] == 0 and len(run) > 1:
+            before.append(run.reward_mean.iloc[0])
+            after.append(run.reward_mean.iloc[-1])
+    if not before:
+        return {}
+    before, after = np.array(before), np.array(after)
+    change = after - before
+
+    def std(values):
+        return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+    return {
+        "heldout_before": float(before.mean()),
+        "heldout_after_mean": float(after.mean()),
+        "heldout_after_std": std(after),
+        "heldout_change_mean": float(change.mean()),
+        "heldout_change_std": std(change),
+    }
 
 
 def _pm(mean: float, std: float, digits: int) -> str:
@@ -667,15 +722,23 @@ def summary_markdown(summary, final_epochs: int = 1) -> str:
     """``summary`` (from :func:`summarize`) as a Markdown table, with a note saying how each number is made."""
     if summary.empty:
         return "No finished cells yet.\n"
+    heldout = "heldout_before" in summary.columns
     lines = [
-        "| reward | algorithm | initial reward | final reward | reward queries to threshold | seeds reaching |",
-        "|---|---|---|---|---|---|",
+        "| reward | algorithm | initial reward | final reward | reward queries to threshold | seeds reaching |"
+        + (" held-out before | held-out after | held-out change |" if heldout else ""),
+        "|---|---|---|---|---|---|" + ("---|---|---|" if heldout else ""),
     ]
     for row in summary.itertuples():
-        lines.append(
+        line = (
             f"| {row.reward} | {row.algorithm} | {row.initial_mean:.3f} | {_pm(row.final_mean, row.final_std, 3)} "
             f"| {_pm(row.queries_mean, row.queries_std, 0)} | {row.reached}/{row.seeds} |"
         )
+        if heldout:
+            line += (
+                f" {_pm(row.heldout_before, float('nan'), 3)} | {_pm(row.heldout_after_mean, row.heldout_after_std, 3)}"
+                f" | {_pm(row.heldout_change_mean, row.heldout_change_std, 3)} |"
+            )
+        lines.append(line)
     notes = []
     for reward, by_reward in summary.groupby("reward", sort=False):
         row = by_reward.iloc[0]
@@ -694,6 +757,13 @@ def summary_markdown(summary, final_epochs: int = 1) -> str:
         + "; ".join(notes)
         + ".",
     ]
+    if heldout:
+        lines += [
+            "",
+            "Held-out: the runs' evaluation on the fixed `eval_prompts` set (the same prompts and initial noise in every "
+            "run and evaluation), before the first epoch (the base model) and after the last; change = after - before "
+            "per seed (a paired difference), mean ± sample std over seeds.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -704,15 +774,18 @@ def write_outputs(grid: Grid) -> dict[str, Path]:
     out = grid.output_dir
     out.mkdir(parents=True, exist_ok=True)
     results = collect(grid)
+    evals = collect_evals(grid)
     thresholds = {r.name: r.threshold for r in grid.rewards}
-    summary = summarize(results, thresholds, grid.final_epochs)
+    summary = summarize(results, thresholds, grid.final_epochs, evals)
     paths = {
         "results": out / "results.csv",
+        "evals": out / "eval.csv",
         "summary_csv": out / "summary.csv",
         "summary_md": out / "summary.md",
         "plot": out / "reward_vs_queries.png",
     }
     results.to_csv(paths["results"], index=False)
+    evals.to_csv(paths["evals"], index=False)
     summary.to_csv(paths["summary_csv"], index=False)
     header = f"# Ablation `{grid.name}`\n\n"
     paths["summary_md"].write_text(header + summary_markdown(summary, grid.final_epochs))

@@ -30,7 +30,7 @@ from rewards import check_reward_output, get_reward
 from . import checkpoint
 from .advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_normalize
 from .algorithms import LOSSES, kl_to_reference, rwr_weights, sparse_rwr_weights
-from .config import ConfigError, RunConfig, build_config, to_dict, train_steps_per_trajectory
+from .config import ConfigError, RunConfig, build_config, to_dict, train_steps_per_trajectory, train_window_steps
 from .models import add_lora, load_pipeline, lora_state_dict
 from .prompts import derive_seed, draw_prompts, load_prompts
 from .sampling import (
@@ -41,11 +41,11 @@ from .sampling import (
     recompute_step,
     sample_trajectories,
 )
-from .schedulers import StepOutput, trainable_steps
+from .schedulers import StepOutput
 from .visualize import save_image_grid
 
 # Stream identifiers for derive_seed: each random stream of the run gets its own.
-_SAMPLING_NOISE, _SHUFFLE = 2, 3
+_SAMPLING_NOISE, _SHUFFLE, _EVAL_PROMPTS, _EVAL_NOISE = 2, 3, 4, 5
 
 TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
 
@@ -77,6 +77,7 @@ class Trainer:
 
         # Everything that can fail on user input fails here, before a model is loaded.
         self.prompts = load_prompts(c.prompts)
+        self.eval_prompts = eval_prompt_list(load_prompts(c.eval_prompts), c.eval_samples) if c.eval_prompts else []
         self.reward = get_reward(c.reward.name, **c.reward.options)
         optimizer_class = get_optimizer_class(t.optimizer)
 
@@ -195,9 +196,13 @@ class Trainer:
         )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as executor:
             self.executor = executor
+            if self.eval_prompts and self.start_epoch == 0:
+                self.evaluate(0)
             for epoch in bar:
                 metrics = self.run_epoch(epoch)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics['approx_kl']:.2g}")
+                if self.eval_prompts and self._eval_due(epoch + 1):
+                    self.evaluate(epoch + 1)
                 if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
                     self.save_checkpoint(epoch + 1)
         self.save_final()
@@ -214,10 +219,28 @@ class Trainer:
         if metrics:
             first, last = metrics[0], metrics[-1]
             lines.append(
-                f"  reward ({self.reward.name}): epoch {first['epoch']} {first['reward_mean']:.4g} "
+                f"  training batches, reward ({self.reward.name}): epoch {first['epoch']} {first['reward_mean']:.4g} "
                 f"(std {first['reward_std']:.3g}) -> epoch {last['epoch']} {last['reward_mean']:.4g} "
                 f"(std {last['reward_std']:.3g})"
             )
+        evals = self.read_evals()
+        if len(evals) >= 2:
+            first, last = evals[0], evals[-1]
+            lines.append(
+                f"  held-out ({self.config.eval_prompts}, the same {first['samples']} prompts and noise each time): "
+                f"reward {first['reward_mean']:.4g} before epoch {first['epoch']} -> {last['reward_mean']:.4g} "
+                f"after epoch {last['epoch']}"
+            )
+            parts = [
+                f"{key.removeprefix('reward/')} {first[key]:.3g} -> {last[key]:.3g}"
+                for key in first
+                if key.startswith("reward/") and key.endswith("_mean") and key in last
+            ]
+            if parts:
+                lines.append("    " + ", ".join(parts))
+            grids = sorted((self.run_dir / "samples").glob("eval_epoch_*.png"))
+            if grids:
+                lines.append(f"  held-out grids (same prompts and noise): {grids[0].resolve()} vs {grids[-1].name}")
         lines.append(f"  image grids: {(self.run_dir / 'samples').resolve()}/epoch_*.png")
         lines.append(f"  weights:     {(self.run_dir / 'final').resolve()} (pipe.load_lora_weights(...) in diffusers)")
         return "\n".join(lines)
@@ -247,6 +270,91 @@ class Trainer:
         }
         self.log(epoch, metrics, samples, rewards)
         return metrics
+
+    # ------------------------------------------------------------------ held-out evaluation
+
+    def _eval_due(self, epochs_done: int) -> bool:
+        every = self.config.eval_every
+        return epochs_done == self.config.num_epochs or (every > 0 and epochs_done % every == 0)
+
+    def evaluate(self, epochs_done: int) -> dict[str, Any]:
+        """Sample and score the fixed held-out set (``eval_prompts``) with the current weights; log to ``eval.jsonl``.
+
+        The prompts and the noise of chunk ``k`` (``sample.batch_size`` images) depend only on ``k``, never on the
+        run's seed, the epoch or the number of processes (chunk ``k`` runs on process ``k % num_processes``): every
+        evaluation of every run over the same ``eval_prompts``/``eval_samples`` sees the same inputs, so differences
+        are the policy's. It touches no random stream of training, so resumed runs stay exact. (An online reward such
+        as the discriminator changes between evaluations; its numbers are then not paired.)
+        """
+        c, s, acc = self.config, self.config.sample, self.accelerator
+        start = time.perf_counter()
+        self.unet.eval()
+        unet = acc.unwrap_model(self.unet)
+        chunks = [self.eval_prompts[i : i + s.batch_size] for i in range(0, len(self.eval_prompts), s.batch_size)]
+        results, first_images = [], None
+        for k in range(acc.process_index, len(chunks), acc.num_processes):
+            prompts = chunks[k]
+            embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, acc.device)
+            generator = torch.Generator(device=acc.device).manual_seed(derive_seed(0, _EVAL_NOISE, k))
+            with torch.no_grad():
+                trajectories = sample_trajectories(
+                    unet,
+                    self.pipe.vae,
+                    self.scheduler,
+                    s.scheduler,
+                    embeds,
+                    self.negative_embeds,
+                    prompts,
+                    s.num_steps,
+                    s.guidance_scale,
+                    s.eta,
+                    generator,
+                    c.mixed_precision,
+                    s.decode_chunk_size,
+                )
+            values, info, _ = self._score(trajectories.images, prompts)
+            results.append((k, values.cpu().tolist(), info))
+            if k == 0:
+                first_images = trajectories.images
+        if acc.num_processes > 1:
+            results = gather_object(results)
+        results.sort(key=lambda item: item[0])
+        rewards = torch.tensor([v for _, values, _ in results for v in values], dtype=torch.float64)
+        metrics: dict[str, Any] = {
+            "epoch": epochs_done,
+            "samples": len(rewards),
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std(unbiased=False).item(),
+        }
+        infos = [(len(values), info) for _, values, info in results if info]
+        for key in infos[0][1] if infos else []:
+            metrics[key] = sum(n * info[key] for n, info in infos) / sum(n for n, _ in infos)
+        metrics["eval_seconds"] = time.perf_counter() - start
+        acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
+        if acc.is_main_process:
+            with open(self.run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if first_images is not None:
+                count = min(16, len(first_images))
+                save_image_grid(
+                    first_images[:count],
+                    chunks[0][:count],
+                    [v for _, values, _ in results[:1] for v in values][:count],
+                    self.run_dir / "samples" / f"eval_epoch_{epochs_done:04d}.png",
+                )
+            print(
+                f"ddpo: held-out evaluation after {epochs_done} epochs ({len(rewards)} images of {c.eval_prompts}): "
+                f"reward {metrics['reward_mean']:.4g}",
+                flush=True,
+            )
+        return metrics
+
+    def read_evals(self) -> list[dict[str, Any]]:
+        """The held-out evaluations written so far (``eval.jsonl``), oldest first."""
+        path = self.run_dir / "eval.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
     # ------------------------------------------------------------------ phases
 
@@ -380,14 +488,15 @@ class Trainer:
     def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The shuffled (trajectory, step) pairs of one inner epoch: two ``[num_samples * k]`` long tensors.
 
-        Each trajectory contributes ``k = steps_per_trajectory`` distinct random steps; all pairs are shuffled
-        together, so one minibatch mixes trajectories and timesteps. A pure function of ``(seed, epoch, inner)``.
+        Each trajectory contributes ``k = steps_per_trajectory`` distinct random steps among the first
+        ``train_window_steps`` (``train.timestep_window``); all pairs are shuffled together, so one minibatch mixes
+        trajectories and timesteps. A pure function of ``(seed, epoch, inner)``.
         """
-        c, s, acc = self.config, self.config.sample, self.accelerator
+        c, acc = self.config, self.accelerator
         k = self.steps_per_trajectory
-        stochastic = trainable_steps(s.scheduler, s.num_steps)
+        window = train_window_steps(c)
         generator = torch.Generator().manual_seed(derive_seed(c.seed, _SHUFFLE, epoch, inner, acc.process_index))
-        steps = torch.stack([torch.randperm(stochastic, generator=generator)[:k] for _ in range(num_samples)])
+        steps = torch.stack([torch.randperm(window, generator=generator)[:k] for _ in range(num_samples)])
         trajs = torch.arange(num_samples).unsqueeze(1).expand(num_samples, k)
         order = torch.randperm(num_samples * k, generator=generator)
         return trajs.flatten()[order].to(acc.device), steps.flatten()[order].to(acc.device)
@@ -456,14 +565,16 @@ class Trainer:
             )
 
     def _truncate_metrics(self, start_epoch: int) -> None:
-        """Drop metrics of epochs a resumed run will redo (written after the checkpoint it resumes from)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < start_epoch]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        """Drop metrics of epochs a resumed run will redo (written after the checkpoint it resumes from), and
+        held-out evaluations after that checkpoint (the one at ``start_epoch`` was written before it)."""
+        for name, keep in (("metrics.jsonl", lambda e: e < start_epoch), ("eval.jsonl", lambda e: e <= start_epoch)):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            kept = [line for line in path.read_text().splitlines() if line and keep(json.loads(line)["epoch"])]
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         unet = self.accelerator.unwrap_model(self.unet)
@@ -544,6 +655,14 @@ class Trainer:
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def eval_prompt_list(prompts: list[str], count: int) -> list[str]:
+    """``count`` prompts of a held-out set in a fixed shuffled order (cycled when ``count`` exceeds the set), the same
+    for every run and seed, so evaluations of different runs are comparable."""
+    generator = torch.Generator().manual_seed(derive_seed(0, _EVAL_PROMPTS))
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    return [prompts[order[i % len(order)]] for i in range(count)]
 
 
 def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:

@@ -35,6 +35,8 @@ def tiny_grid(model_dir: Path, output_dir: Path, **changes) -> dict:
                 "train.learning_rate": 0.01,
                 "train.advantage": "batch",
                 "log_images": True,
+                "eval_prompts": "simple_animals",
+                "eval_samples": 2,
             },
         },
         "algorithms": [
@@ -82,8 +84,18 @@ def test_grid_runs_every_cell_and_writes_results_summary_and_plot(finished_grid)
     finals = results[results.epoch == 1].groupby("cell").reward_mean
     assert summary.final_mean.tolist() == pytest.approx(finals.mean().tolist())
     assert summary.final_std.tolist() == pytest.approx(finals.std(ddof=1).tolist())
+    # Held-out evaluations: every run scores the same base-model images first; change = after - before per seed.
+    evals = pd.read_csv(out / "eval.csv")
+    assert len(evals) == 2 * 2 * 2 and sorted(evals.epoch.unique()) == [0, 2]
+    assert evals[evals.epoch == 0].reward_mean.nunique() == 1
+    after = evals[evals.epoch == 2].sort_values(["cell", "seed"]).groupby("cell", sort=True).reward_mean
+    before = evals[evals.epoch == 0].reward_mean.iloc[0]
+    assert summary.heldout_before.tolist() == pytest.approx([before, before])
+    assert summary.heldout_after_mean.tolist() == pytest.approx(after.mean().tolist())
+    assert summary.heldout_change_mean.tolist() == pytest.approx((after.mean() - before).tolist())
+    assert summary.heldout_change_std.tolist() == pytest.approx(after.std(ddof=1).tolist())
     markdown = (out / "summary.md").read_text()
-    assert "| jpeg | rwr_kl |" in markdown and "midpoint" in markdown
+    assert "| jpeg | rwr_kl |" in markdown and "midpoint" in markdown and "held-out change" in markdown
     with Image.open(out / "reward_vs_queries.png") as image:
         assert image.size[0] > 300 and image.size[1] > 200
     again = load_grid(out / "grid.yaml")  # the grid as run: the same cells

@@ -80,3 +80,31 @@ def test_cli_lists_and_prints(capsys):
     assert main(["prompts"]) == 0
     assert "simple_animals" in capsys.readouterr().out
     assert "train.learning_rate" in all_keys()
+
+
+@pytest.mark.parametrize(
+    "scheduler, steps, window, fraction, expected_window, expected_k",
+    [
+        ("ddim", 10, 1.0, 0.5, 10, 5),  # every step stochastic; half of them
+        ("ddim", 10, 0.5, 1.0, 5, 5),  # the first five (noisiest) steps, all of them
+        ("ddim", 20, 0.25, 0.4, 5, 2),
+        ("ddpm", 10, 1.0, 1.0, 9, 9),  # DDPM's last step is deterministic: 9 stochastic steps
+        ("ddim", 4, 0.1, 0.1, 1, 1),  # never fewer than one step
+    ],
+)
+def test_timestep_window_and_fraction_count_the_trained_steps(
+    scheduler, steps, window, fraction, expected_window, expected_k
+):
+    from ddpo.config import train_steps_per_trajectory, train_window_steps
+
+    config = build_config(
+        overrides=[
+            f"sample.scheduler={scheduler}",
+            f"sample.num_steps={steps}",
+            f"train.timestep_window={window}",
+            f"train.timestep_fraction={fraction}",
+            "train.batch_size=1",
+        ]
+    )
+    assert train_window_steps(config) == expected_window
+    assert train_steps_per_trajectory(config) == expected_k

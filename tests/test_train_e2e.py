@@ -16,10 +16,15 @@ from ddpo import checkpoint
 from ddpo.cli import main
 
 TIMING = {"sampling_seconds", "scoring_seconds", "training_seconds", "epoch_seconds", "reward_compute_seconds"}
+TIMING |= {"eval_seconds"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run / "metrics.jsonl")
 
 
 def test_two_epochs_write_the_whole_contract_and_final_loads_in_diffusers(fast_overrides, tiny_model_dir, tmp_path):
@@ -72,6 +77,7 @@ def test_resume_matches_an_uninterrupted_run(fast_overrides, tmp_path):
     components = {"jpeg_compressibility": 1.0, "discriminator": {"weight": 0.5, "options": options}}
     reward = "reward.options=" + json.dumps({"components": components})  # JSON is YAML
     straight = [o for o in fast_overrides if not o.startswith("run_name")] + ["reward.name=weighted", reward]
+    straight += ["eval_prompts=simple_animals", "eval_samples=3", "eval_every=1"]  # 3 images: chunks of 2 and 1
     assert main(["train", "--preset", "tiny", "num_epochs=4", "run_name=straight", *straight]) == 0
     assert main(["train", "--preset", "tiny", "num_epochs=2", "run_name=split", *straight]) == 0
     split = tmp_path / "runs" / "split"
@@ -88,7 +94,37 @@ def test_resume_matches_an_uninterrupted_run(fast_overrides, tmp_path):
         metrics[-1]
     )
     assert (split / "checkpoints" / "checkpoint_000004" / "reward.pt").is_file()
+    evals = [strip(read_jsonl(run / "eval.jsonl")) for run in (tmp_path / "runs" / "straight", split)]
+    assert [e["epoch"] for e in evals[0]] == [0, 1, 2, 3, 4] and evals[0] == evals[1]
+    assert all(e["samples"] == 3 and "reward/jpeg_compressibility_mean" in e for e in evals[0])
     assert yaml.safe_load((split / "config.yaml").read_text())["num_epochs"] == 4
+
+
+def test_held_out_evaluation_is_paired_across_runs_and_reported(fast_overrides, tmp_path, capsys):
+    """The evaluation set (prompts and noise) is fixed: runs with different seeds score the same base-model images
+    before training, and the same images again in a fresh evaluation of the base pipeline."""
+    from ddpo.prompts import load_prompts
+    from ddpo.trainer import eval_prompt_list
+
+    common = [o for o in fast_overrides if not o.startswith("run_name")]
+    common += ["eval_prompts=simple_animals", "eval_samples=4", "num_epochs=2"]
+    for seed in (0, 1):
+        assert main(["train", "--preset", "tiny", f"seed={seed}", f"run_name=s{seed}", *common]) == 0
+    out = capsys.readouterr().out
+    assert "held-out (simple_animals, the same 4 prompts and noise each time)" in out
+    runs = [tmp_path / "runs" / f"s{seed}" for seed in (0, 1)]
+    evals = [read_jsonl(run / "eval.jsonl") for run in runs]
+    assert [[e["epoch"] for e in ev] for ev in evals] == [[0, 2], [0, 2]]
+    assert evals[0][0]["reward_mean"] == evals[1][0]["reward_mean"]  # same base images, whatever the seed
+    grids = [(run / "samples" / "epoch_0000.png").read_bytes() for run in runs]
+    assert grids[0] != grids[1]  # while the seeds' training samples differ
+    assert evals[0][1]["reward_mean"] != evals[0][0]["reward_mean"]  # the fine-tuned policy draws other images
+    # The prompts are a fixed draw of the set (distinct while the set is large enough); the grid shows chunk 0.
+    prompts = eval_prompt_list(load_prompts("simple_animals"), 4)
+    assert len(set(prompts)) == 4 and set(prompts) <= set(load_prompts("simple_animals"))
+    table = (runs[0] / "samples" / "eval_epoch_0000.txt").read_text().splitlines()[1:]
+    assert [line.split("\t")[2] for line in table] == prompts[:2]  # chunk 0 = sample.batch_size images
+    assert (runs[0] / "samples" / "eval_epoch_0002.png").is_file()
 
 
 def test_resume_drops_metrics_of_epochs_after_the_checkpoint(fast_overrides, tmp_path):

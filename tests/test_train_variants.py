@@ -56,3 +56,24 @@ def test_full_fine_tuning_with_kl_writes_a_pipeline_folder(fast_overrides, tiny_
     assert changed, "full fine-tuning left every UNet weight unchanged"
     for (_, a), (_, b) in zip(tuned.vae.named_parameters(), base.vae.named_parameters()):
         assert torch.equal(a, b)  # the VAE is frozen
+
+
+def test_timestep_window_trains_only_the_first_steps(fast_overrides, tmp_path):
+    """With ``timestep_window=0.5`` every training pair comes from the first half of the denoising steps (the
+    noisiest), each trajectory contributing ``timestep_fraction`` of that half, distinct steps."""
+    from ddpo.config import build_config
+    from ddpo.trainer import Trainer
+
+    overrides = [o for o in fast_overrides if not o.startswith("sample.num_steps")]
+    overrides += ["sample.num_steps=8", "train.timestep_window=0.5", "train.timestep_fraction=0.5"]
+    trainer = Trainer.from_config(build_config(preset="tiny", overrides=overrides), tmp_path / "run")
+    assert trainer.steps_per_trajectory == 2
+    for epoch, inner in [(0, 0), (1, 0), (0, 1)]:
+        trajs, steps = trainer.training_pairs(epoch, inner, num_samples=6)
+        assert trajs.shape == steps.shape == (12,)
+        assert int(steps.max()) < 4 and int(steps.min()) >= 0
+        for i in range(6):
+            mine = steps[trajs == i].tolist()
+            assert len(mine) == 2 and len(set(mine)) == 2
+    seen = torch.cat([trainer.training_pairs(e, 0, 6)[1] for e in range(20)])
+    assert set(seen.tolist()) == {0, 1, 2, 3}  # the whole window is used over epochs
