@@ -31,6 +31,23 @@ def group_normalize(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return out
 
 
+def group_center(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Subtract each prompt group's mean, then divide by the std of the centred values over the whole batch.
+    ``[N] -> [N]``.
+
+    Unlike :func:`group_normalize`, a group whose samples differ by little keeps small advantages instead of being
+    scaled up to unit variance, so near-ties (often reward noise) weigh less than clear wins. A group of one sample
+    gets advantage 0.
+    """
+    rewards = rewards.float()
+    centred = torch.zeros_like(rewards)
+    for prompt in dict.fromkeys(prompts):
+        index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt], device=rewards.device)
+        if index.numel() > 1:
+            centred[index] = rewards[index] - rewards[index].mean()
+    return centred / (centred.std(unbiased=False) + EPS)
+
+
 class PerPromptStatTracker:
     """Running per-prompt reward statistics (DDPO paper): each prompt keeps a buffer of its last ``buffer_size``
     rewards; a prompt whose buffer holds fewer than ``min_count`` rewards is normalised with the batch statistics.

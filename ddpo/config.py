@@ -90,7 +90,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clipping threshold (0 disables clipping; the norm is still logged)."""
     advantage: str = "per_prompt"
-    """How rewards become advantages: ``per_prompt`` running statistics, ``batch`` or ``group`` normalisation."""
+    """How rewards become advantages: ``per_prompt`` running statistics, ``batch`` normalisation, ``group``
+    (normalised within each prompt's samples, GRPO) or ``group_center`` (centred within each prompt's samples, scaled
+    by the batch std of the centred values)."""
     per_prompt_buffer_size: int = 16
     """Rewards remembered per prompt by the per-prompt tracker."""
     per_prompt_min_count: int = 16
@@ -354,12 +356,12 @@ def validate(config: RunConfig) -> None:
     need(t.clip_range > 0, f"train.clip_range must be > 0; got {t.clip_range}")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0; got {t.max_grad_norm}")
     need(
-        t.advantage in ("per_prompt", "batch", "group"),
-        f"train.advantage must be per_prompt, batch or group; got {t.advantage!r}",
+        t.advantage in ("per_prompt", "batch", "group", "group_center"),
+        f"train.advantage must be per_prompt, batch, group or group_center; got {t.advantage!r}",
     )
     need(
-        t.advantage != "group" or s.samples_per_prompt > 1,
-        "train.advantage=group needs sample.samples_per_prompt > 1 (several samples of each prompt per batch)",
+        t.advantage not in ("group", "group_center") or s.samples_per_prompt > 1,
+        f"train.advantage={t.advantage} needs sample.samples_per_prompt > 1 (several samples of each prompt per batch)",
     )
     need(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0; got {t.adv_clip_max}")
     need(t.kl_coef >= 0, f"train.kl_coef must be >= 0; got {t.kl_coef}")

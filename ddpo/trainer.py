@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from rewards import check_reward_output, get_reward
 
 from . import checkpoint
-from .advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_normalize
+from .advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_center, group_normalize
 from .algorithms import LOSSES, kl_to_reference, rwr_weights, sparse_rwr_weights
 from .config import ConfigError, RunConfig, build_config, to_dict, train_steps_per_trajectory, train_window_steps
 from .models import add_lora, load_pipeline, lora_state_dict
@@ -294,24 +294,7 @@ class Trainer:
         results, first_images = [], None
         for k in range(acc.process_index, len(chunks), acc.num_processes):
             prompts = chunks[k]
-            embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, acc.device)
-            generator = torch.Generator(device=acc.device).manual_seed(derive_seed(0, _EVAL_NOISE, k))
-            with torch.no_grad():
-                trajectories = sample_trajectories(
-                    unet,
-                    self.pipe.vae,
-                    self.scheduler,
-                    s.scheduler,
-                    embeds,
-                    self.negative_embeds,
-                    prompts,
-                    s.num_steps,
-                    s.guidance_scale,
-                    s.eta,
-                    generator,
-                    c.mixed_precision,
-                    s.decode_chunk_size,
-                )
+            trajectories = self._sample(unet, prompts, derive_seed(0, _EVAL_NOISE, k))
             values, info, _ = self._score(trajectories.images, prompts)
             results.append((k, values.cpu().tolist(), info))
             if k == 0:
@@ -365,7 +348,6 @@ class Trainer:
         ``scoring_seconds`` is then only the time spent waiting for the reward after sampling ended.
         """
         c, s, acc = self.config, self.config.sample, self.accelerator
-        pipe = self.pipe
         self.unet.eval()
         unet = acc.unwrap_model(self.unet)  # sampling needs no DDP gradient sync
         batches: list[Trajectories] = []
@@ -377,24 +359,8 @@ class Trainer:
             prompts = draw_prompts(
                 self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
             )
-            embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, acc.device)
-            generator = torch.Generator(device=acc.device).manual_seed(
-                derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index)
-            )
-            trajectories = sample_trajectories(
-                unet,
-                pipe.vae,
-                self.scheduler,
-                s.scheduler,
-                embeds,
-                self.negative_embeds,
-                prompts,
-                s.num_steps,
-                s.guidance_scale,
-                s.eta,
-                generator,
-                c.mixed_precision,
-                s.decode_chunk_size,
+            trajectories = self._sample(
+                unet, prompts, derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index)
             )
             batches.append(trajectories)
             if c.overlap_scoring:
@@ -414,6 +380,26 @@ class Trainer:
         reward_info["reward_compute_seconds"] = sum(seconds for _, _, seconds in results)
         timings = {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
         return Trajectories.cat(batches), rewards, reward_info, timings
+
+    def _sample(self, unet, prompts: list[str], seed: int) -> Trajectories:
+        """Trajectories of ``prompts`` with the run's sampler settings, the noise drawn from a generator seeded ``seed``."""
+        c, s, device = self.config, self.config.sample, self.accelerator.device
+        embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device)
+        return sample_trajectories(
+            unet,
+            self.pipe.vae,
+            self.scheduler,
+            s.scheduler,
+            embeds,
+            self.negative_embeds,
+            prompts,
+            s.num_steps,
+            s.guidance_scale,
+            s.eta,
+            torch.Generator(device=device).manual_seed(seed),
+            c.mixed_precision,
+            s.decode_chunk_size,
+        )
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:
         start = time.perf_counter()
@@ -435,6 +421,8 @@ class Trainer:
             advantages = self.tracker.update(all_prompts, all_rewards)
         elif t.advantage == "group":
             advantages = group_normalize(all_rewards, all_prompts)
+        elif t.advantage == "group_center":
+            advantages = group_center(all_rewards, all_prompts)
         else:
             advantages = batch_normalize(all_rewards)
         weights = clip_advantages(advantages, t.adv_clip_max)

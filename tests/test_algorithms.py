@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpo.advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_normalize
+from ddpo.advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_center, group_normalize
 from ddpo.algorithms import (
     ddpo_is_loss,
     ddpo_sf_loss,
@@ -97,6 +97,11 @@ def test_batch_and_group_normalisation():
     g = group_normalize(r, ["a", "a", "b", "b"])
     torch.testing.assert_close(g, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
     assert group_normalize(torch.tensor([5.0]), ["solo"]).item() == 0.0
+    # group_center by hand: groups a = (1, 2), b = (3, 10), c = (7,) -> centred (-0.5, 0.5, -3.5, 3.5, 0);
+    # population std of those = sqrt((0.25 + 0.25 + 12.25 + 12.25 + 0) / 5) = sqrt(5); a near-tie stays small.
+    c = group_center(torch.tensor([1.0, 2.0, 3.0, 10.0, 7.0]), ["a", "a", "b", "b", "c"])
+    expected = torch.tensor([-0.5, 0.5, -3.5, 3.5, 0.0]) / (5.0**0.5 + 1e-6)
+    torch.testing.assert_close(c, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(clip_advantages(torch.tensor([-9.0, 0.5, 9.0]), 5.0), torch.tensor([-5.0, 0.5, 5.0]))
 
 
