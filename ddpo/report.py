@@ -58,6 +58,9 @@ class Run:
     """One row per epoch of ``metrics.jsonl``; ``samples`` is the cumulative number of reward queries."""
     grids: list[tuple[int, Path]] = field(default_factory=list)
     """``(epoch, PNG path)`` of the sample grids under ``samples/``, by epoch."""
+    evals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """One row per held-out evaluation (``eval.jsonl``, runs with ``eval_prompts``); ``epoch`` = epochs trained
+    before it. Empty without one."""
 
     @property
     def name(self) -> str:
@@ -79,7 +82,11 @@ def load_run(run_dir: str | Path) -> Run:
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metrics = pd.DataFrame(rows)
     grids = sorted((int(p.stem.split("_")[-1]), p) for p in (path / "samples").glob("epoch_*.png"))
-    return Run(path, config, metrics, grids)
+    eval_file = path / "eval.jsonl"
+    evals = pd.DataFrame(
+        [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()] if eval_file.is_file() else []
+    )
+    return Run(path, config, metrics, grids, evals)
 
 
 def _axes_grid(count: int, columns: int, width: float = 4.0, height: float = 3.0) -> tuple[Figure, list[Any]]:
@@ -100,6 +107,11 @@ def plot_rewards(run: Run) -> Figure:
     ax = axes[0]
     ax.plot(m.samples, m.reward_mean, marker="o", markersize=3, label="batch mean")
     ax.fill_between(m.samples, m.reward_mean - m.reward_std, m.reward_mean + m.reward_std, alpha=0.2, label="± std")
+    if len(run.evals):
+        # An evaluation after N epochs has seen N epochs' reward queries.
+        queries = run.evals.epoch * (m.samples.iloc[0] if len(m) else 0)
+        label = f"held-out ({run.config.get('eval_prompts', '')}, fixed noise)"
+        ax.plot(queries, run.evals.reward_mean, marker="s", color="black", label=label)
     ax.set(xlabel="reward queries (images scored)", ylabel="reward", title=f"{run.config['reward']['name']} reward")
     ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)

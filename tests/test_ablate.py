@@ -15,6 +15,7 @@ from PIL import Image
 
 from ddpo.ablate import ID_COLUMNS, GridError, load_grid, parse_grid, run_grid, summarize, write_outputs
 from ddpo.cli import main
+from ddpo.report import load_run
 
 
 def tiny_grid(model_dir: Path, output_dir: Path, **changes) -> dict:
@@ -230,6 +231,8 @@ def test_report_cli_writes_figures_and_html_for_a_run_and_an_ablation(finished_g
     names = {"rewards.png", "diagnostics.png", "samples_across_epochs.png", "before_after.png", "index.html"}
     assert names <= {p.name for p in (tmp_path / "run").iterdir()}
     assert "<img src='before_after.png'>" in (tmp_path / "run" / "index.html").read_text()
+    evals = load_run(run).evals  # plotted on rewards.png next to the batch means
+    assert evals.epoch.tolist() == [0, 2] and evals.samples.tolist() == [2, 2]
 
     assert main(["report", str(finished_grid.output_dir), "--out", str(tmp_path / "ablation")]) == 0
     page = (tmp_path / "ablation" / "index.html").read_text()
