@@ -3,6 +3,7 @@ images of the right shape, and carry what they learnt (the CLIP ranks true capti
 samples beat a prompt-ignoring baseline on the verifiable reward)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from ddpo import world
+from ddpo.cli import main
 from rewards.world import WorldReward
 
 
@@ -103,3 +105,18 @@ def test_world_clip_loads_and_ranks_true_captions_first():
         wrong_features = torch.nn.functional.normalize(model.encode_text(tokenizer(wrong)), dim=-1)
     wins = (similarity.diagonal() > (image_features * wrong_features).sum(-1)).float().mean().item()
     assert wins >= 0.9, wins
+
+
+@pytest.mark.parametrize("preset", ["world", "world_compressibility", "world_clip", "world_discriminator"])
+def test_world_presets_train_an_epoch_on_the_shipped_model(preset, tmp_path):
+    """Each shipped world preset runs as configured (reward options, held-out evaluation) on the shipped model; only
+    the sizes are cut down so it takes seconds."""
+    small = ["num_epochs=1", "sample.num_steps=3", "sample.batch_size=4", "sample.num_batches_per_epoch=1"]
+    small += ["sample.samples_per_prompt=2", "train.batch_size=4", "train.gradient_accumulation_steps=1"]
+    small += ["eval_samples=4", f"output_dir={tmp_path}", "run_name=run"]
+    assert main(["train", "--preset", preset, *small]) == 0
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and [e["epoch"] for e in evals] == [0, 1]
+    assert all(math.isfinite(m) for m in (metrics[0]["reward_mean"], metrics[0]["loss"], evals[1]["reward_mean"]))
