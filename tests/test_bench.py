@@ -134,7 +134,8 @@ def test_ddpo_bench_writes_the_documented_json(tiny_model_dir, tmp_path, capsys)
 
 
 def test_bench_refuses_what_the_reference_does_not_implement(tiny_model_dir, capsys):
-    args = ["bench", "--repeats", "1", *_overrides(tiny_model_dir), "sample.scheduler=ddpm", "sample.eta=1.0"]
+    args = ["bench", "--preset", "tiny", "--repeats", "1", *_overrides(tiny_model_dir), "sample.scheduler=ddpm"]
+    args += ["sample.eta=1.0"]
     assert main([*args, "train.timestep_fraction=1.0", "train.batch_size=3"]) == 2
     assert "sample.scheduler=ddim or --mode ours" in capsys.readouterr().err
 
@@ -162,7 +163,7 @@ def test_8bit_optimizer_without_bitsandbytes_says_how_to_install(fast_overrides,
         pytest.skip("bitsandbytes is installed")
     except ImportError:
         pass
-    assert main(["train", *fast_overrides, "train.optimizer=adamw8bit"]) == 2
+    assert main(["train", "--preset", "tiny", *fast_overrides, "train.optimizer=adamw8bit"]) == 2
     assert "pip install bitsandbytes" in capsys.readouterr().err
-    assert main(["train", *fast_overrides, "train.optimizer=sgd"]) == 2
+    assert main(["train", "--preset", "tiny", *fast_overrides, "train.optimizer=sgd"]) == 2
     assert "train.optimizer must be adamw or adamw8bit" in capsys.readouterr().err

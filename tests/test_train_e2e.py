@@ -152,14 +152,14 @@ def test_resume_drops_metrics_of_epochs_after_the_checkpoint(fast_overrides, tmp
     ],
 )
 def test_bad_config_gives_a_clear_error(fast_overrides, override, message, capsys):
-    assert main(["train", *fast_overrides, override]) == 2
+    assert main(["train", "--preset", "tiny", *fast_overrides, override]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_empty_prompt_file_gives_a_clear_error(fast_overrides, tmp_path, capsys):
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n  \n# only a comment\n")
-    assert main(["train", *fast_overrides, f"prompts={empty}"]) == 2
+    assert main(["train", "--preset", "tiny", *fast_overrides, f"prompts={empty}"]) == 2
     err = capsys.readouterr().err
     assert "holds no prompt" in err and str(empty) in err
 

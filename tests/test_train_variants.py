@@ -42,7 +42,12 @@ def test_variants_run_and_log_finite_metrics(fast_overrides, tmp_path, extra):
 
 
 def test_full_fine_tuning_with_kl_writes_a_pipeline_folder(fast_overrides, tiny_model_dir, tmp_path):
-    assert main(["train", "num_epochs=1", "model.use_lora=false", "train.kl_coef=0.1", *fast_overrides]) == 0
+    assert (
+        main(
+            ["train", "--preset", "tiny", "num_epochs=1", "model.use_lora=false", "train.kl_coef=0.1", *fast_overrides]
+        )
+        == 0
+    )
     (metrics,) = _metrics(tmp_path)
     assert metrics["kl"] >= 0
     final = tmp_path / "runs" / "run" / "final"
