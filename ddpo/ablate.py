@@ -55,6 +55,7 @@ import yaml
 
 from .cli import DEFAULT_PRESET
 from .config import ConfigError, RunConfig, build_config, read_yaml, to_dict
+from .runlog import read_jsonl
 
 GRID_KEYS = {"name", "output_dir", "parallel", "threads", "final_epochs", "base", "algorithms", "rewards", "seeds"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -385,10 +386,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The epochs logged in ``run_dir/metrics.jsonl`` (empty if none)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def cell_state(cell: Cell) -> str:
@@ -605,16 +603,11 @@ def collect_evals(grid: Grid):
 
     rows = []
     for cell in grid.cells:
-        path = cell.run_dir / "eval.jsonl"
-        if cell_state(cell) != "finished" or not path.is_file():
+        if cell_state(cell) != "finished":
             continue
-        for line in path.read_text().splitlines():
-            if not line:
-                continue
-            metrics = json.loads(line)
-            row = {"cell": cell.name, "algorithm": cell.algorithm, "reward": cell.reward, "seed": cell.seed}
-            row.update(metrics)
-            rows.append(row)
+        for metrics in read_jsonl(cell.run_dir / "eval.jsonl"):
+            rows.append({"cell": cell.name, "algorithm": cell.algorithm, "reward": cell.reward, "seed": cell.seed})
+            rows[-1].update(metrics)
     return pd.DataFrame(rows)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .runlog import read_jsonl
 
 #: Diagnostics plotted by :func:`plot_diagnostics` when logged: (metric keys, panel title).
 DIAGNOSTICS = [
@@ -79,13 +80,9 @@ def load_run(run_dir: str | Path) -> Run:
     if not is_run_dir(path):
         raise FileNotFoundError(f"{path} is not a run directory (it needs config.yaml and metrics.jsonl)")
     config = yaml.safe_load((path / "config.yaml").read_text())
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    metrics = pd.DataFrame(rows)
+    metrics = pd.DataFrame(read_jsonl(path / "metrics.jsonl"))
     grids = sorted((int(p.stem.split("_")[-1]), p) for p in (path / "samples").glob("epoch_*.png"))
-    eval_file = path / "eval.jsonl"
-    evals = pd.DataFrame(
-        [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()] if eval_file.is_file() else []
-    )
+    evals = pd.DataFrame(read_jsonl(path / "eval.jsonl"))
     return Run(path, config, metrics, grids, evals)
 
 

@@ -33,6 +33,7 @@ from .algorithms import LOSSES, kl_to_reference, rwr_weights, sparse_rwr_weights
 from .config import ConfigError, RunConfig, build_config, to_dict, train_steps_per_trajectory, train_window_steps
 from .models import add_lora, load_pipeline, lora_state_dict
 from .prompts import derive_seed, draw_prompts, load_prompts
+from .runlog import append_jsonl, read_jsonl
 from .sampling import (
     AUTOCAST_DTYPES,
     Trajectories,
@@ -213,8 +214,7 @@ class Trainer:
 
     def summary(self) -> str:
         """A few lines for the end of a run: reward of the first and last epochs, where the outputs are."""
-        path = self.run_dir / "metrics.jsonl"
-        metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        metrics = read_jsonl(self.run_dir / "metrics.jsonl")
         lines = [f"ddpo: done after {len(metrics)} epochs; run directory {self.run_dir.resolve()}"]
         if metrics:
             first, last = metrics[0], metrics[-1]
@@ -315,16 +315,13 @@ class Trainer:
         metrics["eval_seconds"] = time.perf_counter() - start
         acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
         if acc.is_main_process:
-            with open(self.run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_jsonl(self.run_dir / "eval.jsonl", metrics)
             if first_images is not None:
                 count = min(16, len(first_images))
                 save_image_grid(
                     first_images[:count],
                     chunks[0][:count],
-                    [v for _, values, _ in results[:1] for v in values][:count],
+                    results[0][1][:count],  # sorted by chunk: chunk 0's rewards
                     self.run_dir / "samples" / f"eval_epoch_{epochs_done:04d}.png",
                 )
             print(
@@ -336,8 +333,7 @@ class Trainer:
 
     def read_evals(self) -> list[dict[str, Any]]:
         """The held-out evaluations written so far (``eval.jsonl``), oldest first."""
-        path = self.run_dir / "eval.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+        return read_jsonl(self.run_dir / "eval.jsonl")
 
     # ------------------------------------------------------------------ phases
 
@@ -539,10 +535,7 @@ class Trainer:
         acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
         if not acc.is_main_process:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.run_dir / "metrics.jsonl", metrics)
         if self.config.log_images:
             count = min(16, len(samples.prompts))
             save_image_grid(
