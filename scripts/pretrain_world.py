@@ -69,6 +69,17 @@ def load_ckpt(path: Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.exists() else None
 
 
+def resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, phase: str) -> int:
+    """Load a phase's ``{"model", "opt", "step"}`` checkpoint into ``model`` and ``opt`` if it exists; the step to
+    continue from (0 without one)."""
+    if (ckpt := load_ckpt(path)) is None:
+        return 0
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    log(f"{phase}: resumed at step {ckpt['step']}")
+    return ckpt["step"]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Phase 1: VAE
 # --------------------------------------------------------------------------------------------------------------------
@@ -78,12 +89,7 @@ def train_vae(pipe, args) -> None:
     vae = pipe.vae
     ckpt_path = args.work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = 0
-    if (ckpt := load_ckpt(ckpt_path)) is not None:
-        vae.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        log(f"vae: resumed at step {start}")
+    start = resume(ckpt_path, vae, opt, "vae")
     vae.train()
     t0 = time.time()
     for step in range(start, args.vae_steps):
@@ -135,12 +141,7 @@ def train_decoder(pipe, args) -> None:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
     ckpt_path = args.work / "decoder.pt"
-    start = 0
-    if (ckpt := load_ckpt(ckpt_path)) is not None:
-        vae.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        log(f"decoder: resumed at step {start}")
+    start = resume(ckpt_path, vae, opt, "decoder")
     vae.decoder.train()
     t0 = time.time()
     for step in range(start, args.decoder_steps):
@@ -299,12 +300,7 @@ def train_clip(args) -> None:
     std = torch.tensor(world.WORLD_CLIP_STD).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.05)
     ckpt_path = args.work / "clip.pt"
-    start = 0
-    if (ckpt := load_ckpt(ckpt_path)) is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        log(f"clip: resumed at step {start}")
+    start = resume(ckpt_path, model, opt, "clip")
     model.train()
     all_captions = world.all_captions()
     t0 = time.time()
