@@ -21,19 +21,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def fast_settings(tiny_model_dir) -> dict[str, object]:
+    """Config overrides, as a mapping (grid files take them so), that make a tiny-pipeline run take about a second
+    an epoch on 2 CPU cores."""
+    return {
+        "model.pretrained": str(tiny_model_dir),
+        "sample.num_steps": 4,
+        "sample.batch_size": 2,
+        "sample.num_batches_per_epoch": 2,
+        "train.batch_size": 4,
+        "train.learning_rate": 0.01,
+        "train.advantage": "batch",
+    }
+
+
 @pytest.fixture
-def fast_overrides(tiny_model_dir, tmp_path) -> list[str]:
-    """CLI overrides for a run that takes about a second an epoch on 2 CPU cores."""
-    return [
-        f"model.pretrained={tiny_model_dir}",
-        f"output_dir={tmp_path / 'runs'}",
-        "run_name=run",
-        "sample.num_steps=4",
-        "sample.batch_size=2",
-        "sample.num_batches_per_epoch=2",
-        "train.batch_size=4",
-        "train.timestep_fraction=1.0",
-        "train.learning_rate=0.01",
-        "train.advantage=batch",
-        "log_images=true",
-    ]
+def fast_overrides(fast_settings, tmp_path) -> list[str]:
+    """:func:`fast_settings` as CLI overrides, into ``tmp_path/runs/run``, training every step, writing grids."""
+    extra = [f"output_dir={tmp_path / 'runs'}", "run_name=run", "train.timestep_fraction=1.0", "log_images=true"]
+    return [f"{key}={value}" for key, value in fast_settings.items()] + extra

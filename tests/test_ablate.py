@@ -18,8 +18,9 @@ from ddpo.cli import main
 from ddpo.report import load_run
 
 
-def tiny_grid(model_dir: Path, output_dir: Path, **changes) -> dict:
-    """2 algorithms x 1 reward x 2 seeds, 2 epochs of 4 samples each, on the 16-px test pipeline."""
+def tiny_grid(settings: dict, output_dir: Path, **changes) -> dict:
+    """2 algorithms x 1 reward x 2 seeds, 2 epochs of 4 samples each, on the 16-px test pipeline (``settings``: the
+    ``fast_settings`` fixture)."""
     grid = {
         "name": "tiny",
         "output_dir": str(output_dir),
@@ -28,13 +29,7 @@ def tiny_grid(model_dir: Path, output_dir: Path, **changes) -> dict:
             "preset": "tiny",
             "overrides": {
                 "num_epochs": 2,
-                "model.pretrained": str(model_dir),
-                "sample.num_steps": 4,
-                "sample.batch_size": 2,
-                "sample.num_batches_per_epoch": 2,
-                "train.batch_size": 4,
-                "train.learning_rate": 0.01,
-                "train.advantage": "batch",
+                **settings,
                 "log_images": True,
                 "eval_prompts": "simple_animals",
                 "eval_samples": 2,
@@ -52,9 +47,9 @@ def tiny_grid(model_dir: Path, output_dir: Path, **changes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_grid(tiny_model_dir, tmp_path_factory):
+def finished_grid(fast_settings, tmp_path_factory):
     """The tiny grid, run (cells in this process, for speed) and collected."""
-    grid = parse_grid(tiny_grid(tiny_model_dir, tmp_path_factory.mktemp("ablation") / "out"))
+    grid = parse_grid(tiny_grid(fast_settings, tmp_path_factory.mktemp("ablation") / "out"))
     outcomes = run_grid(grid, in_process=True)
     assert [o.returncode for o in outcomes] == [0, 0, 0, 0]
     write_outputs(grid)
@@ -103,7 +98,7 @@ def test_grid_runs_every_cell_and_writes_results_summary_and_plot(finished_grid)
     assert [(c.run_dir, c.overrides) for c in again.cells] == [(c.run_dir, c.overrides) for c in finished_grid.cells]
 
 
-def test_rerun_resumes_interrupted_cells_and_skips_finished_ones(finished_grid, tmp_path, capsys):
+def test_rerun_resumes_interrupted_cells_and_skips_finished_ones(finished_grid, fast_settings, tmp_path, capsys):
     """Through `ddpo ablate` (cells in parallel subprocesses): one cell killed after its first epoch's checkpoint is
     resumed, one killed before any checkpoint is restarted, the finished ones are not touched."""
     out = tmp_path / "out"
@@ -123,7 +118,7 @@ def test_rerun_resumes_interrupted_cells_and_skips_finished_ones(finished_grid, 
     before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in finished]
 
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump(tiny_grid(finished_grid.cells[0].config.model.pretrained, out)))
+    grid_file.write_text(yaml.safe_dump(tiny_grid(fast_settings, out)))
     assert main(["ablate", str(grid_file), "--parallel", "2"]) == 0
     printed = capsys.readouterr().out
     assert "2 finished, 1 to resume, 1 to run" in printed
@@ -155,16 +150,16 @@ def test_rerun_resumes_interrupted_cells_and_skips_finished_ones(finished_grid, 
         ({"epochs": 3}, "unknown keys ['epochs']"),
     ],
 )  # fmt: skip
-def test_bad_grid_fails_naming_the_cell(tiny_model_dir, tmp_path, change, message):
+def test_bad_grid_fails_naming_the_cell(fast_settings, tmp_path, change, message):
     with pytest.raises(GridError, match=None) as error:
-        parse_grid(tiny_grid(tiny_model_dir, tmp_path / "out", **change))
+        parse_grid(tiny_grid(fast_settings, tmp_path / "out", **change))
     assert message in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_last_cell_stops_the_grid_before_the_first_cell_runs(tiny_model_dir, tmp_path, capsys):
+def test_bad_last_cell_stops_the_grid_before_the_first_cell_runs(fast_settings, tmp_path, capsys):
     seeds = [0, 1, 2]
-    grid = tiny_grid(tiny_model_dir, tmp_path / "out", seeds=seeds)
+    grid = tiny_grid(fast_settings, tmp_path / "out", seeds=seeds)
     grid["algorithms"].append({"name": "broken", "overrides": {"train.clip_range": -1.0}})
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(grid))
@@ -174,9 +169,9 @@ def test_bad_last_cell_stops_the_grid_before_the_first_cell_runs(tiny_model_dir,
     assert not (tmp_path / "out").exists()
 
 
-def test_dry_run_prints_the_commands_and_runs_nothing(tiny_model_dir, tmp_path, capsys):
+def test_dry_run_prints_the_commands_and_runs_nothing(fast_settings, tmp_path, capsys):
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump(tiny_grid(tiny_model_dir, tmp_path / "out")))
+    grid_file.write_text(yaml.safe_dump(tiny_grid(fast_settings, tmp_path / "out")))
     assert main(["ablate", str(grid_file), "--dry-run", "--output-dir", str(tmp_path / "elsewhere")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[new]")]
     assert len(lines) == 4
@@ -185,13 +180,13 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tiny_model_dir, tmp_path, 
     assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()
 
 
-def test_a_changed_grid_refuses_to_mix_with_old_runs(finished_grid):
-    changed = tiny_grid(finished_grid.cells[0].config.model.pretrained, finished_grid.output_dir)
+def test_a_changed_grid_refuses_to_mix_with_old_runs(finished_grid, fast_settings):
+    changed = tiny_grid(fast_settings, finished_grid.output_dir)
     changed["base"]["overrides"]["train.learning_rate"] = 0.02
     with pytest.raises(GridError, match="holds a run of a different config .*train.learning_rate"):
         parse_grid(changed)
     # More epochs is not a different experiment: finished cells become resumable.
-    longer = tiny_grid(finished_grid.cells[0].config.model.pretrained, finished_grid.output_dir)
+    longer = tiny_grid(fast_settings, finished_grid.output_dir)
     longer["base"]["overrides"]["num_epochs"] = 3
     assert run_grid(parse_grid(longer), dry_run=True)[0].state == "resume"
 

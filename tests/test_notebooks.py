@@ -15,18 +15,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.fixture(scope="module")
-def tiny_ablation(tiny_model_dir, tmp_path_factory) -> Path:
+def tiny_ablation(fast_settings, tmp_path_factory) -> Path:
     """2 algorithms x 1 reward x 2 seeds, 2 epochs each, on the 16-px test pipeline (cells run in this process)."""
-    overrides = {
-        "num_epochs": 2,
-        "model.pretrained": str(tiny_model_dir),
-        "sample.num_steps": 4,
-        "sample.batch_size": 2,
-        "sample.num_batches_per_epoch": 2,
-        "train.batch_size": 4,
-        "train.learning_rate": 0.01,
-        "train.advantage": "batch",
-    }
+    overrides = {"num_epochs": 2, **fast_settings}
     grid = parse_grid(
         {
             "output_dir": str(tmp_path_factory.mktemp("notebook_ablation") / "out"),
