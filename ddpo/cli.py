@@ -10,8 +10,21 @@ import yaml
 DEFAULT_PRESET = "world"
 
 
-def _train(args: argparse.Namespace) -> int:
+def _config_from(args: argparse.Namespace):
+    """The config of ``--preset`` / ``--config`` / overrides; with neither file option, the default preset."""
     from .config import build_config
+
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    return build_config(preset=preset, config_file=args.config, overrides=args.overrides)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help=f"a shipped preset (`ddpo presets` lists them; default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", help="a YAML config file (instead of the default preset)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def _train(args: argparse.Namespace) -> int:
     from .trainer import resume, train
 
     if args.resume:
@@ -19,19 +32,14 @@ def _train(args: argparse.Namespace) -> int:
             raise SystemExit("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
         resume(args.resume, args.overrides)
         return 0
-    preset = args.preset or (None if args.config else DEFAULT_PRESET)
-    config = build_config(preset=preset, config_file=args.config, overrides=args.overrides)
-    train(config)
+    train(_config_from(args))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .config import build_config
 
-    preset = args.preset or (None if args.config else DEFAULT_PRESET)
-    config = build_config(preset=preset, config_file=args.config, overrides=args.overrides)
-    bench.main(config, args.json, args.repeats, args.warmup, args.threads, args.mode)
+    bench.main(_config_from(args), args.json, args.repeats, args.warmup, args.threads, args.mode)
     return 0
 
 
@@ -47,11 +55,9 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from .config import build_config, to_dict
+    from .config import to_dict
 
-    preset = args.preset or (None if args.config else DEFAULT_PRESET)
-    config = build_config(preset=preset, config_file=args.config, overrides=args.overrides)
-    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    print(yaml.safe_dump(to_dict(_config_from(args)), sort_keys=False), end="")
     return 0
 
 
@@ -94,10 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train (with no arguments: the embedded default on the CPU)",
         description="Train a run. Config = defaults <- preset <- --config file <- key.sub=value overrides.",
     )
-    train.add_argument("--preset", help="a shipped preset (`ddpo presets` lists them)")
-    train.add_argument("--config", help="a YAML config file")
+    _add_config_arguments(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train.set_defaults(func=_train)
 
     bench = sub.add_parser(
@@ -106,23 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time sampling, decoding, scoring and training of one epoch (median of --repeats after --warmup), "
         "ours and the straightforward reference way on the same config, and print the ours / reference ratios.",
     )
-    bench.add_argument("--preset", help="a shipped preset (default: tiny)")
-    bench.add_argument("--config", help="a YAML config file")
+    _add_config_arguments(bench)
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--repeats", type=int, default=3, help="measured epochs per mode (median; default 3)")
     bench.add_argument("--warmup", type=int, default=1, help="unmeasured epochs per mode first (default 1)")
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     bench.add_argument("--mode", choices=("both", "ours", "reference"), default="both")
-    bench.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     bench.set_defaults(func=_bench)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=_presets)
 
     config = sub.add_parser("config", help="print the resolved config (every key with its value)")
-    config.add_argument("--preset")
-    config.add_argument("--config")
-    config.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    _add_config_arguments(config)
     config.set_defaults(func=_config)
 
     rewards = sub.add_parser("rewards", help="list the registered rewards")
