@@ -19,6 +19,10 @@ Usage (the shipped model: 1000 UNet steps, then resumed to 1600 with a fresh cos
     python scripts/pretrain_world.py --out ddpo/assets --work /tmp/world_pretrain
     python scripts/pretrain_world.py --out ddpo/assets --work /tmp/world_pretrain --phases unet,eval --unet-steps 1600
 
+``bash scripts/pretrain_world_all.sh [OUT [WORK]]`` runs these phases with both cores of a 2-core machine (decoder
+and CLIP beside UNet steps 0-1000) and rebuilds the shipped files bit for bit in about 22 minutes (README, "How it
+was trained").
+
 Single-threaded processes (``--threads 1``): on a shared 2-core machine two threads per process oversubscribe the
 cores and run several times slower.
 
