@@ -377,7 +377,7 @@ def load_world_pipeline(path: str | Path | None = None):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(path or world_model_path()), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        str(path or world_model_path()), dtype=torch.float32, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

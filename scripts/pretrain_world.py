@@ -124,7 +124,7 @@ def train_vae(pipe, args) -> None:
     vae.eval()
     # Latent scale: unit variance for the diffusion model (as Stable Diffusion's 0.18215).
     with torch.no_grad():
-        images = world.render(world.sample_scenes(512, step_seed(args.seed, "vae", 10**6))) * 2 - 1
+        images = world.render(world.sample_scenes(args.scale_images, step_seed(args.seed, "vae", 10**6))) * 2 - 1
         z = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(128)])
         recon = torch.cat([vae.decode(chunk).sample for chunk in z.split(128)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
@@ -170,7 +170,7 @@ def train_decoder(pipe, args) -> None:
     vae.requires_grad_(False)
     vae.eval()
     with torch.no_grad():
-        images = world.render(world.sample_scenes(512, step_seed(args.seed, "vae", 10**6))) * 2 - 1
+        images = world.render(world.sample_scenes(args.scale_images, step_seed(args.seed, "vae", 10**6))) * 2 - 1
         recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in images.split(128)])
     log(f"decoder: held-out recon MSE {F.mse_loss(recon, images).item():.5f}")
     save_grid(torch.cat([images[:16], recon[:16]]).add(1).div(2), args.work / "decoder_recon.png", nrow=16)
@@ -417,6 +417,12 @@ def main() -> None:
     parser.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term")
+    parser.add_argument(
+        "--scale-images",
+        type=int,
+        default=512,
+        help="fresh renders that set the latent scaling factor (1 / std) and measure held-out reconstruction",
+    )
     parser.add_argument("--decoder-steps", type=int, default=800)
     parser.add_argument("--decoder-batch", type=int, default=16)
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
