@@ -606,6 +606,7 @@ def collect_evals(grid: Grid):
         if cell_state(cell) != "finished":
             continue
         for metrics in read_jsonl(cell.run_dir / "eval.jsonl"):
+            metrics.pop("rewards", None)  # per-image rewards: eval.csv keeps one scalar per column
             rows.append({"cell": cell.name, "algorithm": cell.algorithm, "reward": cell.reward, "seed": cell.seed})
             rows[-1].update(metrics)
     return pd.DataFrame(rows)

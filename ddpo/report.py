@@ -61,7 +61,8 @@ class Run:
     """``(epoch, PNG path)`` of the sample grids under ``samples/``, by epoch."""
     evals: pd.DataFrame = field(default_factory=pd.DataFrame)
     """One row per held-out evaluation (``eval.jsonl``, runs with ``eval_prompts``); ``epoch`` = epochs trained
-    before it. Empty without one."""
+    before it; ``rewards`` = the per-image rewards (a list, in evaluation order: paired across rows). Empty without
+    one."""
 
     @property
     def name(self) -> str:

@@ -231,6 +231,12 @@ class Trainer:
                 f"reward {first['reward_mean']:.4g} before epoch {first['epoch']} -> {last['reward_mean']:.4g} "
                 f"after epoch {last['epoch']}"
             )
+            if (change := paired_change(first.get("rewards"), last.get("rewards"))) is not None:
+                mean, se = change
+                lines.append(
+                    f"    paired change {mean:+.4g} +- {se:.2g} (standard error over the {first['samples']} images; "
+                    "a change within about 2 standard errors is not distinguishable from noise)"
+                )
             parts = [
                 f"{key.removeprefix('reward/')} {first[key]:.3g} -> {last[key]:.3g}"
                 for key in first
@@ -314,6 +320,8 @@ class Trainer:
             metrics[key] = sum(n * info[key] for n, info in infos) / sum(n for n, _ in infos)
         metrics["eval_seconds"] = time.perf_counter() - start
         acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
+        # Per image, in evaluation order: the summary pairs them with the first evaluation's (same inputs).
+        metrics["rewards"] = rewards.tolist()
         if acc.is_main_process:
             append_jsonl(self.run_dir / "eval.jsonl", metrics)
             if first_images is not None:
@@ -636,6 +644,15 @@ class Trainer:
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def paired_change(before: list[float] | None, after: list[float] | None) -> tuple[float, float] | None:
+    """Mean and standard error of ``after - before`` over paired per-image rewards (two evaluations of the same
+    inputs); None when either is missing, their lengths differ or there are fewer than 2 pairs."""
+    if not before or not after or len(before) != len(after) or len(before) < 2:
+        return None
+    diff = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
 
 
 def eval_prompt_list(prompts: list[str], count: int) -> list[str]:

@@ -119,6 +119,13 @@ def test_held_out_evaluation_is_paired_across_runs_and_reported(fast_overrides, 
     grids = [(run / "samples" / "epoch_0000.png").read_bytes() for run in runs]
     assert grids[0] != grids[1]  # while the seeds' training samples differ
     assert evals[0][1]["reward_mean"] != evals[0][0]["reward_mean"]  # the fine-tuned policy draws other images
+    # Per-image rewards, paired: the summary's change and its standard error, by hand.
+    before, after = (evals[1][k]["rewards"] for k in (0, 1))
+    assert len(before) == 4 and sum(before) / 4 == pytest.approx(evals[1][0]["reward_mean"], abs=1e-12)
+    diff = [a - b for a, b in zip(after, before)]
+    mean = sum(diff) / 4
+    se = (sum((d - mean) ** 2 for d in diff) / 3) ** 0.5 / 2
+    assert f"paired change {mean:+.4g} +- {se:.2g} (standard error over the 4 images" in out
     # The prompts are a fixed draw of the set (distinct while the set is large enough); the grid shows chunk 0.
     prompts = eval_prompt_list(load_prompts("simple_animals"), 4)
     assert len(set(prompts)) == 4 and set(prompts) <= set(load_prompts("simple_animals"))
