@@ -18,7 +18,7 @@ import torch
 
 from ddpo.prompts import load_prompts
 from ddpo.report import load_run, sample_before_after
-from ddpo.trainer import eval_prompt_list
+from ddpo.trainer import eval_prompt_list, paired_change
 from rewards import get_reward
 
 
@@ -41,9 +41,9 @@ def main() -> None:
                 values[name] = reward(images, result.prompts).double()
             out[name] = {key: round(value, 4) for key, value in reward.last_info().items()}
             out[name]["mean"] = round(values[name].mean().item(), 4)
-        change = values["after"] - values["before"]
-        out["change"] = round(change.mean().item(), 4)
-        out["change_se"] = round((change.std() / len(change) ** 0.5).item(), 4)
+        change, change_se = paired_change(values["before"].tolist(), values["after"].tolist())
+        out["change"] = round(change, 4)
+        out["change_se"] = round(change_se, 4)
         print(json.dumps(out), flush=True)
 
 

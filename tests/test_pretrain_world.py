@@ -1,6 +1,6 @@
 """scripts/pretrain_world.py, cut down to a few steps per phase: every phase runs, the result loads with plain
-diffusers / open_clip, a rerun is bit-identical, and a phase resumed from its checkpoint ends exactly where an
-uninterrupted one does (the shipped model was built as 1000 UNet steps resumed to 1600)."""
+diffusers / open_clip, and the phases run as separate processes, with the UNet resumed from its checkpoint, end
+bit for bit where one uninterrupted process does (the shipped model was built as 1000 UNet steps resumed to 1600)."""
 
 from __future__ import annotations
 

@@ -14,13 +14,10 @@ from safetensors.torch import load_file
 
 from ddpo import checkpoint
 from ddpo.cli import main
+from ddpo.runlog import read_jsonl
 
 TIMING = {"sampling_seconds", "scoring_seconds", "training_seconds", "epoch_seconds", "reward_compute_seconds"}
 TIMING |= {"eval_seconds"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ddpo import world
 from ddpo.cli import main
+from ddpo.runlog import read_jsonl
 from rewards.world import WorldReward
 
 
@@ -116,7 +117,6 @@ def test_world_presets_train_an_epoch_on_the_shipped_model(preset, tmp_path):
     small += ["eval_samples=4", f"output_dir={tmp_path}", "run_name=run"]
     assert main(["train", "--preset", preset, *small]) == 0
     run = tmp_path / "run"
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    metrics, evals = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "eval.jsonl")
     assert len(metrics) == 1 and [e["epoch"] for e in evals] == [0, 1]
     assert all(math.isfinite(m) for m in (metrics[0]["reward_mean"], metrics[0]["loss"], evals[1]["reward_mean"]))
