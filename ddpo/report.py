@@ -203,6 +203,30 @@ class BeforeAfter:
     after_rewards: list[float] | None = None
 
 
+def reward_spread(values: Any) -> dict[str, float]:
+    """How a reward (or one of its checks) varies over a grid of samples: ``[P, S]`` values, ``P`` prompts x ``S``
+    noise seeds each.
+
+    Group advantages (``group``, ``group_center``) learn only from the spread *within* a prompt's samples, so a
+    reward whose variance is mostly between prompts, or a check that a prompt always or never passes, gives DDPO little
+    to work with. Returns ``mean``; ``within_share`` (mean over prompts of the population variance across seeds,
+    over the population variance of all values; 0 when all values are equal); ``tied`` (fraction of prompts whose
+    ``S`` values are all equal); ``never`` and ``always`` (fraction of prompts whose values are all 0 / all 1, for
+    pass-fail checks in ``[0, 1]``).
+    """
+    grid = np.asarray(values, dtype=np.float64)
+    if grid.ndim != 2 or grid.shape[1] < 2:
+        raise ValueError(f"reward_spread needs a [prompts, seeds] grid with at least 2 seeds; got shape {grid.shape}")
+    total = grid.var()
+    return {
+        "mean": float(grid.mean()),
+        "within_share": float(grid.var(axis=1).mean() / total) if total > 0 else 0.0,
+        "tied": float((grid.max(axis=1) == grid.min(axis=1)).mean()),
+        "never": float((grid == 0).all(axis=1).mean()),
+        "always": float((grid == 1).all(axis=1).mean()),
+    }
+
+
 def default_prompts(run: Run, count: int = 4) -> list[str]:
     """The first ``count`` prompts of the run's prompt set."""
     from .prompts import load_prompts

@@ -4,7 +4,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ddpo.schedulers import ddim_step_with_logprob, ddpm_step_with_logprob, gaussian_log_prob, trainable_steps
+from ddpo.schedulers import (
+    ddim_step_with_logprob,
+    ddpm_step_with_logprob,
+    gaussian_log_prob,
+    score_scales,
+    trainable_steps,
+)
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
 
@@ -112,3 +118,30 @@ def test_ddim_eta_one_equals_ddpm_posterior_away_from_the_last_step():
     b = ddpm_step_with_logprob(ddpm, model_output, 501, sample, noise=torch.zeros(2, 4, 8, 8))
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.std, b.std, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_score_scales_match_diffusers_ddim_step(eta):
+    """|d mean / d eps| from two noise-free diffusers DDIM steps (model output 1 vs 0), over diffusers' std."""
+    reference = make_ddim("epsilon")
+    ours = score_scales(make_ddim("epsilon"), "ddim", 10, eta=eta)
+    expected = []
+    sample = torch.zeros(1, 1, 1, 1)
+    for t in reference.timesteps.tolist():
+        step = reference.config.num_train_timesteps // reference.num_inference_steps
+        std = eta * reference._get_variance(t, t - step) ** 0.5
+        moved = [
+            reference.step(torch.full_like(sample, v), t, sample, eta=eta, variance_noise=torch.zeros_like(sample))
+            for v in (0.0, 1.0)
+        ]
+        slope = (moved[1].prev_sample - moved[0].prev_sample).abs().item()
+        expected.append(slope / std.item())
+    torch.testing.assert_close(ours, torch.tensor(expected), rtol=1e-4, atol=1e-6)
+    # The second-last step of this 10-step schedule (t = 101 -> 1) has a small std and a large scale.
+    assert int(ours.argmax()) == 8 and ours[8] > 5 * ours[:8].max()
+
+
+def test_score_scales_of_ddpm_give_zero_for_the_deterministic_last_step():
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    scales = score_scales(scheduler, "ddpm", 10)
+    assert scales.shape == (10,) and scales[-1] == 0 and (scales[:-1] > 0).all()

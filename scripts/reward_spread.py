@@ -1,0 +1,93 @@
+"""Where a reward varies: ``--count`` prompts x ``--seeds`` noise seeds sampled from a model with plain diffusers,
+scored, and summarised by :func:`ddpo.report.reward_spread` (per check too, for a reward with ``details``, such as
+``world``).
+
+DDPO with group advantages learns only from the spread *within* a prompt's samples: the ``within_share`` column is
+the part of the reward's variance that it can see, and ``never`` / ``always`` count the prompts on which a check gives
+no signal at all. One table per (steps, guidance) pair:
+
+    python scripts/reward_spread.py                                    # the shipped world model, world reward
+    python scripts/reward_spread.py --steps 10 20 --guidance 2.5 5 10  # how sampler settings change it
+    python scripts/reward_spread.py --lora runs/seed0/final            # after fine-tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ddpo.models import load_pipeline
+from ddpo.prompts import load_prompts
+from ddpo.report import reward_spread
+from ddpo.trainer import eval_prompt_list
+from rewards import get_reward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained", default="world", help="model: hub id, folder or 'world' (default: world)")
+    parser.add_argument("--lora", default=None, help="LoRA weights to load (a run's final/ folder)")
+    parser.add_argument("--reward", default="world", help="reward name (default: world)")
+    parser.add_argument("--prompts", default="world_train", help="prompt set (default: world_train)")
+    parser.add_argument("--count", type=int, default=48, help="prompts, a fixed draw from the set (default: 48)")
+    parser.add_argument("--seeds", type=int, default=8, help="noise seeds per prompt, 0..N-1 (default: 8)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10], help="DDIM steps (default: 10)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[5.0], help="CFG scales (default: 5)")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: the spread within a prompt needs two samples")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    prompts = eval_prompt_list(load_prompts(args.prompts), args.count)
+    seeds = list(range(args.seeds))
+    reward = get_reward(args.reward)
+    pipe = load_pipeline(args.pretrained, None, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+    for steps in args.steps:
+        for guidance in args.guidance:
+            start = time.perf_counter()
+            images = []
+            for prompt in prompts:
+                generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+                with torch.no_grad():
+                    out = pipe(
+                        [prompt] * len(seeds),
+                        generator=generators,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        negative_prompt=[""] * len(seeds) if guidance > 1 else None,
+                        eta=args.eta,
+                        output_type="pt",
+                    )
+                images.append(out.images.float().cpu())
+            batch = torch.cat(images)
+            batch_prompts = [p for p in prompts for _ in seeds]
+            with torch.no_grad():
+                rows = {"total": reward(batch, batch_prompts)}
+                if hasattr(reward, "details"):
+                    details = reward.details(batch, batch_prompts)
+                    rows.update({k: v for k, v in details.items() if k not in ("total", "valid")})
+            seconds = time.perf_counter() - start
+            print(
+                f"\n{args.pretrained}, {steps} steps, guidance {guidance:g}, eta {args.eta:g}: "
+                f"{len(prompts)} prompts x {len(seeds)} seeds ({seconds:.0f} s)"
+            )
+            print(f"| {'':10} | mean  | within_share | tied | never | always |")
+            print("|---|---|---|---|---|---|")
+            for name, values in rows.items():
+                s = reward_spread(values.double().view(len(prompts), len(seeds)))
+                print(
+                    f"| {name:10} | {s['mean']:.3f} | {s['within_share']:.2f} | {s['tied']:.2f} | "
+                    f"{s['never']:.2f} | {s['always']:.2f} |"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Which denoising steps dominate the policy gradient: per step, the analytic scale of the score
+(:func:`ddpo.schedulers.score_scales`, ``|d mean / d model_output| / std``) and the measured norm of
+``d log pi / d theta`` over a LoRA's parameters, averaged over ``--samples`` trajectories of the model.
+
+A step whose norm is many times the others' decides the direction (and the noise) of every update; with
+``train.timestep_window`` < 1 training leaves the last steps out.
+
+    python scripts/score_scales.py                        # the shipped world model, 10 DDIM steps, eta 1, CFG 5
+    python scripts/score_scales.py --steps 20 --samples 4
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ddpo.models import add_lora, load_pipeline
+from ddpo.prompts import load_prompts
+from ddpo.sampling import encode_prompts, recompute_step, sample_trajectories
+from ddpo.schedulers import score_scales
+from ddpo.trainer import eval_prompt_list
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained", default="world", help="model: hub id, folder or 'world' (default: world)")
+    parser.add_argument("--prompts", default="world_train", help="prompt set (default: world_train)")
+    parser.add_argument("--samples", type=int, default=8, help="trajectories to measure (default: 8)")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps (default: 10)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: 5)")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA measured (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    args = parser.parse_args()
+
+    pipe = load_pipeline(args.pretrained, None, "ddim")
+    scales = score_scales(pipe.scheduler, "ddim", args.steps, args.eta)
+    add_lora(pipe.unet, args.lora_rank, float(args.lora_rank), ["to_q", "to_k", "to_v", "to_out.0"])
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    prompts = eval_prompt_list(load_prompts(args.prompts), args.samples)
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, "cpu")
+    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], "cpu") if args.guidance > 1 else None
+    generator = torch.Generator().manual_seed(args.seed)
+    trajectories = sample_trajectories(
+        pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, args.steps, args.guidance, args.eta,
+        generator,
+    )  # fmt: skip
+    print(
+        f"{args.pretrained}, {args.steps} DDIM steps, eta {args.eta:g}, CFG {args.guidance:g}, {args.samples} samples"
+    )
+    print("| step | timestep | score scale | grad norm of log pi (LoRA, mean over samples) |")
+    print("|---|---|---|---|")
+    for j, t in enumerate(trajectories.timesteps.tolist()):
+        norm = 0.0
+        for i in range(args.samples):
+            out = recompute_step(
+                pipe.unet, pipe.scheduler, "ddim", trajectories.latents[i : i + 1, j],
+                trajectories.latents[i : i + 1, j + 1], trajectories.timesteps[j : j + 1], embeds[i : i + 1],
+                negative, args.guidance, args.eta,
+            )  # fmt: skip
+            grads = torch.autograd.grad(out.log_prob.sum(), params)
+            norm += torch.cat([g.flatten() for g in grads]).norm().item() / args.samples
+        print(f"| {j} | {t} | {scales[j].item():.3f} | {norm:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
