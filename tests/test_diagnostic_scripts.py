@@ -1,0 +1,55 @@
+"""scripts/reward_spread.py and scripts/score_scales.py on the shipped world model, cut down: their tables hold
+what ddpo.report.reward_spread and ddpo.schedulers.score_scales compute for the same inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddpo.models import load_pipeline
+from ddpo.schedulers import score_scales
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    cmd = [sys.executable, str(ROOT / "scripts" / name), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] and not cells[0].startswith("-"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_reward_spread_script_prints_every_check_with_shares_in_range():
+    out = run_script("reward_spread.py", "--count", "3", "--seeds", "2", "--steps", "3", "--threads", "1")
+    rows = table_rows(out)
+    assert {"total", "colour", "shape", "count", "background"} <= rows.keys()
+    for name in ("total", "colour", "shape", "count", "background"):
+        mean, within, tied, never, always = (float(x) for x in rows[name])
+        assert 0 <= mean <= 1 and 0 <= within <= 1 and 0 <= tied <= 1 and never + always <= tied + 1e-9
+
+
+def test_reward_spread_script_needs_two_seeds():
+    cmd = [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), "--seeds", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "at least 2" in result.stderr
+
+
+def test_score_scales_script_prints_the_analytic_scales_and_positive_norms():
+    out = run_script("score_scales.py", "--samples", "1", "--steps", "4")
+    rows = table_rows(out)
+    expected = score_scales(load_pipeline("world", None, "ddim").scheduler, "ddim", 4).tolist()
+    steps = [rows[str(j)] for j in range(4)]
+    assert [float(r[1]) for r in steps] == pytest.approx(expected, abs=1e-3)
+    assert all(float(r[2]) > 0 for r in steps)
