@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ddpo.config import SampleConfig
 from ddpo.models import load_pipeline
 from ddpo.prompts import load_prompts
 from ddpo.report import reward_spread
@@ -44,6 +45,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     prompts = eval_prompt_list(load_prompts(args.prompts), args.count)
+    negative_prompt = SampleConfig().negative_prompt  # the trainer's default
     seeds = list(range(args.seeds))
     reward = get_reward(args.reward)
     pipe = load_pipeline(args.pretrained, None, "ddim")
@@ -62,7 +64,7 @@ def main() -> None:
                         generator=generators,
                         num_inference_steps=steps,
                         guidance_scale=guidance,
-                        negative_prompt=[""] * len(seeds) if guidance > 1 else None,
+                        negative_prompt=[negative_prompt] * len(seeds) if guidance > 1 else None,
                         eta=args.eta,
                         output_type="pt",
                     )
@@ -70,10 +72,14 @@ def main() -> None:
             batch = torch.cat(images)
             batch_prompts = [p for p in prompts for _ in seeds]
             with torch.no_grad():
-                rows = {"total": reward(batch, batch_prompts)}
-                if hasattr(reward, "details"):
+                if hasattr(reward, "details"):  # per check; its "total" is what the reward returns
                     details = reward.details(batch, batch_prompts)
-                    rows.update({k: v for k, v in details.items() if k not in ("total", "valid")})
+                    rows = {
+                        "total": details["total"],
+                        **{k: v for k, v in details.items() if k not in ("total", "valid")},
+                    }
+                else:
+                    rows = {"total": reward(batch, batch_prompts)}
             seconds = time.perf_counter() - start
             print(
                 f"\n{args.pretrained}, {steps} steps, guidance {guidance:g}, eta {args.eta:g}: "
