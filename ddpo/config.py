@@ -83,7 +83,7 @@ class TrainConfig:
     """Train only on the first (noisiest) this fraction of the stochastic denoising steps (1: all of them). The
     log-prob gradient of a step scales as ``|d mean / d model_output| / sigma_t`` (:func:`ddpo.schedulers.score_scales`;
     ``scripts/score_scales.py`` prints it with measured gradient norms), so late, nearly deterministic steps can
-    dominate its norm while deciding little of an image's layout (10 DDIM steps: the step t=101 -> 1 has 8-21x the
+    dominate its norm while deciding little of an image's layout (10 DDIM steps: the step t=101 -> 1 has 8-25x the
     others' gradient norm); a window < 1 leaves them out. Adam then takes full-size steps on the early steps' smaller
     gradients: lower the learning rate with it (on the `world` preset, window 0.5 at the preset's lr 6e-3 degraded
     the model within 10 epochs, window 0.8 at lr 3e-3 within 30)."""

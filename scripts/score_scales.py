@@ -15,6 +15,7 @@ import argparse
 
 import torch
 
+from ddpo.config import ModelConfig, SampleConfig
 from ddpo.models import add_lora, load_pipeline
 from ddpo.prompts import load_prompts
 from ddpo.sampling import encode_prompts, recompute_step, sample_trajectories
@@ -31,16 +32,20 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: 5)")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA measured (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and the noise (default: 0)")
     args = parser.parse_args()
 
     pipe = load_pipeline(args.pretrained, None, "ddim")
     scales = score_scales(pipe.scheduler, "ddim", args.steps, args.eta)
-    add_lora(pipe.unet, args.lora_rank, float(args.lora_rank), ["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(args.seed)  # the LoRA's random A matrices, so the measured norms repeat
+    add_lora(pipe.unet, args.lora_rank, float(args.lora_rank), ModelConfig().lora_target_modules)
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     prompts = eval_prompt_list(load_prompts(args.prompts), args.samples)
     embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, "cpu")
-    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], "cpu") if args.guidance > 1 else None
+    negative_prompt = SampleConfig().negative_prompt  # the trainer's default
+    negative = (
+        encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative_prompt], "cpu") if args.guidance > 1 else None
+    )
     generator = torch.Generator().manual_seed(args.seed)
     trajectories = sample_trajectories(
         pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, args.steps, args.guidance, args.eta,
