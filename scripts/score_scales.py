@@ -32,7 +32,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: 5)")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA measured (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and the noise (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the LoRA initialisation and the noise (default: 0)"
+    )
     args = parser.parse_args()
 
     pipe = load_pipeline(args.pretrained, None, "ddim")
