@@ -19,11 +19,15 @@ Checks per sample (each passes or fails):
 * ``background``: the background colour covers at least half of the image.
 
 The reward is the fraction of checks passed, in ``[0, 1]`` (a one-object caption has 4 checks, a two-object one 6).
+``checks`` restricts the reward to some of them (for example ``checks=["background"]``, to train on one check
+while :meth:`WorldReward.last_info` still reports every check and the total over all of them).
 Captions outside the world's grammar score 0. Runs on any image size (resampled to 64 px) and device (computed on
 the CPU), about a thousand images per second.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,7 @@ _COLOUR_NAMES = list(COLOURS)
 _BACKGROUND_NAMES = list(BACKGROUNDS)
 _PALETTE = torch.tensor([COLOURS[c] for c in _COLOUR_NAMES] + [BACKGROUNDS[b] for b in _BACKGROUND_NAMES])
 _N_COLOURS = len(_COLOUR_NAMES)
+CHECKS = ("colour", "shape", "count", "background")
 
 
 def label_colours(images: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -160,21 +165,33 @@ class WorldReward(Reward):
         tolerance: maximum RGB distance (colours in ``[0, 1]``) from a named colour for a pixel to count as that
             colour.
         min_area: smallest component (pixels, at 64 px) counted as an object.
+        checks: the checks the reward is the fraction of (default: all four); every check is still reported.
     """
 
-    def __init__(self, tolerance: float = 0.3, min_area: int = 12):
+    def __init__(
+        self,
+        tolerance: float = 0.3,
+        min_area: int = 12,
+        checks: Sequence[str] = ("colour", "shape", "count", "background"),
+    ):
         if not 0 < tolerance < 1:
             raise ValueError(f"world reward: tolerance must be in (0, 1); got {tolerance}")
         if min_area < 1:
             raise ValueError(f"world reward: min_area must be >= 1; got {min_area}")
+        if isinstance(checks, str) or not checks or not set(checks) <= set(CHECKS) or len(set(checks)) < len(checks):
+            raise ValueError(
+                f"world reward: checks must be a non-empty list of distinct names from {list(CHECKS)}; got {checks!r}"
+            )
         self.tolerance = float(tolerance)
         self.min_area = int(min_area)
+        self.checks = tuple(checks)
         self._info: dict[str, float] = {}
 
     @torch.no_grad()
     def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-sample results ``[B]``: ``colour``, ``shape`` (fractions of the caption's objects passing),
-        ``count``, ``background`` (0/1), ``total`` (fraction of all checks), ``valid`` (caption parsed)."""
+        ``count``, ``background`` (0/1), ``all`` (fraction of all checks passed), ``total`` (fraction of the
+        selected ``checks`` passed: the reward; equal to ``all`` by default), ``valid`` (caption parsed)."""
         check_images(images)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"world reward: {images.shape[0]} images but {len(prompts)} prompts")
@@ -192,7 +209,7 @@ class WorldReward(Reward):
         keys = (torch.arange(b).view(b, 1, 1) * (len(_PALETTE) + 1) + labels + 1).flatten()
         palette_pixels = torch.bincount(keys, minlength=b * (len(_PALETTE) + 1)).view(b, -1)[:, 1:].tolist()
 
-        result = {k: torch.zeros(b) for k in ("colour", "shape", "count", "background", "total", "valid")}
+        result = {k: torch.zeros(b) for k in (*CHECKS, "all", "total", "valid")}
         for i, prompt in enumerate(prompts):
             try:
                 objects, background = parse_caption(prompt)
@@ -208,14 +225,18 @@ class WorldReward(Reward):
             result["shape"][i] = sum(shape_ok) / len(objects)
             result["count"][i] = float(count_ok)
             result["background"][i] = float(background_ok)
-            result["total"][i] = (sum(colour_ok) + sum(shape_ok) + count_ok + background_ok) / (2 * len(objects) + 2)
+            passed = {"colour": sum(colour_ok), "shape": sum(shape_ok), "count": count_ok, "background": background_ok}
+            # Checks per caption: colour and shape once per object, count and background once.
+            total = {"colour": len(objects), "shape": len(objects), "count": 1, "background": 1}
+            result["all"][i] = sum(passed.values()) / sum(total.values())
+            result["total"][i] = sum(passed[c] for c in self.checks) / sum(total[c] for c in self.checks)
             result["valid"][i] = 1.0
         return result
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         details = self.details(images, prompts)
         self._info = {f"reward/world_{k}_mean": v.mean().item() for k, v in details.items() if k != "valid"}
-        self._info["reward/world_exact_mean"] = (details["total"] == 1).float().mean().item()
+        self._info["reward/world_exact_mean"] = (details["all"] == 1).float().mean().item()
         self._info["reward/world_invalid_prompts"] = float((details["valid"] == 0).sum().item())
         return details["total"].to(torch.float32)
 

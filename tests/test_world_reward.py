@@ -88,6 +88,32 @@ def test_wrong_renders_score_low(heldout_captions, how):
     assert reward(degrade(images, 0.03, 0.8), wrong).mean() >= 0.98
 
 
+def test_checks_subset_is_the_fraction_of_those_checks(heldout_captions):
+    """Ground-truth renders scored against their caption with another background: every check passes except
+    background, so the reward over a subset of checks is that subset's share of passed checks, counted by hand."""
+    rng = np.random.default_rng(3)
+    captions = heldout_captions[:32]
+    images, _ = world.render_captions(captions, seed=13)
+    wrong = [_corrupt(c, "background", rng) for c in captions]
+    objects = torch.tensor([len(world.parse_caption(c)[0]) for c in captions], dtype=torch.float32)
+    expected = {
+        ("background",): torch.zeros(32),
+        ("colour", "background"): objects / (objects + 1),  # colour once per object, background once
+        ("count", "shape"): torch.ones(32),
+    }
+    for checks, want in expected.items():
+        reward = WorldReward(checks=checks)
+        torch.testing.assert_close(reward(images, wrong), want)
+        info = reward.last_info()
+        # Every check and the total over all of them are still reported; exact means all checks pass.
+        assert info["reward/world_background_mean"] == 0 and info["reward/world_colour_mean"] == 1
+        assert info["reward/world_all_mean"] == pytest.approx(((2 * objects + 1) / (2 * objects + 2)).mean().item())
+        assert info["reward/world_exact_mean"] == 0
+    for bad in ([], "colour", ["colour", "colour"], ["size"]):
+        with pytest.raises(ValueError, match="checks"):
+            WorldReward(checks=bad)
+
+
 def test_noise_images_score_low_and_contract(heldout_captions):
     reward = WorldReward()
     noise = torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
