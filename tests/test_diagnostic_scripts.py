@@ -1,5 +1,6 @@
 """scripts/reward_spread.py and scripts/score_scales.py on the shipped world model, cut down: their tables hold
-what ddpo.report.reward_spread and ddpo.schedulers.score_scales compute for the same inputs."""
+what ddpo.report.reward_spread and ddpo.schedulers.score_scales compute for the same inputs; and the diagnosis's
+experimental reward (scripts/experimental_rewards.py) against rendered scenes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddpo.models import load_pipeline
 from ddpo.schedulers import score_scales
@@ -53,3 +55,32 @@ def test_score_scales_script_prints_the_analytic_scales_and_positive_norms():
     steps = [rows[str(j)] for j in range(4)]
     assert [float(r[1]) for r in steps] == pytest.approx(expected, abs=1e-3)
     assert all(float(r[2]) > 0 for r in steps)
+
+
+def test_background_fraction_reward_counts_background_pixels():
+    """Renders of known scenes: the fraction equals the share of pixels drawn in the background colour (objects and
+    their anti-aliased edges excluded), and the world check passes exactly when it is at least one half."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from experimental_rewards import BackgroundFraction
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from ddpo import world
+
+    captions = world.split_captions()[1][:8]
+    images, _ = world.render_captions(captions, seed=3)
+    reward = BackgroundFraction()
+    fraction = reward(images, captions)
+    for image, caption, value in zip(images, captions, fraction):
+        colour = torch.tensor(world.BACKGROUNDS[world.parse_caption(caption)[1]]).view(3, 1, 1)
+        exact = (image - colour).abs().amax(0).lt(1e-3).float().mean()
+        assert exact - 0.03 <= value <= exact + 0.03
+    assert reward.last_info()["reward/world_background_mean"] == (fraction >= 0.5).float().mean().item()
+    # Against another background colour than the one drawn, almost no pixel counts.
+    other = {b: next(o for o in world.BACKGROUNDS if o != b) for b in world.BACKGROUNDS}
+    wrong = [
+        c.replace(f"a {b} background", f"a {other[b]} background")
+        for c in captions
+        for b in [world.parse_caption(c)[1]]
+    ]
+    assert reward(images, wrong).max() <= 0.02
