@@ -172,7 +172,7 @@ class WorldReward(Reward):
         self,
         tolerance: float = 0.3,
         min_area: int = 12,
-        checks: Sequence[str] = ("colour", "shape", "count", "background"),
+        checks: Sequence[str] = CHECKS,
     ):
         if not 0 < tolerance < 1:
             raise ValueError(f"world reward: tolerance must be in (0, 1); got {tolerance}")
@@ -191,7 +191,9 @@ class WorldReward(Reward):
     def details(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-sample results ``[B]``: ``colour``, ``shape`` (fractions of the caption's objects passing),
         ``count``, ``background`` (0/1), ``all`` (fraction of all checks passed), ``total`` (fraction of the
-        selected ``checks`` passed: the reward; equal to ``all`` by default), ``valid`` (caption parsed)."""
+        selected ``checks`` passed: the reward; equal to ``all`` by default), ``background_fraction`` (share of the
+        pixels in the caption's background colour; ``background`` is 1 when it is at least 0.5), ``valid`` (caption
+        parsed)."""
         check_images(images)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"world reward: {images.shape[0]} images but {len(prompts)} prompts")
@@ -209,7 +211,7 @@ class WorldReward(Reward):
         keys = (torch.arange(b).view(b, 1, 1) * (len(_PALETTE) + 1) + labels + 1).flatten()
         palette_pixels = torch.bincount(keys, minlength=b * (len(_PALETTE) + 1)).view(b, -1)[:, 1:].tolist()
 
-        result = {k: torch.zeros(b) for k in (*CHECKS, "all", "total", "valid")}
+        result = {k: torch.zeros(b) for k in (*CHECKS, "all", "total", "background_fraction", "valid")}
         for i, prompt in enumerate(prompts):
             try:
                 objects, background = parse_caption(prompt)
@@ -220,11 +222,13 @@ class WorldReward(Reward):
                 ok and kind[i][_COLOUR_NAMES.index(c)] == SHAPES.index(k) for ok, (c, k) in zip(colour_ok, objects)
             ]
             count_ok = sum(count[i]) == len(objects)
-            background_ok = palette_pixels[i][_N_COLOURS + _BACKGROUND_NAMES.index(background)] * 2 >= pixels
+            background_fraction = palette_pixels[i][_N_COLOURS + _BACKGROUND_NAMES.index(background)] / pixels
+            background_ok = background_fraction >= 0.5
             result["colour"][i] = sum(colour_ok) / len(objects)
             result["shape"][i] = sum(shape_ok) / len(objects)
             result["count"][i] = float(count_ok)
             result["background"][i] = float(background_ok)
+            result["background_fraction"][i] = background_fraction
             passed = {"colour": sum(colour_ok), "shape": sum(shape_ok), "count": count_ok, "background": background_ok}
             # Checks per caption: colour and shape once per object, count and background once.
             total = {"colour": len(objects), "shape": len(objects), "count": 1, "background": 1}
@@ -233,12 +237,20 @@ class WorldReward(Reward):
             result["valid"][i] = 1.0
         return result
 
+    score_key = "total"
+    """The entry of :meth:`details` that the reward returns (a subclass may return another, e.g.
+    ``background_fraction``)."""
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         details = self.details(images, prompts)
-        self._info = {f"reward/world_{k}_mean": v.mean().item() for k, v in details.items() if k != "valid"}
+        self._info = {
+            f"reward/world_{k}_mean": v.mean().item()
+            for k, v in details.items()
+            if k not in ("valid", "background_fraction")
+        }
         self._info["reward/world_exact_mean"] = (details["all"] == 1).float().mean().item()
         self._info["reward/world_invalid_prompts"] = float((details["valid"] == 0).sum().item())
-        return details["total"].to(torch.float32)
+        return details[self.score_key].to(torch.float32)
 
     def last_info(self) -> dict[str, float]:
         return dict(self._info)

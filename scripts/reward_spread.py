@@ -76,7 +76,11 @@ def main() -> None:
                     details = reward.details(batch, batch_prompts)
                     rows = {
                         "total": details["total"],
-                        **{k: v for k, v in details.items() if k not in ("total", "all", "valid")},
+                        **{
+                            k: v
+                            for k, v in details.items()
+                            if k not in ("total", "all", "background_fraction", "valid")
+                        },
                     }
                 else:
                     rows = {"total": reward(batch, batch_prompts)}
