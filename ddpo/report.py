@@ -227,6 +227,27 @@ def reward_spread(values: Any) -> dict[str, float]:
     }
 
 
+def gradient_noise_scale(terms: Any) -> tuple[float, float, float]:
+    """The gradient noise scale of a stochastic gradient from ``[N, P]`` per-sample terms ``v_i`` whose mean is the
+    gradient estimate (McCandlish et al. 2018, "An empirical model of large-batch training").
+
+    Returns ``(g2, trace, b_noise)``: ``g2`` the unbiased squared norm of the true gradient,
+    ``|mean v|^2 - trace / N``; ``trace`` the total variance of one term, ``sum_p var(v_p)`` (ddof 1); ``b_noise =
+    trace / g2``, the batch at which the estimate's noise equals its signal (``inf`` when ``g2 <= 0``: no signal
+    detected at this ``N``).
+    """
+    import torch
+
+    terms = torch.as_tensor(terms, dtype=torch.float64)
+    if terms.ndim != 2 or terms.shape[0] < 2:
+        raise ValueError(f"gradient_noise_scale needs [N, P] terms with N >= 2; got shape {tuple(terms.shape)}")
+    n = terms.shape[0]
+    mean = terms.mean(0)
+    trace = ((terms - mean) ** 2).sum(1).sum().item() / (n - 1)
+    g2 = (mean**2).sum().item() - trace / n
+    return g2, trace, trace / g2 if g2 > 0 else math.inf
+
+
 def default_prompts(run: Run, count: int = 4) -> list[str]:
     """The first ``count`` prompts of the run's prompt set."""
     from .prompts import load_prompts

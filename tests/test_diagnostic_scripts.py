@@ -84,3 +84,53 @@ def test_background_fraction_reward_counts_background_pixels():
         for b in [world.parse_caption(c)[1]]
     ]
     assert reward(images, wrong).max() <= 0.02
+
+
+def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
+    """The script's per-sample, per-step gradients of log pi add up to the gradient of the summed log-prob that one
+    batched UNet call computes (independent autograd path), and the script prints the noise-scale table."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gradient_noise import per_sample_gradients
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from ddpo.config import build_config
+    from ddpo.models import add_lora
+    from ddpo.sampling import encode_prompts, recompute_step, sample_trajectories
+
+    torch.manual_seed(0)
+    config = build_config(preset="world", overrides=["sample.num_steps=3", "train.gradient_accumulation_steps=1"])
+    s = config.sample
+    pipe = load_pipeline("world", None, "ddim")
+    add_lora(pipe.unet, 2, 2.0, ["to_q", "to_v"])
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    with torch.no_grad():  # B starts at zero; give it values so the A matrices get gradients too
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+    prompts = ["a red circle on a white background", "a blue square and a green triangle on a black background"]
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, "cpu")
+    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], "cpu")
+    traj = sample_trajectories(
+        pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, 3, s.guidance_scale, s.eta,
+        torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    grads = per_sample_gradients((pipe.unet, pipe.scheduler, config), traj, params)
+    assert grads.shape == (2, 3, sum(p.numel() for p in params))
+    for j in range(3):
+        steps = torch.full((2,), j)
+        out = recompute_step(
+            pipe.unet, pipe.scheduler, "ddim", traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[steps],
+            embeds, negative, s.guidance_scale, s.eta,
+        )  # fmt: skip
+        batched = torch.cat([g.flatten() for g in torch.autograd.grad(out.log_prob.sum(), params)])
+        # float32 convolutions of batch 1 and batch 2 round differently: compare as vectors
+        assert (grads[:, j].sum(0) - batched).norm() <= 1e-3 * batched.norm()
+        assert grads[:, j].norm() > 0
+
+    out = run_script(
+        "gradient_noise.py", "--samples", "32", "--set", "sample.num_steps=3", "train.gradient_accumulation_steps=1",
+        "--threads", "1",
+    )  # fmt: skip
+    rows = table_rows(out)
+    assert {"step 0", "step 1", "step 2", "all steps", "early half", "late half"} <= rows.keys()
+    assert all(float(rows[k][1]) > 0 for k in ("step 0", "all steps"))  # tr(Sigma) of real per-sample terms
