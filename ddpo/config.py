@@ -57,6 +57,9 @@ class SampleConfig:
     """Sampling batches per epoch, per process: samples per epoch = batch_size * num_batches_per_epoch * processes."""
     samples_per_prompt: int = 1
     """Samples drawn per chosen prompt within a batch (> 1 gives groups for ``train.advantage: group``)."""
+    share_initial_noise: bool = False
+    """Training samples of one prompt group start from the same ``x_T`` (common random numbers: the group's reward
+    differences then come from the policy's steps only). Needs ``samples_per_prompt > 1``; evaluation is unchanged."""
     decode_chunk_size: int = 8
     """Images decoded by the VAE per call (memory bound)."""
 
@@ -348,6 +351,10 @@ def validate(config: RunConfig) -> None:
     need(
         s.batch_size % s.samples_per_prompt == 0,
         f"sample.batch_size ({s.batch_size}) must be a multiple of sample.samples_per_prompt ({s.samples_per_prompt})",
+    )
+    need(
+        not s.share_initial_noise or s.samples_per_prompt > 1,
+        "sample.share_initial_noise=true needs sample.samples_per_prompt > 1 (a group of samples to share x_T)",
     )
     need(t.algorithm in ALGORITHMS, f"train.algorithm must be one of {', '.join(ALGORITHMS)}; got {t.algorithm!r}")
     need(t.learning_rate > 0, f"train.learning_rate must be > 0; got {t.learning_rate}")

@@ -105,6 +105,12 @@ def check_schedule(scheduler, scheduler_name: str, num_steps: int, eta: float) -
         step(scheduler, probe, t, probe, eta=eta, noise=probe)
 
 
+def consecutive_groups(prompts: list[str]) -> torch.Tensor:
+    """Group index ``[B]`` long of each prompt: a new group starts wherever a prompt differs from the one before."""
+    starts = [0] + [int(prompts[i] != prompts[i - 1]) for i in range(1, len(prompts))]
+    return torch.tensor(starts, dtype=torch.long).cumsum(0)
+
+
 @torch.no_grad()
 def sample_trajectories(
     unet,
@@ -120,8 +126,14 @@ def sample_trajectories(
     generator: torch.Generator,
     mixed_precision: str = "no",
     decode_chunk_size: int = 8,
+    share_initial_noise: bool = False,
 ) -> Trajectories:
     """Sample ``B = len(prompts)`` trajectories from ``x_T ~ N(0, I)`` and decode their final latents.
+
+    With ``share_initial_noise`` every run of consecutive equal prompts (a prompt's group of samples, as
+    :func:`ddpo.prompts.draw_prompts` lays them out) starts from one shared ``x_T``: the samples of a group then differ
+    only by the noise of the policy's own steps, so the reward differences that group advantages learn from are not
+    diluted by the initial noise, which no action chose (common random numbers).
 
     No host-device synchronisation happens inside the loop: timesteps are Python ints and log-probs stay on the
     device. Call :func:`check_schedule` once beforehand (the step here skips its zero-variance check).
@@ -132,7 +144,9 @@ def sample_trajectories(
     size = unet.config.sample_size
     scheduler.set_timesteps(num_steps)
     step = STEP_FUNCTIONS[scheduler_name]
-    latents = torch.randn(batch, in_channels, size, size, generator=generator, device=device, dtype=torch.float32)
+    group = consecutive_groups(prompts) if share_initial_noise else torch.arange(batch)
+    shape = (int(group.max()) + 1, in_channels, size, size)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
     latents = latents * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     timesteps = scheduler.timesteps.tolist()

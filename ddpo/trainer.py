@@ -364,7 +364,10 @@ class Trainer:
                 self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
             )
             trajectories = self._sample(
-                unet, prompts, derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index)
+                unet,
+                prompts,
+                derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index),
+                share_initial_noise=s.share_initial_noise,
             )
             batches.append(trajectories)
             if c.overlap_scoring:
@@ -385,8 +388,9 @@ class Trainer:
         timings = {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
         return Trajectories.cat(batches), rewards, reward_info, timings
 
-    def _sample(self, unet, prompts: list[str], seed: int) -> Trajectories:
-        """Trajectories of ``prompts`` with the run's sampler settings, the noise drawn from a generator seeded ``seed``."""
+    def _sample(self, unet, prompts: list[str], seed: int, share_initial_noise: bool = False) -> Trajectories:
+        """Trajectories of ``prompts`` with the run's sampler settings, the noise drawn from a generator seeded ``seed``
+        (``share_initial_noise``: one ``x_T`` per group of consecutive equal prompts, for training batches)."""
         c, s, device = self.config, self.config.sample, self.accelerator.device
         embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device)
         return sample_trajectories(
@@ -403,6 +407,7 @@ class Trainer:
             torch.Generator(device=device).manual_seed(seed),
             c.mixed_precision,
             s.decode_chunk_size,
+            share_initial_noise,
         )
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:

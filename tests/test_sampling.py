@@ -98,3 +98,37 @@ def test_sampling_is_deterministic_given_the_generator(pipe):
     c = _sample(pipe, "no", steps=3, batch=2, seed=8)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
     assert not torch.equal(a.latents, c.latents)
+
+
+def test_consecutive_groups_by_hand():
+    from ddpo.sampling import consecutive_groups
+
+    assert consecutive_groups(["a", "a", "b", "b", "a", "c"]).tolist() == [0, 0, 1, 1, 2, 3]
+    assert consecutive_groups(["x"]).tolist() == [0]
+
+
+def test_shared_initial_noise_is_one_draw_per_prompt_group(pipe):
+    """Each group of consecutive equal prompts starts from one x_T (the group's first draw from the generator);
+    later steps still draw their own noise, so the samples of a group differ; all-distinct prompts are unchanged."""
+    device = torch.device("cpu")
+    prompts = ["a cat", "a cat", "a cat", "a dog", "a dog", "an owl"]
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, device)
+    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], device)
+    check_schedule(pipe.scheduler, "ddim", 4, 1.0)
+
+    def run(prompt_list, share):
+        return sample_trajectories(
+            pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds[: len(prompt_list)], negative, prompt_list, 4, 5.0,
+            1.0, torch.Generator().manual_seed(7), share_initial_noise=share,
+        )  # fmt: skip
+
+    shared = run(prompts, True)
+    first = torch.randn(3, *shared.latents.shape[2:], generator=torch.Generator().manual_seed(7))
+    expected = first[torch.tensor([0, 0, 0, 1, 1, 2])] * pipe.scheduler.init_noise_sigma
+    assert torch.equal(shared.latents[:, 0], expected)
+    assert not torch.allclose(shared.latents[0, 1], shared.latents[1, 1])  # step noise still differs
+    independent = run(prompts, False)
+    assert not torch.equal(independent.latents[0, 0], independent.latents[1, 0])
+    distinct = ["a cat", "a dog", "an owl"]
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, distinct, device)
+    assert torch.equal(run(distinct, True).latents, run(distinct, False).latents)

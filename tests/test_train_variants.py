@@ -82,3 +82,22 @@ def test_timestep_window_trains_only_the_first_steps(fast_overrides, tmp_path):
             assert len(mine) == 2 and len(set(mine)) == 2
     seen = torch.cat([trainer.training_pairs(e, 0, 6)[1] for e in range(20)])
     assert set(seen.tolist()) == {0, 1, 2, 3}  # the whole window is used over epochs
+
+
+def test_shared_initial_noise_in_training_batches_only(fast_overrides, tmp_path):
+    """``sample.share_initial_noise``: the training samples of a prompt group share x_T; the option needs groups."""
+    from ddpo.config import ConfigError, build_config
+    from ddpo.trainer import Trainer
+
+    overrides = [*fast_overrides, "sample.samples_per_prompt=2", "sample.share_initial_noise=true"]
+    overrides += ["overlap_scoring=false"]  # sample_and_score outside run(): no scoring thread
+    trainer = Trainer.from_config(build_config(preset="tiny", overrides=overrides), tmp_path / "run")
+    samples, rewards, _, _ = trainer.sample_and_score(0)
+    x_t = samples.latents[:, 0]
+    assert len(samples.prompts) == 4  # two sampling batches of one prompt x 2 samples
+    for a in range(4):
+        for b in range(4):
+            assert torch.equal(x_t[a], x_t[b]) == (a // 2 == b // 2)
+    assert torch.isfinite(rewards).all()
+    with pytest.raises(ConfigError, match="samples_per_prompt > 1"):
+        build_config(preset="tiny", overrides=["sample.share_initial_noise=true"])
