@@ -209,8 +209,8 @@ def reward_spread(values: Any) -> dict[str, float]:
 
     Group advantages (``group``, ``group_center``) learn only from the spread *within* a prompt's samples, so a
     reward whose variance is mostly between prompts, or a check that a prompt always or never passes, gives DDPO little
-    to work with. Returns ``mean``; ``within_share`` (mean over prompts of the population variance across seeds,
-    over the population variance of all values; 0 when all values are equal); ``tied`` (fraction of prompts whose
+    to work with. Returns ``mean``; ``within_var`` (mean over prompts of the population variance across seeds);
+    ``within_share`` (``within_var`` over the population variance of all values; 0 when all values are equal); ``tied`` (fraction of prompts whose
     ``S`` values are all equal); ``never`` and ``always`` (fraction of prompts whose values are all 0 / all 1, for
     pass-fail checks in ``[0, 1]``).
     """
@@ -220,6 +220,7 @@ def reward_spread(values: Any) -> dict[str, float]:
     total = grid.var()
     return {
         "mean": float(grid.mean()),
+        "within_var": float(grid.var(axis=1).mean()),
         "within_share": float(grid.var(axis=1).mean() / total) if total > 0 else 0.0,
         "tied": float((grid.max(axis=1) == grid.min(axis=1)).mean()),
         "never": float((grid == 0).all(axis=1).mean()),
@@ -227,14 +228,16 @@ def reward_spread(values: Any) -> dict[str, float]:
     }
 
 
-def gradient_noise_scale(terms: Any) -> tuple[float, float, float]:
+def gradient_noise_scale(terms: Any, draws: int = 0, seed: int = 0) -> dict[str, float]:
     """The gradient noise scale of a stochastic gradient from ``[N, P]`` per-sample terms ``v_i`` whose mean is the
     gradient estimate (McCandlish et al. 2018, "An empirical model of large-batch training").
 
-    Returns ``(g2, trace, b_noise)``: ``g2`` the unbiased squared norm of the true gradient,
-    ``|mean v|^2 - trace / N``; ``trace`` the total variance of one term, ``sum_p var(v_p)`` (ddof 1); ``b_noise =
-    trace / g2``, the batch at which the estimate's noise equals its signal (``inf`` when ``g2 <= 0``: no signal
-    detected at this ``N``).
+    Returns ``g2``, the unbiased squared norm of the true gradient, ``|mean v|^2 - trace / N``; ``trace``, the total
+    variance of one term, ``sum_p var(v_p)`` (ddof 1); ``b_noise = trace / g2``, the batch at which the estimate's
+    noise equals its signal (``inf`` when ``g2 <= 0``: no signal detected at this ``N``). With ``draws > 0`` also
+    ``g2_upper``, the 95th percentile of ``g2`` over ``draws`` bootstrap resamples of the ``N`` terms, and
+    ``b_noise_lower = trace / g2_upper``: with ~95 % confidence the true noise scale is at least this (``inf`` when
+    even ``g2_upper <= 0``).
     """
     import torch
 
@@ -242,10 +245,26 @@ def gradient_noise_scale(terms: Any) -> tuple[float, float, float]:
     if terms.ndim != 2 or terms.shape[0] < 2:
         raise ValueError(f"gradient_noise_scale needs [N, P] terms with N >= 2; got shape {tuple(terms.shape)}")
     n = terms.shape[0]
-    mean = terms.mean(0)
-    trace = ((terms - mean) ** 2).sum(1).sum().item() / (n - 1)
-    g2 = (mean**2).sum().item() - trace / n
-    return g2, trace, trace / g2 if g2 > 0 else math.inf
+
+    def estimate(weights: torch.Tensor) -> tuple[float, float]:
+        """``(g2, trace)`` of the sample that holds term ``i`` ``weights[i]`` times (``sum(weights) = n``)."""
+        mean = weights @ terms / n
+        trace = ((weights * square_norms).sum() - n * (mean**2).sum()).item() / (n - 1)
+        return (mean**2).sum().item() - trace / n, trace
+
+    square_norms = (terms**2).sum(1)
+    g2, trace = estimate(torch.ones(n, dtype=torch.float64))
+    out = {"g2": g2, "trace": trace, "b_noise": trace / g2 if g2 > 0 else math.inf}
+    if draws > 0:
+        generator = torch.Generator().manual_seed(seed)
+        boot = []
+        for _ in range(draws):
+            index = torch.randint(n, (n,), generator=generator)
+            boot.append(estimate(torch.bincount(index, minlength=n).double())[0])
+        upper = float(np.quantile(boot, 0.95))
+        out["g2_upper"] = upper
+        out["b_noise_lower"] = trace / upper if upper > 0 else math.inf
+    return out
 
 
 def default_prompts(run: Run, count: int = 4) -> list[str]:

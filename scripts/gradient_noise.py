@@ -11,6 +11,8 @@ the config's advantages (computed per epoch-sized batch, as the trainer does). T
 * ``B_noise = tr(Sigma) / |G|^2``: the batch (in samples) at which the gradient's noise equals its signal
   (McCandlish et al. 2018, "An empirical model of large-batch training"). A run whose total number of samples is
   far below ``B_noise`` moves mostly along noise.
+* a bootstrap 95 % upper bound of ``|G|^2`` and the lower bound of ``B_noise`` it gives: when the signal is too weak to
+  detect with ``--samples`` (``B_noise`` prints ``inf``), the bound still says how many samples it needs at least.
 
     python scripts/gradient_noise.py                                   # the default run's settings
     python scripts/gradient_noise.py --rewards world brightness jpeg_compressibility
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--advantages", nargs="+", default=None, help="batch, group, group_center (default: config)")
     parser.add_argument("--samples", type=int, default=256, help="trajectories (default: 256)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draws", type=int, default=200, help="bootstrap resamples for the 95%% bounds (default 200)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -134,12 +137,15 @@ def main() -> None:
                 ]
             ).clamp(-t.adv_clip_max, t.adv_clip_max)
             print(f"\n{name}, {kind} advantages (reward mean {values.mean():.4f}, std {values.std():.4f})")
-            print("| steps | |G|^2 | tr(Sigma) | B_noise (samples) |")
-            print("|---|---|---|---|")
+            print("| steps | |G|^2 | |G|^2, 95% upper | tr(Sigma) | B_noise (samples) | B_noise, 95% lower |")
+            print("|---|---|---|---|---|---|")
             for label, subset in subsets.items():
                 terms = adv.view(-1, 1) * grads[:, subset].sum(1)
-                g2, trace, b_noise = gradient_noise_scale(terms)
-                print(f"| {label} | {g2:.3e} | {trace:.3e} | {b_noise:,.0f} |")
+                n = gradient_noise_scale(terms, draws=args.draws, seed=args.seed)
+                print(
+                    f"| {label} | {n['g2']:.3e} | {n['g2_upper']:.3e} | {n['trace']:.3e} | {n['b_noise']:,.0f} | "
+                    f"{n['b_noise_lower']:,.0f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ no signal at all. One table per (steps, guidance) pair:
     python scripts/reward_spread.py                                    # the shipped world model, world reward
     python scripts/reward_spread.py --steps 10 20 --guidance 2.5 5 10  # how sampler settings change it
     python scripts/reward_spread.py --lora runs/seed0/final            # after fine-tuning
+    python scripts/reward_spread.py --share-initial-noise              # a prompt's samples share x_T (as
+                                                                       # sample.share_initial_noise trains)
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[5.0], help="CFG scales (default: 5)")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--share-initial-noise",
+        action="store_true",
+        help="the seeds of a prompt share one x_T (drawn from seed 10000 + the prompt's index); only the steps' "
+        "noise differs between them",
+    )
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: the spread within a prompt needs two samples")
@@ -56,11 +64,18 @@ def main() -> None:
         for guidance in args.guidance:
             start = time.perf_counter()
             images = []
-            for prompt in prompts:
+            for index, prompt in enumerate(prompts):
                 generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+                latents = None
+                if args.share_initial_noise:
+                    unet = pipe.unet.config
+                    shape = (1, unet.in_channels, unet.sample_size, unet.sample_size)
+                    x_t = torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + index))
+                    latents = x_t.expand(len(seeds), -1, -1, -1).clone()
                 with torch.no_grad():
                     out = pipe(
                         [prompt] * len(seeds),
+                        latents=latents,
                         generator=generators,
                         num_inference_steps=steps,
                         guidance_scale=guidance,
@@ -87,14 +102,15 @@ def main() -> None:
             seconds = time.perf_counter() - start
             print(
                 f"\n{args.pretrained}, {steps} steps, guidance {guidance:g}, eta {args.eta:g}: "
-                f"{len(prompts)} prompts x {len(seeds)} seeds ({seconds:.0f} s)"
+                f"{len(prompts)} prompts x {len(seeds)} seeds"
+                f"{' sharing x_T' if args.share_initial_noise else ''} ({seconds:.0f} s)"
             )
-            print(f"| {'':10} | mean  | within_share | tied | never | always |")
-            print("|---|---|---|---|---|---|")
+            print(f"| {'':10} | mean  | within_share | within_var | tied | never | always |")
+            print("|---|---|---|---|---|---|---|")
             for name, values in rows.items():
                 s = reward_spread(values.double().view(len(prompts), len(seeds)))
                 print(
-                    f"| {name:10} | {s['mean']:.3f} | {s['within_share']:.2f} | {s['tied']:.2f} | "
+                    f"| {name:10} | {s['mean']:.3f} | {s['within_share']:.2f} | {s['within_var']:.4f} | {s['tied']:.2f} | "
                     f"{s['never']:.2f} | {s['always']:.2f} |"
                 )
 
