@@ -210,9 +210,9 @@ def reward_spread(values: Any) -> dict[str, float]:
     Group advantages (``group``, ``group_center``) learn only from the spread *within* a prompt's samples, so a
     reward whose variance is mostly between prompts, or a check that a prompt always or never passes, gives DDPO little
     to work with. Returns ``mean``; ``within_var`` (mean over prompts of the population variance across seeds);
-    ``within_share`` (``within_var`` over the population variance of all values; 0 when all values are equal); ``tied`` (fraction of prompts whose
-    ``S`` values are all equal); ``never`` and ``always`` (fraction of prompts whose values are all 0 / all 1, for
-    pass-fail checks in ``[0, 1]``).
+    ``within_share`` (``within_var`` over the population variance of all values; 0 when all values are equal);
+    ``tied`` (fraction of prompts whose ``S`` values are all equal); ``never`` and ``always`` (fraction of prompts
+    whose values are all 0 / all 1, for pass-fail checks in ``[0, 1]``).
     """
     grid = np.asarray(values, dtype=np.float64)
     if grid.ndim != 2 or grid.shape[1] < 2:

@@ -40,9 +40,9 @@ from rewards import get_reward
 ADVANTAGES = {"batch": lambda r, p: batch_normalize(r), "group": group_normalize, "group_center": group_center}
 
 
-def per_sample_gradients(trainer_parts, trajectories, params) -> torch.Tensor:
-    """``[B, T, P]``: the gradient of each sample's log-prob at each step with respect to the ``P`` LoRA weights."""
-    unet, scheduler, config = trainer_parts
+def per_sample_gradients(unet, scheduler, config, trajectories, params: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, T, P]``: the gradient of each sample's log-prob at each step with respect to the ``P`` weights ``params``
+    (one UNet call per (sample, step), with the config's CFG scale and eta, exactly as the trainer recomputes them)."""
     s = config.sample
     batch, steps = trajectories.log_probs.shape
     grads = torch.zeros(batch, steps, sum(p.numel() for p in params))
@@ -110,7 +110,7 @@ def main() -> None:
         for name, reward in rewards.items():
             with torch.no_grad():
                 scores[name].append(reward(traj.images, prompts).float())
-        grads.append(per_sample_gradients((unet, pipe.scheduler, config), traj, params))
+        grads.append(per_sample_gradients(unet, pipe.scheduler, config, traj, params))
         prompts_seen += prompts
         print(f"  batch {b}: {len(prompts_seen)} samples, {time.perf_counter() - start:.0f} s", flush=True)
     grads = torch.cat(grads)  # [N, T, P]

@@ -126,7 +126,7 @@ def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
         pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, 3, s.guidance_scale, s.eta,
         torch.Generator().manual_seed(1),
     )  # fmt: skip
-    grads = per_sample_gradients((pipe.unet, pipe.scheduler, config), traj, params)
+    grads = per_sample_gradients(pipe.unet, pipe.scheduler, config, traj, params)
     assert grads.shape == (2, 3, sum(p.numel() for p in params))
     for j in range(3):
         steps = torch.full((2,), j)
