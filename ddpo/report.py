@@ -245,6 +245,7 @@ def gradient_noise_scale(terms: Any, draws: int = 0, seed: int = 0) -> dict[str,
     if terms.ndim != 2 or terms.shape[0] < 2:
         raise ValueError(f"gradient_noise_scale needs [N, P] terms with N >= 2; got shape {tuple(terms.shape)}")
     n = terms.shape[0]
+    square_norms = (terms**2).sum(1)
 
     def estimate(weights: torch.Tensor) -> tuple[float, float]:
         """``(g2, trace)`` of the sample that holds term ``i`` ``weights[i]`` times (``sum(weights) = n``)."""
@@ -252,7 +253,6 @@ def gradient_noise_scale(terms: Any, draws: int = 0, seed: int = 0) -> dict[str,
         trace = ((weights * square_norms).sum() - n * (mean**2).sum()).item() / (n - 1)
         return (mean**2).sum().item() - trace / n, trace
 
-    square_norms = (terms**2).sum(1)
     g2, trace = estimate(torch.ones(n, dtype=torch.float64))
     out = {"g2": g2, "trace": trace, "b_noise": trace / g2 if g2 > 0 else math.inf}
     if draws > 0:

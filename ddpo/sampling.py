@@ -206,3 +206,55 @@ def recompute_step(
     return STEP_FUNCTIONS[scheduler_name](
         scheduler, model_output, timesteps, latents, eta=eta, prev_sample=next_latents, check=False
     )
+
+
+def recompute_pairs(
+    unet,
+    scheduler,
+    scheduler_name: str,
+    trajectories: Trajectories,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    guidance_scale: float,
+    eta: float,
+    mixed_precision: str = "no",
+) -> StepOutput:
+    """:func:`recompute_step` at the stored pairs ``(trajectory i[k], step j[k])`` of ``trajectories`` (``i``, ``j``:
+    long ``[N]``), with the trajectories' own negative prompt: the policy step exactly as it was sampled."""
+    return recompute_step(
+        unet,
+        scheduler,
+        scheduler_name,
+        trajectories.latents[i, j],
+        trajectories.latents[i, j + 1],
+        trajectories.timesteps[j],
+        trajectories.prompt_embeds[i],
+        trajectories.negative_embeds,
+        guidance_scale,
+        eta,
+        mixed_precision,
+    )
+
+
+def log_prob_gradients(
+    unet,
+    scheduler,
+    scheduler_name: str,
+    trajectories: Trajectories,
+    params: list[torch.Tensor],
+    guidance_scale: float,
+    eta: float,
+    mixed_precision: str = "no",
+) -> torch.Tensor:
+    """``[B, T, P]``: the gradient of each sample's log-prob at each step with respect to the ``P`` weights ``params``
+    (one UNet call per (sample, step), through :func:`recompute_pairs`). For diagnostics of the policy gradient."""
+    batch, steps = trajectories.log_probs.shape
+    grads = torch.zeros(batch, steps, sum(p.numel() for p in params))
+    for i in range(batch):
+        for j in range(steps):
+            out = recompute_pairs(
+                unet, scheduler, scheduler_name, trajectories, torch.tensor([i]), torch.tensor([j]), guidance_scale,
+                eta, mixed_precision,
+            )  # fmt: skip
+            grads[i, j] = torch.cat([g.flatten() for g in torch.autograd.grad(out.log_prob.sum(), params)])
+    return grads

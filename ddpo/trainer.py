@@ -39,7 +39,7 @@ from .sampling import (
     Trajectories,
     check_schedule,
     encode_prompts,
-    recompute_step,
+    recompute_pairs,
     sample_trajectories,
 )
 from .schedulers import StepOutput
@@ -515,18 +515,8 @@ class Trainer:
     def _recompute(self, model, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> StepOutput:
         """The policy step of ``model`` at stored pairs ``(i, j)``, exactly as sampled (same CFG, autocast, eta)."""
         s = self.config.sample
-        return recompute_step(
-            model,
-            self.scheduler,
-            s.scheduler,
-            samples.latents[i, j],
-            samples.latents[i, j + 1],
-            samples.timesteps[j],
-            samples.prompt_embeds[i],
-            self.negative_embeds,
-            s.guidance_scale if self.negative_embeds is not None else 1.0,
-            s.eta,
-            self.config.mixed_precision,
+        return recompute_pairs(
+            model, self.scheduler, s.scheduler, samples, i, j, s.guidance_scale, s.eta, self.config.mixed_precision
         )
 
     @torch.no_grad()

@@ -34,36 +34,10 @@ from ddpo.config import build_config
 from ddpo.models import add_lora, load_pipeline
 from ddpo.prompts import derive_seed, draw_prompts, load_prompts
 from ddpo.report import gradient_noise_scale
-from ddpo.sampling import encode_prompts, recompute_step, sample_trajectories
+from ddpo.sampling import encode_prompts, log_prob_gradients, sample_trajectories
 from rewards import get_reward
 
 ADVANTAGES = {"batch": lambda r, p: batch_normalize(r), "group": group_normalize, "group_center": group_center}
-
-
-def per_sample_gradients(unet, scheduler, config, trajectories, params: list[torch.Tensor]) -> torch.Tensor:
-    """``[B, T, P]``: the gradient of each sample's log-prob at each step with respect to the ``P`` weights ``params``
-    (one UNet call per (sample, step), with the config's CFG scale and eta, exactly as the trainer recomputes them)."""
-    s = config.sample
-    batch, steps = trajectories.log_probs.shape
-    grads = torch.zeros(batch, steps, sum(p.numel() for p in params))
-    for i in range(batch):
-        for j in range(steps):
-            index, step = torch.tensor([i]), torch.tensor([j])
-            out = recompute_step(
-                unet,
-                scheduler,
-                s.scheduler,
-                trajectories.latents[index, step],
-                trajectories.latents[index, step + 1],
-                trajectories.timesteps[step],
-                trajectories.prompt_embeds[index],
-                trajectories.negative_embeds,
-                s.guidance_scale,
-                s.eta,
-            )
-            flat = torch.autograd.grad(out.log_prob.sum(), params)
-            grads[i, j] = torch.cat([g.flatten() for g in flat])
-    return grads
 
 
 def main() -> None:
@@ -110,7 +84,11 @@ def main() -> None:
         for name, reward in rewards.items():
             with torch.no_grad():
                 scores[name].append(reward(traj.images, prompts).float())
-        grads.append(per_sample_gradients(unet, pipe.scheduler, config, traj, params))
+        grads.append(
+            log_prob_gradients(
+                unet, pipe.scheduler, s.scheduler, traj, params, s.guidance_scale, s.eta, config.mixed_precision
+            )
+        )
         prompts_seen += prompts
         print(f"  batch {b}: {len(prompts_seen)} samples, {time.perf_counter() - start:.0f} s", flush=True)
     grads = torch.cat(grads)  # [N, T, P]

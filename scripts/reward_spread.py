@@ -60,6 +60,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     if args.lora:
         pipe.load_lora_weights(args.lora)
+    unet = pipe.unet.config
+    latent_shape = (1, unet.in_channels, unet.sample_size, unet.sample_size)
     for steps in args.steps:
         for guidance in args.guidance:
             start = time.perf_counter()
@@ -68,9 +70,7 @@ def main() -> None:
                 generators = [torch.Generator().manual_seed(seed) for seed in seeds]
                 latents = None
                 if args.share_initial_noise:
-                    unet = pipe.unet.config
-                    shape = (1, unet.in_channels, unet.sample_size, unet.sample_size)
-                    x_t = torch.randn(shape, generator=torch.Generator().manual_seed(10_000 + index))
+                    x_t = torch.randn(latent_shape, generator=torch.Generator().manual_seed(10_000 + index))
                     latents = x_t.expand(len(seeds), -1, -1, -1).clone()
                 with torch.no_grad():
                     out = pipe(

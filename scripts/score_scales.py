@@ -18,7 +18,7 @@ import torch
 from ddpo.config import ModelConfig, SampleConfig
 from ddpo.models import add_lora, load_pipeline
 from ddpo.prompts import load_prompts
-from ddpo.sampling import encode_prompts, recompute_step, sample_trajectories
+from ddpo.sampling import encode_prompts, log_prob_gradients, sample_trajectories
 from ddpo.schedulers import score_scales
 from ddpo.trainer import eval_prompt_list
 
@@ -58,17 +58,10 @@ def main() -> None:
     )
     print("| step | timestep | score scale | grad norm of log pi (LoRA, mean over samples) |")
     print("|---|---|---|---|")
+    grads = log_prob_gradients(pipe.unet, pipe.scheduler, "ddim", trajectories, params, args.guidance, args.eta)
+    norms = grads.norm(dim=2).mean(0)  # [T]: mean over samples of each step's gradient norm
     for j, t in enumerate(trajectories.timesteps.tolist()):
-        norm = 0.0
-        for i in range(args.samples):
-            out = recompute_step(
-                pipe.unet, pipe.scheduler, "ddim", trajectories.latents[i : i + 1, j],
-                trajectories.latents[i : i + 1, j + 1], trajectories.timesteps[j : j + 1], embeds[i : i + 1],
-                negative, args.guidance, args.eta,
-            )  # fmt: skip
-            grads = torch.autograd.grad(out.log_prob.sum(), params)
-            norm += torch.cat([g.flatten() for g in grads]).norm().item() / args.samples
-        print(f"| {j} | {t} | {scales[j].item():.3f} | {norm:.4f} |")
+        print(f"| {j} | {t} | {scales[j].item():.3f} | {norms[j].item():.4f} |")
 
 
 if __name__ == "__main__":

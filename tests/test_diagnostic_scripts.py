@@ -99,16 +99,12 @@ def test_background_fraction_reward_counts_background_pixels():
 
 
 def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
-    """The script's per-sample, per-step gradients of log pi add up to the gradient of the summed log-prob that one
-    batched UNet call computes (independent autograd path), and the script prints the noise-scale table."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from gradient_noise import per_sample_gradients
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    """The per-sample, per-step gradients of log pi that scripts/gradient_noise.py and score_scales.py use
+    (ddpo.sampling.log_prob_gradients) add up to the gradient of the summed log-prob that one batched UNet call
+    computes (independent autograd path), and the script prints the noise-scale table."""
     from ddpo.config import build_config
     from ddpo.models import add_lora
-    from ddpo.sampling import encode_prompts, recompute_step, sample_trajectories
+    from ddpo.sampling import encode_prompts, log_prob_gradients, recompute_step, sample_trajectories
 
     torch.manual_seed(0)
     config = build_config(preset="world", overrides=["sample.num_steps=3", "train.gradient_accumulation_steps=1"])
@@ -126,7 +122,7 @@ def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
         pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, 3, s.guidance_scale, s.eta,
         torch.Generator().manual_seed(1),
     )  # fmt: skip
-    grads = per_sample_gradients(pipe.unet, pipe.scheduler, config, traj, params)
+    grads = log_prob_gradients(pipe.unet, pipe.scheduler, "ddim", traj, params, s.guidance_scale, s.eta)
     assert grads.shape == (2, 3, sum(p.numel() for p in params))
     for j in range(3):
         steps = torch.full((2,), j)
