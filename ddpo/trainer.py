@@ -234,7 +234,7 @@ class Trainer:
             if (change := paired_change(first.get("rewards"), last.get("rewards"))) is not None:
                 mean, se = change
                 lines.append(
-                    f"    paired change {mean:+.4g} +- {se:.2g} (standard error over the {first['samples']} images; "
+                    f"    paired change {mean:+.4f} +- {se:.2g} (standard error over the {first['samples']} images; "
                     "a change within about 2 standard errors is not distinguishable from noise)"
                 )
             parts = [
