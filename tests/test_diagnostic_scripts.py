@@ -54,6 +54,34 @@ def test_reward_spread_script_with_shared_initial_noise():
     assert table_rows(shared).keys() == table_rows(out).keys()
 
 
+def test_reward_spread_branch_callback_shares_the_first_samples_state_after_k_steps():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from reward_spread import share_state_after
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    latents = torch.randn(3, 4, 2, 2)
+    callback = share_state_after(2)
+    assert torch.equal(callback(None, 0, 901, {"latents": latents})["latents"], latents)  # after step 1: unchanged
+    shared = callback(None, 1, 801, {"latents": latents})["latents"]  # after step 2: every sample is sample 0
+    assert shared.shape == latents.shape and all(torch.equal(shared[j], latents[0]) for j in range(3))
+
+
+def test_reward_spread_script_branching_after_the_last_step_leaves_no_spread():
+    """Samples that share their state after every step are one image: no variance within any prompt; branching
+    after K < 1 or K > steps is refused with the option that does the first."""
+    out = run_script(
+        "reward_spread.py", "--count", "2", "--seeds", "2", "--steps", "3", "--threads", "1", "--branch-after", "3"
+    )
+    assert "sharing the state after 3 of 3 steps" in out
+    for name, (_mean, _share, within_var, tied, *_rest) in table_rows(out).items():
+        assert float(within_var) == 0 and float(tied) == 1, name
+    for k in ("0", "4"):
+        cmd = [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), "--steps", "3", "--branch-after", k]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and "--share-initial-noise" in result.stderr
+
+
 def test_reward_spread_script_needs_two_seeds():
     cmd = [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), "--seeds", "1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
