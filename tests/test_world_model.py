@@ -108,7 +108,9 @@ def test_world_clip_loads_and_ranks_true_captions_first():
     assert wins >= 0.9, wins
 
 
-@pytest.mark.parametrize("preset", ["world", "world_compressibility", "world_clip", "world_discriminator"])
+@pytest.mark.parametrize(
+    "preset", ["world", "world_long", "world_compressibility", "world_clip", "world_discriminator"]
+)
 def test_world_presets_train_an_epoch_on_the_shipped_model(preset, tmp_path):
     """Each shipped world preset runs as configured (reward options, held-out evaluation) on the shipped model; only
     the sizes are cut down so it takes seconds."""
