@@ -4,7 +4,7 @@ scored, and summarised by :func:`ddpo.report.reward_spread` (per check too, for 
 
 DDPO with group advantages learns only from the spread *within* a prompt's samples: the ``within_share`` column is
 the part of the reward's variance that it can see, and ``never`` / ``always`` count the prompts on which a check gives
-no signal at all. One table per (steps, guidance) pair:
+no signal at all. One table per (steps, guidance, branch point):
 
     python scripts/reward_spread.py                                    # the shipped world model, world reward
     python scripts/reward_spread.py --steps 10 20 --guidance 2.5 5 10  # how sampler settings change it
