@@ -66,6 +66,8 @@ def main() -> None:
         parser.error(
             f"--branch-after takes K from 1 to --steps ({min(args.steps)}); to share only x_T use --share-initial-noise"
         )
+    if args.branch_after is not None and args.share_initial_noise:
+        parser.error("--branch-after already shares x_T (and the first K steps): drop --share-initial-noise")
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: the spread within a prompt needs two samples")
     if args.threads:
@@ -83,6 +85,7 @@ def main() -> None:
     latent_shape = (1, unet.in_channels, unet.sample_size, unet.sample_size)
     for steps, guidance, branch_after in itertools.product(args.steps, args.guidance, args.branch_after or [None]):
         start = time.perf_counter()
+        callback = None if branch_after is None else share_state_after(branch_after)
         images = []
         for index, prompt in enumerate(prompts):
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -100,7 +103,7 @@ def main() -> None:
                     negative_prompt=[negative_prompt] * len(seeds) if guidance > 1 else None,
                     eta=args.eta,
                     output_type="pt",
-                    callback_on_step_end=None if branch_after is None else share_state_after(branch_after),
+                    callback_on_step_end=callback,
                 )
             images.append(out.images.float().cpu())
         batch = torch.cat(images)

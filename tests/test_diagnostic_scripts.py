@@ -69,7 +69,8 @@ def test_reward_spread_branch_callback_shares_the_first_samples_state_after_k_st
 
 def test_reward_spread_script_branching_after_the_last_step_leaves_no_spread():
     """Samples that share their state after every step are one image: no variance within any prompt; branching
-    after K < 1 or K > steps is refused with the option that does the first."""
+    after K < 1 or K > steps is refused with the option that does the first, and so is --branch-after with
+    --share-initial-noise (which it makes moot)."""
     out = run_script(
         "reward_spread.py", "--count", "2", "--seeds", "2", "--steps", "3", "--threads", "1", "--branch-after", "3"
     )
@@ -80,6 +81,11 @@ def test_reward_spread_script_branching_after_the_last_step_leaves_no_spread():
         cmd = [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), "--steps", "3", "--branch-after", k]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and "--share-initial-noise" in result.stderr
+    both = ["--steps", "3", "--branch-after", "1", "--share-initial-noise"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), *both], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "drop --share-initial-noise" in result.stderr
 
 
 def test_reward_spread_script_needs_two_seeds():
