@@ -7,12 +7,12 @@ import sys
 
 import yaml
 
-DEFAULT_PRESET = "world"
+from .training.config import DEFAULT_PRESET
 
 
 def _config_from(args: argparse.Namespace):
     """The config of ``--preset`` / ``--config`` / overrides; with neither file option, the default preset."""
-    from .config import build_config
+    from .training.config import build_config
 
     preset = args.preset or (None if args.config else DEFAULT_PRESET)
     return build_config(preset=preset, config_file=args.config, overrides=args.overrides)
@@ -25,7 +25,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .trainer import resume, train
+    from .training.trainer import resume, train
 
     if args.resume:
         if args.preset or args.config:
@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .tools import bench
 
     bench.main(_config_from(args), args.json, args.repeats, args.warmup, args.threads, args.mode)
     return 0
@@ -46,7 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _presets(args: argparse.Namespace) -> int:
     from importlib import resources
 
-    from .config import preset_names
+    from .training.config import preset_names
 
     for name in preset_names():
         first = resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text().splitlines()[0]
@@ -55,7 +55,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from .config import to_dict
+    from .training.config import to_dict
 
     print(yaml.safe_dump(to_dict(_config_from(args)), sort_keys=False), end="")
     return 0
@@ -69,7 +69,7 @@ def _rewards(args: argparse.Namespace) -> int:
 
 
 def _prompts(args: argparse.Namespace) -> int:
-    from .prompts import available_prompt_sets, load_prompts
+    from .training.prompts import available_prompt_sets, load_prompts
 
     for name in available_prompt_sets():
         print(f"{name:24s} {len(load_prompts(name))} prompts")
@@ -77,13 +77,13 @@ def _prompts(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from . import ablate
+    from .tools import ablate
 
     return ablate.main(args.grid, parallel=args.parallel, output_dir=args.output_dir, dry_run=args.dry_run)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .tools.report import write_report
 
     options = {"prompts": args.prompt, "seeds": args.seeds, "before_after": not args.no_samples}
     index = write_report(args.path, args.out, **options)
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate every cell of GRID, train the unfinished ones (resuming interrupted ones), then write "
         "results.csv, summary.csv/.md and reward_vs_queries.png into the grid's output_dir.",
     )
-    ablate.add_argument("grid", metavar="GRID.yaml", help="grid file (see ddpo/ablate.py or the README)")
+    ablate.add_argument("grid", metavar="GRID.yaml", help="grid file (see docs/ablations-and-reports.md)")
     ablate.add_argument("--parallel", type=int, help="cells trained at once (default: the grid's `parallel`)")
     ablate.add_argument("--output-dir", help="output folder (default: the grid's `output_dir`)")
     ablate.add_argument("--dry-run", action="store_true", help="validate and print the commands; run nothing")
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
+    from .training.config import ConfigError
 
     args = build_parser().parse_args(argv)
     if getattr(args, "preset", None) and getattr(args, "config", None):

@@ -82,7 +82,7 @@ def load_open_clip(
 
     world = model_name == WORLD_CLIP or str(pretrained) == "world"
     if world:  # the tiny CLIP trained on ddpo's procedural world, shipped with the package
-        from ddpo.world import WORLD_CLIP_MEAN, WORLD_CLIP_STD, register_world_clip_config, world_clip_paths
+        from world import WORLD_CLIP_MEAN, WORLD_CLIP_STD, register_world_clip_config, world_clip_paths
 
         model_name = register_world_clip_config()
         if str(pretrained) in ("world", ""):

@@ -102,7 +102,7 @@ class Discriminator(nn.Module):
 
 def world_reference_source(count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` fresh ground-truth renders of the procedural world ``[count, 3, 64, 64]``, seeded by ``generator``."""
-    from ddpo.world import render, sample_scenes
+    from world import render, sample_scenes
 
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
     return render(sample_scenes(count, seed))

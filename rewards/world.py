@@ -1,4 +1,4 @@
-"""``world``: a verifiable, GenEval-style reward for images of the procedural world (:mod:`ddpo.world`).
+"""``world``: a verifiable, GenEval-style reward for images of the procedural world (:mod:`world`).
 
 No learned model: the caption is parsed into its objects ``(colour, shape)`` and background, and the image is
 checked by pixel statistics:
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ddpo.world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, parse_caption
+from world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, parse_caption
 
 from .base import Reward, check_images, register
 
@@ -45,7 +45,7 @@ CHECKS = ("colour", "shape", "count", "background")
 
 def label_colours(images: torch.Tensor, tolerance: float) -> torch.Tensor:
     """Nearest named colour of every pixel: ``[B, 3, H, W]`` -> long ``[B, H, W]`` with values ``0..5`` (shape
-    colours, in :data:`ddpo.world.COLOURS` order), ``6..8`` (backgrounds) or ``-1`` (no colour within
+    colours, in :data:`world.COLOURS` order), ``6..8`` (backgrounds) or ``-1`` (no colour within
     ``tolerance``)."""
     palette = _PALETTE.to(images)
     # Squared distances |x - p|^2 = |x|^2 - 2 x.p + |p|^2, as one matrix product: [B, P, H, W].
@@ -148,7 +148,7 @@ def shape_statistics(mask: torch.Tensor, min_area: int) -> dict[str, torch.Tenso
 
 
 def classify_shapes(stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Shape index (into :data:`ddpo.world.SHAPES`: circle 0, square 1, triangle 2) of the largest components
+    """Shape index (into :data:`world.SHAPES`: circle 0, square 1, triangle 2) of the largest components
     described by :func:`shape_statistics`: a square fills its bounding box's corners, an upright triangle only the
     lower ones (and holds most of its mass below the middle), a circle none."""
     top, bottom, lower = stats["top_corners"], stats["bottom_corners"], stats["lower"]

@@ -1,9 +1,9 @@
 """Base model vs fine-tuned weights of finished runs, on held-out prompts, through the plain diffusers pipeline.
 
-For each run directory: ``--prompts`` (``--count`` of them, the fixed draw of :func:`ddpo.trainer.eval_prompt_list`)
+For each run directory: ``--prompts`` (``--count`` of them, the fixed draw of :func:`ddpo.training.evaluation.eval_prompt_list`)
 x ``--seeds`` are sampled with ``StableDiffusionPipeline.__call__`` (one generator per image) from the run's base
 model and again after ``pipe.load_lora_weights(RUN_DIR/final)``, with the run's steps, eta and CFG scale
-(:func:`ddpo.report.sample_before_after`), and scored by the run's reward. Prints one JSON line per run: the reward
+(:func:`ddpo.tools.report.sample_before_after`), and scored by the run's reward. Prints one JSON line per run: the reward
 and its components before and after, and the paired change with its standard error.
 
     python scripts/eval_before_after.py runs/seed0 runs/seed1 runs/seed2
@@ -16,9 +16,9 @@ import json
 
 import torch
 
-from ddpo.prompts import load_prompts
-from ddpo.report import load_run, sample_before_after
-from ddpo.trainer import eval_prompt_list, paired_change
+from ddpo.tools.report import load_run, sample_before_after
+from ddpo.training.evaluation import eval_prompt_list, paired_change
+from ddpo.training.prompts import load_prompts
 from rewards import get_reward
 
 

@@ -16,11 +16,11 @@ Phases (each reproducible from ``--seed``: the data and noise of step ``k`` are 
 
 Usage (the shipped model: 1000 UNet steps, then resumed to 1600 with a fresh cosine tail)::
 
-    python scripts/pretrain_world.py --out ddpo/assets --work /tmp/world_pretrain
-    python scripts/pretrain_world.py --out ddpo/assets --work /tmp/world_pretrain --phases unet,eval --unet-steps 1600
+    python scripts/pretrain_world.py --out world/assets --work /tmp/world_pretrain
+    python scripts/pretrain_world.py --out world/assets --work /tmp/world_pretrain --phases unet,eval --unet-steps 1600
 
 ``bash scripts/pretrain_world_all.sh [OUT [WORK]]`` runs these phases with both cores of a 2-core machine (decoder
-and CLIP beside UNet steps 0-1000) and rebuilds the shipped files bit for bit in about 22 minutes (README, "How it
+and CLIP beside UNet steps 0-1000) and rebuilds the shipped files bit for bit in about 22 minutes (docs/world.md, "How it
 was trained").
 
 Single-threaded processes (``--threads 1``): on a shared 2-core machine two threads per process oversubscribe the
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddpo import world
+import world
 
 PHASE_IDS = {"vae": 1, "unet": 2, "clip": 3, "eval": 4, "decoder": 5}
 
@@ -402,7 +402,7 @@ def save_pipeline(pipe, args) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("ddpo/assets"), help="writes world_model/ and world_clip/")
+    parser.add_argument("--out", type=Path, default=Path("world/assets"), help="writes world_model/ and world_clip/")
     parser.add_argument("--work", type=Path, default=Path("/tmp/world_pretrain"), help="checkpoints, logs, grids")
     parser.add_argument(
         "--phases", default="vae,decoder,clip,unet,eval", help="comma-separated subset, run in this order"

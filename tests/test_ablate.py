@@ -13,9 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from ddpo.ablate import ID_COLUMNS, GridError, load_grid, parse_grid, run_grid, summarize, write_outputs
 from ddpo.cli import main
-from ddpo.report import load_run
+from ddpo.tools.ablate import ID_COLUMNS, GridError, load_grid, parse_grid, run_grid, summarize, write_outputs
+from ddpo.tools.report import load_run
 
 
 def tiny_grid(settings: dict, output_dir: Path, **changes) -> dict:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpo.advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_center, group_normalize
-from ddpo.algorithms import (
+from ddpo.policy.advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_center, group_normalize
+from ddpo.policy.losses import (
     ddpo_is_loss,
     ddpo_sf_loss,
     kl_to_reference,

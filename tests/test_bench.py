@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from ddpo.bench import PHASES, EpochBench, reference_minibatch_loss, reference_sample
 from ddpo.cli import main
-from ddpo.config import build_config
-from ddpo.prompts import derive_seed
-from ddpo.sampling import encode_prompts, sample_trajectories
-from ddpo.trainer import _SAMPLING_NOISE
+from ddpo.policy.sampling import SamplerSettings, encode_prompts, sample_trajectories
+from ddpo.tools.bench import PHASES, EpochBench, reference_minibatch_loss, reference_sample
+from ddpo.training.config import build_config
+from ddpo.training.prompts import derive_seed
+from ddpo.training.trainer import SAMPLING_NOISE_STREAM
 
 
 def _overrides(model_dir) -> list[str]:
@@ -48,13 +48,14 @@ def _sample(bench: EpochBench, reference: bool):
     tr, s = bench.trainer, bench.config.sample
     prompts = ["a cat", "a dog"]
     embeds = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, prompts, tr.accelerator.device)
-    generator = torch.Generator().manual_seed(derive_seed(0, _SAMPLING_NOISE, 0, 0, 0))
+    generator = torch.Generator().manual_seed(derive_seed(0, SAMPLING_NOISE_STREAM, 0, 0, 0))
     tr.unet.eval()
     args = (s.num_steps, s.guidance_scale, s.eta, generator)
     if reference:
         return reference_sample(tr.unet, tr.scheduler, embeds, tr.negative_embeds, *args)
+    settings = SamplerSettings("ddim", s.num_steps, s.guidance_scale, s.eta, "no", 8)
     out = sample_trajectories(
-        tr.unet, tr.pipe.vae, tr.scheduler, "ddim", embeds, tr.negative_embeds, prompts, *args, "no", 8
+        tr.unet, tr.pipe.vae, tr.scheduler, embeds, tr.negative_embeds, prompts, generator, settings
     )
     return out.latents, out.log_probs, out.timesteps
 
@@ -76,7 +77,7 @@ def test_one_call_and_per_minibatch_calls_give_the_same_loss_and_gradients(bench
     """Ours: 8 pairs in one UNet call. Reference: the same 8 pairs in 4 calls of 2, gradients accumulated."""
     bench.reset()
     tr = bench.trainer
-    from ddpo.sampling import Trajectories
+    from ddpo.policy.sampling import Trajectories
 
     latents, log_probs, timesteps = _sample(bench, reference=False)
     samples = Trajectories(["a cat", "a dog"], None, tr.negative_embeds, latents, log_probs, timesteps, None)

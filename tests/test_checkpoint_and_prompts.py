@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpo import checkpoint
-from ddpo.prompts import available_prompt_sets, draw_prompts, load_prompts
+from ddpo.training import checkpoint
+from ddpo.training.prompts import available_prompt_sets, draw_prompts, load_prompts
 
 
 def _write(folder, epoch, value, keep=2):

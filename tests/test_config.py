@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ddpo.cli import main
-from ddpo.config import ConfigError, all_keys, build_config, preset_names, to_dict
+from ddpo.training.config import ConfigError, all_keys, build_config, preset_names, to_dict
 
 
 def test_every_shipped_preset_builds_and_validates():
@@ -95,7 +95,7 @@ def test_cli_lists_and_prints(capsys):
 def test_timestep_window_and_fraction_count_the_trained_steps(
     scheduler, steps, window, fraction, expected_window, expected_k
 ):
-    from ddpo.config import train_steps_per_trajectory, train_window_steps
+    from ddpo.training.config import train_steps_per_trajectory, train_window_steps
 
     config = build_config(
         overrides=[

@@ -1,6 +1,6 @@
-"""scripts/reward_spread.py and scripts/score_scales.py on the shipped world model, cut down: their tables hold
-what ddpo.report.reward_spread and ddpo.schedulers.score_scales compute for the same inputs; and the diagnosis's
-experimental reward (scripts/experimental_rewards.py) against rendered scenes."""
+"""scripts/diagnostics/reward_spread.py and score_scales.py on the shipped world model, cut down: their tables hold
+what ddpo.tools.diagnostics.reward_spread and score_scales compute for the same inputs; and the diagnosis's
+experimental reward (scripts/diagnostics/experimental_rewards.py) against rendered scenes."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from ddpo.models import load_pipeline
-from ddpo.schedulers import score_scales
+from ddpo.tools.diagnostics import score_scales
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(name: str, *args: str) -> str:
-    cmd = [sys.executable, str(ROOT / "scripts" / name), *args]
+    cmd = [sys.executable, str(ROOT / "scripts" / "diagnostics" / name), *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -55,11 +55,11 @@ def test_reward_spread_script_with_shared_initial_noise():
 
 
 def test_reward_spread_branch_callback_shares_the_first_samples_state_after_k_steps():
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts" / "diagnostics"))
     try:
         from reward_spread import share_state_after
     finally:
-        sys.path.remove(str(ROOT / "scripts"))
+        sys.path.remove(str(ROOT / "scripts" / "diagnostics"))
     latents = torch.randn(3, 4, 2, 2)
     callback = share_state_after(2)
     assert torch.equal(callback(None, 0, 901, {"latents": latents})["latents"], latents)  # after step 1: unchanged
@@ -78,18 +78,28 @@ def test_reward_spread_script_branching_after_the_last_step_leaves_no_spread():
     for name, (_mean, _share, within_var, tied, *_rest) in table_rows(out).items():
         assert float(within_var) == 0 and float(tied) == 1, name
     for k in ("0", "4"):
-        cmd = [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), "--steps", "3", "--branch-after", k]
+        cmd = [
+            sys.executable,
+            str(ROOT / "scripts" / "diagnostics" / "reward_spread.py"),
+            "--steps",
+            "3",
+            "--branch-after",
+            k,
+        ]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and "--share-initial-noise" in result.stderr
     both = ["--steps", "3", "--branch-after", "1", "--share-initial-noise"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), *both], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, str(ROOT / "scripts" / "diagnostics" / "reward_spread.py"), *both],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0 and "drop --share-initial-noise" in result.stderr
 
 
 def test_reward_spread_script_needs_two_seeds():
-    cmd = [sys.executable, str(ROOT / "scripts" / "reward_spread.py"), "--seeds", "1"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "diagnostics" / "reward_spread.py"), "--seeds", "1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "at least 2" in result.stderr
 
@@ -106,12 +116,12 @@ def test_score_scales_script_prints_the_analytic_scales_and_positive_norms():
 def test_background_fraction_reward_counts_background_pixels():
     """Renders of known scenes: the fraction equals the share of pixels drawn in the background colour (objects and
     their anti-aliased edges excluded), and the world check passes exactly when it is at least one half."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts" / "diagnostics"))
     try:
         from experimental_rewards import BackgroundFraction
     finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    from ddpo import world
+        sys.path.remove(str(ROOT / "scripts" / "diagnostics"))
+    import world
 
     captions = world.split_captions()[1][:8]
     images, _ = world.render_captions(captions, seed=3)
@@ -133,12 +143,13 @@ def test_background_fraction_reward_counts_background_pixels():
 
 
 def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
-    """The per-sample, per-step gradients of log pi that scripts/gradient_noise.py and score_scales.py use
-    (ddpo.sampling.log_prob_gradients) add up to the gradient of the summed log-prob that one batched UNet call
+    """The per-sample, per-step gradients of log pi that scripts/diagnostics/gradient_noise.py and score_scales.py use
+    (ddpo.tools.diagnostics.log_prob_gradients) add up to the gradient of the summed log-prob that one batched UNet call
     computes (independent autograd path), and the script prints the noise-scale table."""
-    from ddpo.config import build_config
     from ddpo.models import add_lora
-    from ddpo.sampling import encode_prompts, log_prob_gradients, recompute_step, sample_trajectories
+    from ddpo.policy.sampling import SamplerSettings, encode_prompts, recompute_step, sample_trajectories
+    from ddpo.tools.diagnostics import log_prob_gradients
+    from ddpo.training.config import build_config
 
     torch.manual_seed(0)
     config = build_config(preset="world", overrides=["sample.num_steps=3", "train.gradient_accumulation_steps=1"])
@@ -152,17 +163,16 @@ def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
     prompts = ["a red circle on a white background", "a blue square and a green triangle on a black background"]
     embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, "cpu")
     negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], "cpu")
-    traj = sample_trajectories(
-        pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, 3, s.guidance_scale, s.eta,
-        torch.Generator().manual_seed(1),
-    )  # fmt: skip
-    grads = log_prob_gradients(pipe.unet, pipe.scheduler, "ddim", traj, params, s.guidance_scale, s.eta)
+    settings = SamplerSettings("ddim", 3, s.guidance_scale, s.eta)
+    generator = torch.Generator().manual_seed(1)
+    traj = sample_trajectories(pipe.unet, pipe.vae, pipe.scheduler, embeds, negative, prompts, generator, settings)
+    grads = log_prob_gradients(pipe.unet, pipe.scheduler, traj, params, settings)
     assert grads.shape == (2, 3, sum(p.numel() for p in params))
     for j in range(3):
         steps = torch.full((2,), j)
         out = recompute_step(
-            pipe.unet, pipe.scheduler, "ddim", traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[steps],
-            embeds, negative, s.guidance_scale, s.eta,
+            pipe.unet, pipe.scheduler, traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[steps],
+            embeds, negative, settings,
         )  # fmt: skip
         batched = torch.cat([g.flatten() for g in torch.autograd.grad(out.log_prob.sum(), params)])
         # float32 convolutions of batch 1 and batch 2 round differently: compare as vectors

@@ -51,7 +51,7 @@ def straight(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_every_phase_writes_a_loadable_model_and_an_evaluation(straight):
     out, work = straight
-    from ddpo.world import load_world_clip, load_world_pipeline
+    from world import load_world_clip, load_world_pipeline
 
     pipe = load_world_pipeline(out / "world_model")  # plain diffusers from_pretrained on the folder
     assert pipe.vae.config.scaling_factor != 0.18215  # set to 1 / std of the latents by the vae phase

@@ -1,4 +1,4 @@
-"""ddpo.report.reward_spread and gradient_noise_scale against hand computations and known distributions."""
+"""ddpo.tools.diagnostics.reward_spread and gradient_noise_scale against hand computations and known distributions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ddpo.report import gradient_noise_scale, reward_spread
+from ddpo.tools.diagnostics import gradient_noise_scale, reward_spread
 
 
 def test_reward_spread_by_hand():

@@ -5,8 +5,15 @@ import torch
 from diffusers import DDIMScheduler
 
 from ddpo.models import load_pipeline
-from ddpo.sampling import check_schedule, encode_prompts, guided_model_output, recompute_step, sample_trajectories
-from ddpo.schedulers import ddim_step_with_logprob
+from ddpo.policy.sampling import (
+    SamplerSettings,
+    check_schedule,
+    encode_prompts,
+    guided_model_output,
+    recompute_step,
+    sample_trajectories,
+)
+from ddpo.policy.schedulers import ddim_step_with_logprob
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +26,10 @@ def _sample(pipe, mixed_precision, guidance=5.0, steps=5, batch=3, seed=0):
     prompts = ["a cat", "a dog", "an owl"][:batch]
     embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, device)
     negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], device) if guidance > 1 else None
-    check_schedule(pipe.scheduler, "ddim", steps, 1.0)
+    settings = SamplerSettings("ddim", steps, guidance, 1.0, mixed_precision)
+    check_schedule(pipe.scheduler, settings)
     generator = torch.Generator().manual_seed(seed)
-    return sample_trajectories(
-        pipe.unet,
-        pipe.vae,
-        pipe.scheduler,
-        "ddim",
-        embeds,
-        negative,
-        prompts,
-        steps,
-        guidance,
-        1.0,
-        generator,
-        mixed_precision,
-    )
+    return sample_trajectories(pipe.unet, pipe.vae, pipe.scheduler, embeds, negative, prompts, generator, settings)
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
@@ -47,15 +42,12 @@ def test_recomputed_log_probs_give_ratio_one_with_cfg(pipe, mixed_precision):
     out = recompute_step(
         pipe.unet,
         pipe.scheduler,
-        "ddim",
         traj.latents[i, j],
         traj.latents[i, j + 1],
         traj.timesteps[j],
         traj.prompt_embeds[i],
         traj.negative_embeds,
-        5.0,
-        1.0,
-        mixed_precision,
+        SamplerSettings("ddim", 5, 5.0, 1.0, mixed_precision),
     )
     ratio = torch.exp(out.log_prob - traj.log_probs[i, j])
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
@@ -101,7 +93,7 @@ def test_sampling_is_deterministic_given_the_generator(pipe):
 
 
 def test_consecutive_groups_by_hand():
-    from ddpo.sampling import consecutive_groups
+    from ddpo.policy.sampling import consecutive_groups
 
     assert consecutive_groups(["a", "a", "b", "b", "a", "c"]).tolist() == [0, 0, 1, 1, 2, 3]
     assert consecutive_groups(["x"]).tolist() == [0]
@@ -114,13 +106,14 @@ def test_shared_initial_noise_is_one_draw_per_prompt_group(pipe):
     prompts = ["a cat", "a cat", "a cat", "a dog", "a dog", "an owl"]
     embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, device)
     negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], device)
-    check_schedule(pipe.scheduler, "ddim", 4, 1.0)
+    check_schedule(pipe.scheduler, SamplerSettings("ddim", 4, 5.0, 1.0))
 
     def run(prompt_list, share):
+        settings = SamplerSettings("ddim", 4, 5.0, 1.0, share_initial_noise=share)
+        generator = torch.Generator().manual_seed(7)
         return sample_trajectories(
-            pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds[: len(prompt_list)], negative, prompt_list, 4, 5.0,
-            1.0, torch.Generator().manual_seed(7), share_initial_noise=share,
-        )  # fmt: skip
+            pipe.unet, pipe.vae, pipe.scheduler, embeds[: len(prompt_list)], negative, prompt_list, generator, settings
+        )
 
     shared = run(prompts, True)
     first = torch.randn(3, *shared.latents.shape[2:], generator=torch.Generator().manual_seed(7))

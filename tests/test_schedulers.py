@@ -4,13 +4,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ddpo.schedulers import (
+from ddpo.policy.schedulers import (
     ddim_step_with_logprob,
     ddpm_step_with_logprob,
     gaussian_log_prob,
-    score_scales,
     trainable_steps,
 )
+from ddpo.tools.diagnostics import score_scales
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
 

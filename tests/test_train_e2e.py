@@ -12,9 +12,9 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from ddpo import checkpoint
 from ddpo.cli import main
-from ddpo.runlog import read_jsonl
+from ddpo.training import checkpoint
+from ddpo.training.runlog import read_jsonl
 
 TIMING = {"sampling_seconds", "scoring_seconds", "training_seconds", "epoch_seconds", "reward_compute_seconds"}
 TIMING |= {"eval_seconds"}
@@ -100,8 +100,8 @@ def test_resume_matches_an_uninterrupted_run(fast_overrides, tmp_path):
 def test_held_out_evaluation_is_paired_across_runs_and_reported(fast_overrides, tmp_path, capsys):
     """The evaluation set (prompts and noise) is fixed: runs with different seeds score the same base-model images
     before training, and the same images again in a fresh evaluation of the base pipeline."""
-    from ddpo.prompts import load_prompts
-    from ddpo.trainer import eval_prompt_list
+    from ddpo.training.evaluation import eval_prompt_list
+    from ddpo.training.prompts import load_prompts
 
     common = [o for o in fast_overrides if not o.startswith("run_name")]
     common += ["eval_prompts=simple_animals", "eval_samples=4", "num_epochs=2"]

@@ -66,8 +66,8 @@ def test_full_fine_tuning_with_kl_writes_a_pipeline_folder(fast_overrides, tiny_
 def test_timestep_window_trains_only_the_first_steps(fast_overrides, tmp_path):
     """With ``timestep_window=0.5`` every training pair comes from the first half of the denoising steps (the
     noisiest), each trajectory contributing ``timestep_fraction`` of that half, distinct steps."""
-    from ddpo.config import build_config
-    from ddpo.trainer import Trainer
+    from ddpo.training.config import build_config
+    from ddpo.training.trainer import Trainer
 
     overrides = [o for o in fast_overrides if not o.startswith("sample.num_steps")]
     overrides += ["sample.num_steps=8", "train.timestep_window=0.5", "train.timestep_fraction=0.5"]
@@ -86,8 +86,8 @@ def test_timestep_window_trains_only_the_first_steps(fast_overrides, tmp_path):
 
 def test_shared_initial_noise_in_training_batches_only(fast_overrides, tmp_path):
     """``sample.share_initial_noise``: the training samples of a prompt group share x_T; the option needs groups."""
-    from ddpo.config import ConfigError, build_config
-    from ddpo.trainer import Trainer
+    from ddpo.training.config import ConfigError, build_config
+    from ddpo.training.trainer import Trainer
 
     overrides = [*fast_overrides, "sample.samples_per_prompt=2", "sample.share_initial_noise=true"]
     overrides += ["overlap_scoring=false"]  # sample_and_score outside run(): no scoring thread

@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from ddpo import world
+import world
 from ddpo.cli import main
-from ddpo.runlog import read_jsonl
+from ddpo.training.runlog import read_jsonl
 from rewards.world import WorldReward
 
 

@@ -16,6 +16,34 @@ from .schedulers import STEP_FUNCTIONS, StepOutput
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the policy samples (and, identically, how its stored steps are re-scored in training).
+
+    Attributes:
+        scheduler: the log-prob step, a key of :data:`~ddpo.policy.schedulers.STEP_FUNCTIONS` (``ddim`` | ``ddpm``).
+        num_steps: denoising steps per trajectory.
+        guidance_scale: classifier-free guidance scale; CFG is on when :func:`uses_cfg` says so (> 1).
+        eta: DDIM stochasticity (``sigma_t`` scale); 1 is DDPM-like.
+        mixed_precision: autocast of the UNet/VAE: ``no`` | ``bf16`` | ``fp16`` (log-probs stay float32).
+        decode_chunk_size: images per VAE decode call.
+        share_initial_noise: a prompt group's samples start from one ``x_T`` (see :func:`sample_trajectories`).
+    """
+
+    scheduler: str = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    mixed_precision: str = "no"
+    decode_chunk_size: int = 8
+    share_initial_noise: bool = False
+
+
+def uses_cfg(guidance_scale: float) -> bool:
+    """The one rule for classifier-free guidance: on when ``guidance_scale > 1`` (1 is the plain conditional model)."""
+    return guidance_scale > 1.0
+
+
 def autocast(device: torch.device, mixed_precision: str):
     """The UNet/VAE/text-encoder autocast context for ``mixed_precision`` in ``no | bf16 | fp16``."""
     dtype = AUTOCAST_DTYPES[mixed_precision]
@@ -85,7 +113,7 @@ def guided_model_output(
         prompt_embeds: ``[B, L, D]``; negative_embeds: ``[1, L, D]`` or ``[B, L, D]`` (None when no CFG).
     """
     batch = latents.shape[0]
-    if negative_embeds is None or guidance_scale == 1.0:
+    if negative_embeds is None or not uses_cfg(guidance_scale):
         return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
     timesteps = torch.as_tensor(timesteps, device=latents.device)
     if timesteps.ndim == 1:
@@ -96,13 +124,13 @@ def guided_model_output(
     return uncond + guidance_scale * (cond - uncond)
 
 
-def check_schedule(scheduler, scheduler_name: str, num_steps: int, eta: float) -> None:
+def check_schedule(scheduler, settings: SamplerSettings) -> None:
     """Raise once, before sampling, if a trainable step of the schedule would have zero variance."""
-    scheduler.set_timesteps(num_steps)
-    step = STEP_FUNCTIONS[scheduler_name]
+    scheduler.set_timesteps(settings.num_steps)
+    step = STEP_FUNCTIONS[settings.scheduler]
     probe = torch.zeros(1, 1, 1, 1)
     for t in scheduler.timesteps.tolist():
-        step(scheduler, probe, t, probe, eta=eta, noise=probe)
+        step(scheduler, probe, t, probe, eta=settings.eta, noise=probe)
 
 
 def consecutive_groups(prompts: list[str]) -> torch.Tensor:
@@ -116,21 +144,20 @@ def sample_trajectories(
     unet,
     vae,
     scheduler,
-    scheduler_name: str,
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor | None,
     prompts: list[str],
-    num_steps: int,
-    guidance_scale: float,
-    eta: float,
     generator: torch.Generator,
-    mixed_precision: str = "no",
-    decode_chunk_size: int = 8,
-    share_initial_noise: bool = False,
+    settings: SamplerSettings,
 ) -> Trajectories:
     """Sample ``B = len(prompts)`` trajectories from ``x_T ~ N(0, I)`` and decode their final latents.
 
-    With ``share_initial_noise`` every run of consecutive equal prompts (a prompt's group of samples, as
+    Args:
+        prompt_embeds: ``[B, L, D]`` float32; negative_embeds: ``[1, L, D]`` (None without CFG).
+        prompts: the ``B`` prompt strings (recorded; with ``share_initial_noise`` they define the groups).
+        generator: the only source of randomness (``x_T`` and every step's noise).
+
+    With ``settings.share_initial_noise`` every run of consecutive equal prompts (a prompt's group of samples, as
     :func:`ddpo.prompts.draw_prompts` lays them out) starts from one shared ``x_T``: the samples of a group then differ
     only by the noise of the policy's own steps, so the reward differences that group advantages learn from are not
     diluted by the initial noise, which no action chose (common random numbers).
@@ -142,22 +169,24 @@ def sample_trajectories(
     batch = prompt_embeds.shape[0]
     in_channels = unet.config.in_channels
     size = unet.config.sample_size
-    scheduler.set_timesteps(num_steps)
-    step = STEP_FUNCTIONS[scheduler_name]
-    group = consecutive_groups(prompts) if share_initial_noise else torch.arange(batch)
+    scheduler.set_timesteps(settings.num_steps)
+    step = STEP_FUNCTIONS[settings.scheduler]
+    group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(batch)
     shape = (int(group.max()) + 1, in_channels, size, size)
     latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
     latents = latents * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     timesteps = scheduler.timesteps.tolist()
     for t in timesteps:
-        with autocast(device, mixed_precision):
-            model_output = guided_model_output(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
-        out = step(scheduler, model_output, t, latents, eta=eta, generator=generator, check=False)
+        with autocast(device, settings.mixed_precision):
+            model_output = guided_model_output(
+                unet, latents, t, prompt_embeds, negative_embeds, settings.guidance_scale
+            )
+        out = step(scheduler, model_output, t, latents, eta=settings.eta, generator=generator, check=False)
         latents = out.prev_sample
         all_latents.append(latents)
         all_log_probs.append(out.log_prob)
-    images = decode_latents(vae, latents, mixed_precision, decode_chunk_size)
+    images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return Trajectories(
         prompts=list(prompts),
         prompt_embeds=prompt_embeds,
@@ -183,78 +212,48 @@ def decode_latents(vae, latents: torch.Tensor, mixed_precision: str = "no", chun
 def recompute_step(
     unet,
     scheduler,
-    scheduler_name: str,
     latents: torch.Tensor,
     next_latents: torch.Tensor,
     timesteps: torch.Tensor,
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor | None,
-    guidance_scale: float,
-    eta: float,
-    mixed_precision: str = "no",
+    settings: SamplerSettings,
 ) -> StepOutput:
     """Log-prob of stored actions under the current UNet, for ``N`` (trajectory, timestep) pairs in one UNet call.
 
     Args:
         latents: ``x_t`` ``[N, C, h, w]``; next_latents: the stored ``x_{t-1}`` ``[N, C, h, w]``.
         timesteps: ``[N]`` long, one per pair; prompt_embeds ``[N, L, D]``.
+        settings: the sampling settings the pairs were drawn with (scheduler, CFG, eta, autocast).
     Returns:
-        :class:`~ddpo.schedulers.StepOutput` with differentiable ``log_prob [N]`` and ``mean``.
+        :class:`~ddpo.policy.schedulers.StepOutput` with differentiable ``log_prob [N]`` and ``mean``.
     """
-    with autocast(latents.device, mixed_precision):
-        model_output = guided_model_output(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    return STEP_FUNCTIONS[scheduler_name](
-        scheduler, model_output, timesteps, latents, eta=eta, prev_sample=next_latents, check=False
+    with autocast(latents.device, settings.mixed_precision):
+        model_output = guided_model_output(
+            unet, latents, timesteps, prompt_embeds, negative_embeds, settings.guidance_scale
+        )
+    return STEP_FUNCTIONS[settings.scheduler](
+        scheduler, model_output, timesteps, latents, eta=settings.eta, prev_sample=next_latents, check=False
     )
 
 
 def recompute_pairs(
     unet,
     scheduler,
-    scheduler_name: str,
     trajectories: Trajectories,
     i: torch.Tensor,
     j: torch.Tensor,
-    guidance_scale: float,
-    eta: float,
-    mixed_precision: str = "no",
+    settings: SamplerSettings,
 ) -> StepOutput:
     """:func:`recompute_step` at the stored pairs ``(trajectory i[k], step j[k])`` of ``trajectories`` (``i``, ``j``:
     long ``[N]``), with the trajectories' own negative prompt: the policy step exactly as it was sampled."""
     return recompute_step(
         unet,
         scheduler,
-        scheduler_name,
         trajectories.latents[i, j],
         trajectories.latents[i, j + 1],
         trajectories.timesteps[j],
         trajectories.prompt_embeds[i],
         trajectories.negative_embeds,
-        guidance_scale,
-        eta,
-        mixed_precision,
+        settings,
     )
-
-
-def log_prob_gradients(
-    unet,
-    scheduler,
-    scheduler_name: str,
-    trajectories: Trajectories,
-    params: list[torch.Tensor],
-    guidance_scale: float,
-    eta: float,
-    mixed_precision: str = "no",
-) -> torch.Tensor:
-    """``[B, T, P]``: the gradient of each sample's log-prob at each step with respect to the ``P`` weights ``params``
-    (one UNet call per (sample, step), through :func:`recompute_pairs`). For diagnostics of the policy gradient."""
-    batch, steps = trajectories.log_probs.shape
-    grads = torch.zeros(batch, steps, sum(p.numel() for p in params))
-    for i in range(batch):
-        for j in range(steps):
-            out = recompute_pairs(
-                unet, scheduler, scheduler_name, trajectories, torch.tensor([i]), torch.tensor([j]), guidance_scale,
-                eta, mixed_precision,
-            )  # fmt: skip
-            grads[i, j] = torch.cat([g.flatten() for g in torch.autograd.grad(out.log_prob.sum(), params)])
-    return grads

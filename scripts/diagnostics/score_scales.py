@@ -1,12 +1,12 @@
 """Which denoising steps dominate the policy gradient: per step, the analytic scale of the score
-(:func:`ddpo.schedulers.score_scales`, ``|d mean / d model_output| / std``) and the measured norm of
+(:func:`ddpo.tools.diagnostics.score_scales`, ``|d mean / d model_output| / std``) and the measured norm of
 ``d log pi / d theta`` over a LoRA's parameters, averaged over ``--samples`` trajectories of the model.
 
 A step whose norm is many times the others' decides the direction (and the noise) of every update; with
 ``train.timestep_window`` < 1 training leaves the last steps out.
 
-    python scripts/score_scales.py                        # the shipped world model, 10 DDIM steps, eta 1, CFG 5
-    python scripts/score_scales.py --steps 20 --samples 4
+    python scripts/diagnostics/score_scales.py                        # the shipped world model, 10 DDIM steps, eta 1, CFG 5
+    python scripts/diagnostics/score_scales.py --steps 20 --samples 4
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import argparse
 
 import torch
 
-from ddpo.config import ModelConfig, SampleConfig
 from ddpo.models import add_lora, load_pipeline
-from ddpo.prompts import load_prompts
-from ddpo.sampling import encode_prompts, log_prob_gradients, sample_trajectories
-from ddpo.schedulers import score_scales
-from ddpo.trainer import eval_prompt_list
+from ddpo.policy.sampling import SamplerSettings, encode_prompts, sample_trajectories
+from ddpo.tools.diagnostics import log_prob_gradients, score_scales
+from ddpo.training.config import ModelConfig, SampleConfig
+from ddpo.training.evaluation import eval_prompt_list
+from ddpo.training.prompts import load_prompts
 
 
 def main() -> None:
@@ -49,16 +49,16 @@ def main() -> None:
         encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative_prompt], "cpu") if args.guidance > 1 else None
     )
     generator = torch.Generator().manual_seed(args.seed)
+    settings = SamplerSettings("ddim", args.steps, args.guidance, args.eta)
     trajectories = sample_trajectories(
-        pipe.unet, pipe.vae, pipe.scheduler, "ddim", embeds, negative, prompts, args.steps, args.guidance, args.eta,
-        generator,
-    )  # fmt: skip
+        pipe.unet, pipe.vae, pipe.scheduler, embeds, negative, prompts, generator, settings
+    )
     print(
         f"{args.pretrained}, {args.steps} DDIM steps, eta {args.eta:g}, CFG {args.guidance:g}, {args.samples} samples"
     )
     print("| step | timestep | score scale | grad norm of log pi (LoRA, mean over samples) |")
     print("|---|---|---|---|")
-    grads = log_prob_gradients(pipe.unet, pipe.scheduler, "ddim", trajectories, params, args.guidance, args.eta)
+    grads = log_prob_gradients(pipe.unet, pipe.scheduler, trajectories, params, settings)
     norms = grads.norm(dim=2).mean(0)  # [T]: mean over samples of each step's gradient norm
     for j, t in enumerate(trajectories.timesteps.tolist()):
         print(f"| {j} | {t} | {scales[j].item():.3f} | {norms[j].item():.4f} |")

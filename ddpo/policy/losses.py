@@ -3,7 +3,7 @@
 Every loss takes per-pair tensors of shape ``[N]`` (N = number of (trajectory, timestep) pairs in the minibatch):
 ``log_prob`` (current policy, differentiable), ``old_log_prob`` (the sampling policy, recorded during sampling) and
 a per-pair weight: the advantage ``A_i`` of the pair's trajectory for DDPO, or the RWR weight ``w_i``. Log-probs
-are averaged over latent dimensions (see :mod:`ddpo.schedulers`). Each returns ``(loss, info)`` where ``info``
+are averaged over latent dimensions (see :mod:`ddpo.policy.schedulers`). Each returns ``(loss, info)`` where ``info``
 holds detached diagnostic tensors (``approx_kl``, ``clipfrac``, ``ratio_mean``, ``ratio_max``).
 """
 
@@ -81,3 +81,15 @@ LOSSES = {
     "rwr": weighted_regression_loss,
     "rwr_sparse": weighted_regression_loss,
 }
+
+
+def trajectory_weights(
+    algorithm: str, advantages: torch.Tensor, rwr_temperature: float, rwr_quantile: float
+) -> torch.Tensor:
+    """The per-trajectory weight each loss of :data:`LOSSES` takes: the (clipped) advantages for DDPO, the
+    exponentiated (RWR) or thresholded (sparse RWR) weights of the advantages for RWR. ``[N] -> [N]``."""
+    if algorithm == "rwr":
+        return rwr_weights(advantages, rwr_temperature)
+    if algorithm == "rwr_sparse":
+        return sparse_rwr_weights(advantages, rwr_quantile)
+    return advantages

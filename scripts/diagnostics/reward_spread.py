@@ -1,17 +1,17 @@
 """Where a reward varies: ``--count`` prompts x ``--seeds`` noise seeds sampled from a model with plain diffusers,
-scored, and summarised by :func:`ddpo.report.reward_spread` (per check too, for a reward with ``details``, such as
+scored, and summarised by :func:`ddpo.tools.diagnostics.reward_spread` (per check too, for a reward with ``details``, such as
 ``world``).
 
 DDPO with group advantages learns only from the spread *within* a prompt's samples: the ``within_share`` column is
 the part of the reward's variance that it can see, and ``never`` / ``always`` count the prompts on which a check gives
 no signal at all. One table per (steps, guidance, branch point):
 
-    python scripts/reward_spread.py                                    # the shipped world model, world reward
-    python scripts/reward_spread.py --steps 10 20 --guidance 2.5 5 10  # how sampler settings change it
-    python scripts/reward_spread.py --lora runs/seed0/final            # after fine-tuning
-    python scripts/reward_spread.py --share-initial-noise              # a prompt's samples share x_T (as
+    python scripts/diagnostics/reward_spread.py                                    # the shipped world model, world reward
+    python scripts/diagnostics/reward_spread.py --steps 10 20 --guidance 2.5 5 10  # how sampler settings change it
+    python scripts/diagnostics/reward_spread.py --lora runs/seed0/final            # after fine-tuning
+    python scripts/diagnostics/reward_spread.py --share-initial-noise              # a prompt's samples share x_T (as
                                                                        # sample.share_initial_noise trains)
-    python scripts/reward_spread.py --branch-after 2 4 6 8             # ... and share the first K steps too
+    python scripts/diagnostics/reward_spread.py --branch-after 2 4 6 8             # ... and share the first K steps too
 
 ``--branch-after K`` measures how much of the within-prompt variance the last ``steps - K`` denoising steps make:
 a prompt's samples follow seed 0's trajectory for ``K`` steps, then each continues with its own noise. Its
@@ -27,11 +27,11 @@ import time
 
 import torch
 
-from ddpo.config import SampleConfig
 from ddpo.models import load_pipeline
-from ddpo.prompts import load_prompts
-from ddpo.report import reward_spread
-from ddpo.trainer import eval_prompt_list
+from ddpo.tools.diagnostics import reward_spread
+from ddpo.training.config import SampleConfig
+from ddpo.training.evaluation import eval_prompt_list
+from ddpo.training.prompts import load_prompts
 from rewards import get_reward
 
 

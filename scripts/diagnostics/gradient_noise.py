@@ -4,7 +4,7 @@ Samples ``--samples`` trajectories with a run config's sampler (default: the pre
 per-sample gradient of every step's log-prob with respect to the fresh LoRA weights (the first optimiser step of a
 run), and for each reward forms the per-sample policy-gradient terms ``v_i = A_i * sum_{t in S} grad log pi_t`` with
 the config's advantages (computed per epoch-sized batch, as the trainer does). Then, over the ``n`` samples
-(:func:`ddpo.report.gradient_noise_scale`):
+(:func:`ddpo.tools.diagnostics.gradient_noise_scale`):
 
 * ``|G|^2``, the squared norm of the true gradient (unbiased: ``|mean v|^2 - tr(Sigma) / n``);
 * ``tr(Sigma)``, the total variance of one sample's term;
@@ -14,9 +14,9 @@ the config's advantages (computed per epoch-sized batch, as the trainer does). T
 * a bootstrap 95 % upper bound of ``|G|^2`` and the lower bound of ``B_noise`` it gives: when the signal is too weak to
   detect with ``--samples`` (``B_noise`` prints ``inf``), the bound still says how many samples it needs at least.
 
-    python scripts/gradient_noise.py                                   # the default run's settings
-    python scripts/gradient_noise.py --rewards world brightness jpeg_compressibility
-    python scripts/gradient_noise.py --set sample.guidance_scale=2.5   # any config override
+    python scripts/diagnostics/gradient_noise.py                                   # the default run's settings
+    python scripts/diagnostics/gradient_noise.py --rewards world brightness jpeg_compressibility
+    python scripts/diagnostics/gradient_noise.py --set sample.guidance_scale=2.5   # any config override
 
 The step subsets reported are every single step, the config's trained window, early / late halves, all steps, and
 all steps but the one whose terms vary most.
@@ -29,12 +29,12 @@ import time
 
 import torch
 
-from ddpo.advantages import batch_normalize, group_center, group_normalize
-from ddpo.config import build_config
 from ddpo.models import add_lora, load_pipeline
-from ddpo.prompts import derive_seed, draw_prompts, load_prompts
-from ddpo.report import gradient_noise_scale
-from ddpo.sampling import encode_prompts, log_prob_gradients, sample_trajectories
+from ddpo.policy.advantages import batch_normalize, group_center, group_normalize
+from ddpo.policy.sampling import encode_prompts, sample_trajectories
+from ddpo.tools.diagnostics import gradient_noise_scale, log_prob_gradients
+from ddpo.training.config import build_config, sampler_settings
+from ddpo.training.prompts import derive_seed, draw_prompts, load_prompts
 from rewards import get_reward
 
 ADVANTAGES = {"batch": lambda r, p: batch_normalize(r), "group": group_normalize, "group_center": group_center}
@@ -68,6 +68,7 @@ def main() -> None:
     prompts_all = load_prompts(config.prompts)
     negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.negative_prompt], "cpu")
     epoch_size = s.batch_size * s.num_batches_per_epoch
+    settings = sampler_settings(config)
 
     start = time.perf_counter()
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
@@ -77,18 +78,11 @@ def main() -> None:
         embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, "cpu")
         generator = torch.Generator().manual_seed(derive_seed(args.seed, 2, 0, b, 0))
         unet.eval()
-        traj = sample_trajectories(
-            unet, pipe.vae, pipe.scheduler, s.scheduler, embeds, negative, prompts, s.num_steps,
-            s.guidance_scale, s.eta, generator, share_initial_noise=s.share_initial_noise,
-        )  # fmt: skip
+        traj = sample_trajectories(unet, pipe.vae, pipe.scheduler, embeds, negative, prompts, generator, settings)
         for name, reward in rewards.items():
             with torch.no_grad():
                 scores[name].append(reward(traj.images, prompts).float())
-        grads.append(
-            log_prob_gradients(
-                unet, pipe.scheduler, s.scheduler, traj, params, s.guidance_scale, s.eta, config.mixed_precision
-            )
-        )
+        grads.append(log_prob_gradients(unet, pipe.scheduler, traj, params, settings))
         prompts_seen += prompts
         print(f"  batch {b}: {len(prompts_seen)} samples, {time.perf_counter() - start:.0f} s", flush=True)
     grads = torch.cat(grads)  # [N, T, P]
@@ -101,7 +95,7 @@ def main() -> None:
         "late half": list(range(steps // 2, steps)),
         "all steps": list(range(steps)),
     }
-    # The step whose terms vary most (with 10 DDIM steps from t = 901: t = 101, see scripts/score_scales.py).
+    # The step whose terms vary most (with 10 DDIM steps from t = 901: t = 101, see scripts/diagnostics/score_scales.py).
     loudest = int(grads.pow(2).sum(2).mean(0).argmax())
     subsets[f"all but step {loudest}"] = [j for j in range(steps) if j != loudest]
     print(f"{len(prompts_seen)} samples, {grads.shape[2]} LoRA weights, {time.perf_counter() - start:.0f} s")

@@ -1,6 +1,6 @@
-"""Rewards used only in the diagnosis of the default run (README, "Why the reward does not rise"), by import path:
+"""Rewards used only in the diagnosis of the default run (docs/notes/2026-11-25-why-the-reward-does-not-rise.md), by import path:
 
-    PYTHONPATH=scripts ddpo train reward.name=experimental_rewards:BackgroundFraction
+    PYTHONPATH=scripts/diagnostics ddpo train reward.name=experimental_rewards:BackgroundFraction
 
 ``BackgroundFraction``: the fraction of the image's pixels that the ``world`` reward labels with the caption's
 background colour (its background check passes at 0.5): a continuous form of that check. Every ``world`` check is

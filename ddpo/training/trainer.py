@@ -1,7 +1,8 @@
 """The epoch loop: sample -> score -> advantages -> optimise -> log -> checkpoint.
 
-The trainer orchestrates; the maths lives in :mod:`ddpo.schedulers` (log-prob steps), :mod:`ddpo.sampling`
-(trajectories and their recomputation), :mod:`ddpo.advantages` and :mod:`ddpo.algorithms` (losses). Device
+The trainer orchestrates; the maths lives in :mod:`ddpo.policy`: :mod:`~ddpo.policy.schedulers` (log-prob steps),
+:mod:`~ddpo.policy.sampling` (trajectories and their recomputation), :mod:`~ddpo.policy.pairs` (which pairs to
+train on), :mod:`~ddpo.policy.advantages` and :mod:`~ddpo.policy.losses`. Device
 placement, mixed precision, gradient accumulation and multi-process gathering go through ``accelerate``.
 
 Reproducibility: every random stream (prompt draws, sampling noise, minibatch shuffles) is derived from
@@ -27,26 +28,37 @@ from tqdm.auto import tqdm
 
 from rewards import check_reward_output, get_reward
 
-from . import checkpoint
-from .advantages import PerPromptStatTracker, batch_normalize, clip_advantages, group_center, group_normalize
-from .algorithms import LOSSES, kl_to_reference, rwr_weights, sparse_rwr_weights
-from .config import ConfigError, RunConfig, build_config, to_dict, train_steps_per_trajectory, train_window_steps
-from .models import add_lora, load_pipeline, lora_state_dict
-from .prompts import derive_seed, draw_prompts, load_prompts
-from .runlog import append_jsonl, read_jsonl
-from .sampling import (
+from ..models import add_lora, load_pipeline, lora_state_dict
+from ..policy.advantages import build_advantage, clip_advantages
+from ..policy.losses import LOSSES, kl_to_reference, trajectory_weights
+from ..policy.pairs import training_pairs
+from ..policy.sampling import (
     AUTOCAST_DTYPES,
     Trajectories,
     check_schedule,
     encode_prompts,
     recompute_pairs,
     sample_trajectories,
+    uses_cfg,
 )
-from .schedulers import StepOutput
+from ..policy.schedulers import StepOutput
+from . import checkpoint
+from .config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    sampler_settings,
+    to_dict,
+    train_steps_per_trajectory,
+    train_window_steps,
+)
+from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
+from .prompts import derive_seed, draw_prompts, load_prompts
+from .runlog import append_jsonl, read_jsonl
 from .visualize import save_image_grid
 
-# Stream identifiers for derive_seed: each random stream of the run gets its own.
-_SAMPLING_NOISE, _SHUFFLE, _EVAL_PROMPTS, _EVAL_NOISE = 2, 3, 4, 5
+# Stream identifiers for derive_seed: each random stream of the run gets its own (4 and 5: held-out evaluation).
+SAMPLING_NOISE_STREAM, SHUFFLE_STREAM = 2, 3
 
 TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
 
@@ -85,7 +97,8 @@ class Trainer:
         pipe = load_pipeline(c.model.pretrained, c.model.revision, s.scheduler)
         self.pipe = pipe
         self.scheduler = pipe.scheduler
-        check_schedule(self.scheduler, s.scheduler, s.num_steps, s.eta)
+        self.settings = sampler_settings(c)
+        check_schedule(self.scheduler, self.settings)
         device = acc.device
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
@@ -128,13 +141,11 @@ class Trainer:
             unet.compile()  # in place: parameter names (checkpoints, LoRA export) are unchanged
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.params = params
-        self.tracker = (
-            PerPromptStatTracker(t.per_prompt_buffer_size, t.per_prompt_min_count)
-            if t.advantage == "per_prompt"
-            else None
-        )
+        self.advantage = build_advantage(t.advantage, t.per_prompt_buffer_size, t.per_prompt_min_count)
+        # A stateful advantage scheme (per-prompt statistics) is saved in checkpoints.
+        self.tracker = self.advantage if hasattr(self.advantage, "state_dict") else None
         self.negative_embeds = None
-        if s.guidance_scale > 1.0:
+        if uses_cfg(s.guidance_scale):
             self.negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.negative_prompt], device)
         self.start_epoch = 0
         self.global_step = 0
@@ -300,8 +311,8 @@ class Trainer:
         results, first_images = [], None
         for k in range(acc.process_index, len(chunks), acc.num_processes):
             prompts = chunks[k]
-            trajectories = self._sample(unet, prompts, derive_seed(0, _EVAL_NOISE, k))
-            values, info, _ = self._score(trajectories.images, prompts)
+            trajectories = self.sample(unet, prompts, derive_seed(0, EVAL_NOISE_STREAM, k))
+            values, info, _ = self.score(trajectories.images, prompts)
             results.append((k, values.cpu().tolist(), info))
             if k == 0:
                 first_images = trajectories.images
@@ -363,17 +374,17 @@ class Trainer:
             prompts = draw_prompts(
                 self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
             )
-            trajectories = self._sample(
+            trajectories = self.sample(
                 unet,
                 prompts,
-                derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index),
+                derive_seed(c.seed, SAMPLING_NOISE_STREAM, epoch, b, acc.process_index),
                 share_initial_noise=s.share_initial_noise,
             )
             batches.append(trajectories)
             if c.overlap_scoring:
-                pending.append(self.executor.submit(self._score, trajectories.images, prompts))
+                pending.append(self.executor.submit(self.score, trajectories.images, prompts))
             else:
-                pending.append(self._score(trajectories.images, prompts))
+                pending.append(self.score(trajectories.images, prompts))
         sampling_seconds = time.perf_counter() - sampling_start
         wait_start = time.perf_counter()
         results = [item.result() if isinstance(item, Future) else item for item in pending]
@@ -388,29 +399,19 @@ class Trainer:
         timings = {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
         return Trajectories.cat(batches), rewards, reward_info, timings
 
-    def _sample(self, unet, prompts: list[str], seed: int, share_initial_noise: bool = False) -> Trajectories:
+    def sample(self, unet, prompts: list[str], seed: int, share_initial_noise: bool = False) -> Trajectories:
         """Trajectories of ``prompts`` with the run's sampler settings, the noise drawn from a generator seeded ``seed``
         (``share_initial_noise``: one ``x_T`` per group of consecutive equal prompts, for training batches)."""
-        c, s, device = self.config, self.config.sample, self.accelerator.device
+        device = self.accelerator.device
         embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device)
+        settings = sampler_settings(self.config, share_initial_noise=share_initial_noise)
+        generator = torch.Generator(device=device).manual_seed(seed)
         return sample_trajectories(
-            unet,
-            self.pipe.vae,
-            self.scheduler,
-            s.scheduler,
-            embeds,
-            self.negative_embeds,
-            prompts,
-            s.num_steps,
-            s.guidance_scale,
-            s.eta,
-            torch.Generator(device=device).manual_seed(seed),
-            c.mixed_precision,
-            s.decode_chunk_size,
-            share_initial_noise,
+            unet, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings
         )
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:
+    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:
+        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``."""
         start = time.perf_counter()
         with torch.no_grad():
             values = self.reward(images, prompts)
@@ -425,21 +426,9 @@ class Trainer:
 
     def compute_weights(self, all_rewards: torch.Tensor, all_prompts: list[str]) -> torch.Tensor:
         """Per-trajectory weights of this process's samples: advantages (DDPO) or RWR weights."""
-        t = self.config.train
-        if t.advantage == "per_prompt":
-            advantages = self.tracker.update(all_prompts, all_rewards)
-        elif t.advantage == "group":
-            advantages = group_normalize(all_rewards, all_prompts)
-        elif t.advantage == "group_center":
-            advantages = group_center(all_rewards, all_prompts)
-        else:
-            advantages = batch_normalize(all_rewards)
-        weights = clip_advantages(advantages, t.adv_clip_max)
-        if t.algorithm == "rwr":
-            weights = rwr_weights(weights, t.rwr_temperature)
-        elif t.algorithm == "rwr_sparse":
-            weights = sparse_rwr_weights(weights, t.rwr_quantile)
-        acc = self.accelerator
+        t, acc = self.config.train, self.accelerator
+        advantages = clip_advantages(self.advantage(all_rewards, all_prompts), t.adv_clip_max)
+        weights = trajectory_weights(t.algorithm, advantages, t.rwr_temperature, t.rwr_quantile)
         return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 
     def optimise(self, epoch: int, samples: Trajectories, weights: torch.Tensor) -> dict[str, float]:
@@ -483,27 +472,22 @@ class Trainer:
         return {key: value.item() for key, value in means.items()}
 
     def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shuffled (trajectory, step) pairs of one inner epoch: two ``[num_samples * k]`` long tensors.
-
-        Each trajectory contributes ``k = steps_per_trajectory`` distinct random steps among the first
-        ``train_window_steps`` (``train.timestep_window``); all pairs are shuffled together, so one minibatch mixes
-        trajectories and timesteps. A pure function of ``(seed, epoch, inner)``.
-        """
+        """The shuffled (trajectory, step) pairs of inner epoch ``inner`` of ``epoch`` (see
+        :func:`ddpo.policy.pairs.training_pairs`), from the run's shuffle stream: two ``[num_samples * k]`` long
+        tensors on the device."""
         c, acc = self.config, self.accelerator
-        k = self.steps_per_trajectory
-        window = train_window_steps(c)
-        generator = torch.Generator().manual_seed(derive_seed(c.seed, _SHUFFLE, epoch, inner, acc.process_index))
-        steps = torch.stack([torch.randperm(window, generator=generator)[:k] for _ in range(num_samples)])
-        trajs = torch.arange(num_samples).unsqueeze(1).expand(num_samples, k)
-        order = torch.randperm(num_samples * k, generator=generator)
-        return trajs.flatten()[order].to(acc.device), steps.flatten()[order].to(acc.device)
+        seed = derive_seed(c.seed, SHUFFLE_STREAM, epoch, inner, acc.process_index)
+        trajs, steps = training_pairs(
+            num_samples, self.steps_per_trajectory, train_window_steps(c), torch.Generator().manual_seed(seed)
+        )
+        return trajs.to(acc.device), steps.to(acc.device)
 
     def minibatch_loss(
         self, samples: Trajectories, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of ``N`` (trajectory ``i``, step ``j``) pairs (``[N]`` each) in **one** UNet call, with diagnostics."""
         t = self.config.train
-        out = self._recompute(self.unet, samples, i, j)
+        out = self.recompute(self.unet, samples, i, j)
         loss, info = LOSSES[t.algorithm](out.log_prob, samples.log_probs[i, j], weights[i], t.clip_range)
         if t.kl_coef > 0:
             kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j), out.std).mean()
@@ -512,22 +496,19 @@ class Trainer:
         info["loss"] = loss.detach()
         return loss, info
 
-    def _recompute(self, model, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> StepOutput:
+    def recompute(self, model, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> StepOutput:
         """The policy step of ``model`` at stored pairs ``(i, j)``, exactly as sampled (same CFG, autocast, eta)."""
-        s = self.config.sample
-        return recompute_pairs(
-            model, self.scheduler, s.scheduler, samples, i, j, s.guidance_scale, s.eta, self.config.mixed_precision
-        )
+        return recompute_pairs(model, self.scheduler, samples, i, j, self.settings)
 
     @torch.no_grad()
     def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Mean of the frozen base policy at the same pairs (LoRA: adapters disabled; full: the frozen copy)."""
         if self.ref_unet is not None:
-            return self._recompute(self.ref_unet, samples, i, j).mean
+            return self.recompute(self.ref_unet, samples, i, j).mean
         model = self.accelerator.unwrap_model(self.unet)
         model.disable_adapters()
         try:
-            return self._recompute(model, samples, i, j).mean
+            return self.recompute(model, samples, i, j).mean
         finally:
             model.enable_adapters()
 
@@ -639,23 +620,6 @@ class Trainer:
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
-
-
-def paired_change(before: list[float] | None, after: list[float] | None) -> tuple[float, float] | None:
-    """Mean and standard error of ``after - before`` over paired per-image rewards (two evaluations of the same
-    inputs); None when either is missing, their lengths differ or there are fewer than 2 pairs."""
-    if not before or not after or len(before) != len(after) or len(before) < 2:
-        return None
-    diff = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
-    return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
-
-
-def eval_prompt_list(prompts: list[str], count: int) -> list[str]:
-    """``count`` prompts of a held-out set in a fixed shuffled order (cycled when ``count`` exceeds the set), the same
-    for every run and seed, so evaluations of different runs are comparable."""
-    generator = torch.Generator().manual_seed(derive_seed(0, _EVAL_PROMPTS))
-    order = torch.randperm(len(prompts), generator=generator).tolist()
-    return [prompts[order[i % len(order)]] for i in range(count)]
 
 
 def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:

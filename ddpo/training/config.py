@@ -17,6 +17,15 @@ from typing import Any
 
 import yaml
 
+if typing.TYPE_CHECKING:
+    from ..policy.sampling import SamplerSettings
+
+# The policy maths (and torch) are imported inside the functions that need them, so that reading and validating
+# configs, the CLI's help and the reports stay light.
+
+DEFAULT_PRESET = "world"
+"""The preset ``ddpo train`` (and ``bench``, ``config``) uses when none is given: the embedded world."""
+
 
 @dataclass
 class ModelConfig:
@@ -84,8 +93,8 @@ class TrainConfig:
     """Fraction of the steps in ``timestep_window`` trained on (a random subset per trajectory and inner epoch)."""
     timestep_window: float = 1.0
     """Train only on the first (noisiest) this fraction of the stochastic denoising steps (1: all of them). The
-    log-prob gradient of a step scales as ``|d mean / d model_output| / sigma_t`` (:func:`ddpo.schedulers.score_scales`;
-    ``scripts/score_scales.py`` prints it with measured gradient norms), so late, nearly deterministic steps can
+    log-prob gradient of a step scales as ``|d mean / d model_output| / sigma_t`` (:func:`ddpo.tools.diagnostics.score_scales`;
+    ``scripts/diagnostics/score_scales.py`` prints it with measured gradient norms), so late, nearly deterministic steps can
     dominate its norm while deciding little of an image's layout (10 DDIM steps: the step t=101 -> 1 has 8-25x the
     others' gradient norm); a window < 1 leaves them out. Adam then takes full-size steps on the early steps' smaller
     gradients: lower the learning rate with it (on the `world` preset, window 0.5 at the preset's lr 6e-3 degraded
@@ -326,7 +335,8 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def validate(config: RunConfig) -> None:
     """Check values and their combinations; raise :class:`ConfigError` naming the key and the fix."""
-    from .algorithms import ALGORITHMS
+    from ..policy.advantages import ADVANTAGES
+    from ..policy.losses import ALGORITHMS
 
     s, t = config.sample, config.train
 
@@ -365,8 +375,8 @@ def validate(config: RunConfig) -> None:
     need(t.clip_range > 0, f"train.clip_range must be > 0; got {t.clip_range}")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0; got {t.max_grad_norm}")
     need(
-        t.advantage in ("per_prompt", "batch", "group", "group_center"),
-        f"train.advantage must be per_prompt, batch, group or group_center; got {t.advantage!r}",
+        t.advantage in ADVANTAGES,
+        f"train.advantage must be one of {', '.join(ADVANTAGES)}; got {t.advantage!r}",
     )
     need(
         t.advantage not in ("group", "group_center") or s.samples_per_prompt > 1,
@@ -399,7 +409,26 @@ def train_steps_per_trajectory(config: RunConfig) -> int:
 
 def train_window_steps(config: RunConfig) -> int:
     """The first ``round(timestep_window * stochastic steps)`` (>= 1) denoising steps, the ones training draws from."""
-    from .schedulers import trainable_steps
+    from ..policy.schedulers import trainable_steps
 
     stochastic = trainable_steps(config.sample.scheduler, config.sample.num_steps)
     return max(1, round(config.train.timestep_window * stochastic))
+
+
+def sampler_settings(config: RunConfig, share_initial_noise: bool | None = None) -> SamplerSettings:
+    """The :class:`~ddpo.policy.sampling.SamplerSettings` of a run (sampling and training-time recomputation).
+
+    ``share_initial_noise`` overrides ``sample.share_initial_noise`` (held-out evaluation never shares ``x_T``).
+    """
+    from ..policy.sampling import SamplerSettings
+
+    s = config.sample
+    return SamplerSettings(
+        scheduler=s.scheduler,
+        num_steps=s.num_steps,
+        guidance_scale=s.guidance_scale,
+        eta=s.eta,
+        mixed_precision=config.mixed_precision,
+        decode_chunk_size=s.decode_chunk_size,
+        share_initial_noise=s.share_initial_noise if share_initial_noise is None else share_initial_noise,
+    )

@@ -211,29 +211,6 @@ def ddpm_step_with_logprob(
     return _finish(mean, std, prev_sample, noise, generator, deterministic=is_last, check=check)
 
 
-def score_scales(scheduler, scheduler_name: str, num_steps: int, eta: float = 1.0) -> torch.Tensor:
-    """How strongly each step's log-prob responds to the model output: ``|d mean / d model_output| / std`` per step,
-    ``[num_steps]`` float32 in sampling order (0 for a deterministic step).
-
-    The score of a step is ``d log pi / d theta = (x_{t-1} - mean) / std^2 * d mean / d theta``, with
-    ``x_{t-1} - mean = std * noise``: its size is this scale times the model's Jacobian, so a step whose scale is
-    large (a small ``std`` but a mean that still moves with the model output, such as the second-last step of a
-    10-step DDIM schedule that starts at ``t = 901``) dominates the policy gradient's norm and its variance.
-    ``train.timestep_window`` leaves the last steps out. Calls ``scheduler.set_timesteps(num_steps)``.
-    """
-    step = STEP_FUNCTIONS[scheduler_name]
-    scheduler.set_timesteps(num_steps)
-    scales = []
-    for t in scheduler.timesteps.tolist():
-        output = torch.zeros(1, 1, 1, 1, requires_grad=True)
-        zeros = torch.zeros(1, 1, 1, 1)
-        out = step(scheduler, output, t, zeros, eta=eta, prev_sample=zeros, check=False)
-        (slope,) = torch.autograd.grad(out.mean.sum(), output)
-        std = out.std.detach()
-        scales.append(torch.where(std > 0, slope.abs().flatten() / std.clamp(min=1e-30), torch.zeros_like(std)))
-    return torch.cat(scales)
-
-
 def trainable_steps(scheduler_name: str, num_steps: int) -> int:
     """How many of the ``num_steps`` steps are stochastic (policy) steps: all for DDIM, all but the last for DDPM."""
     return num_steps - 1 if scheduler_name == "ddpm" else num_steps

@@ -5,7 +5,7 @@ the same sampling noise, the same rewards and advantages, the same (trajectory, 
 optimiser steps. They differ only in how the work is executed:
 
 =====================  ===============================================  ===============================================
-phase                  ours (:class:`ddpo.trainer.Trainer`)              reference (this module, ddpo-pytorch style)
+phase                  ours (:class:`~ddpo.training.Trainer`)             reference (this module, ddpo-pytorch style)
 =====================  ===============================================  ===============================================
 sampling               batched CFG, Python-int timesteps, log-probs     pipeline-style loop: ``scheduler.timesteps``
                        in float32 on the device, no host syncs          tensors, ``scale_model_input``, log-probs in the
@@ -42,6 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..policy import sampling
+from ..policy.losses import LOSSES
+from ..policy.sampling import Trajectories, autocast, encode_prompts, uses_cfg
+from ..training.config import to_dict
+from ..training.prompts import derive_seed, draw_prompts
+from ..training.trainer import SAMPLING_NOISE_STREAM, Trainer
 
 PHASES = ("sampling_seconds", "decoding_seconds", "scoring_seconds", "training_seconds", "total_seconds")
 MODES = ("ours", "reference")
@@ -136,16 +143,14 @@ def reference_sample(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The denoising loop of ddpo-pytorch's ``pipeline_with_logprob``: one UNet call per timestep.
 
-    Draws the same noise as :func:`ddpo.sampling.sample_trajectories` (``x_T`` first, then one draw per step from
+    Draws the same noise as :func:`ddpo.policy.sampling.sample_trajectories` (``x_T`` first, then one draw per step from
     ``generator``), so the same seed gives the same trajectories.
 
     Returns:
         ``latents [B, T + 1, C, h, w]`` float32, ``log_probs [B, T]`` float32, ``timesteps [T]`` long.
     """
-    from .sampling import autocast
-
     device, batch = prompt_embeds.device, prompt_embeds.shape[0]
-    do_cfg = negative_embeds is not None and guidance_scale > 1.0
+    do_cfg = negative_embeds is not None and uses_cfg(guidance_scale)
     embeds = torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds]) if do_cfg else prompt_embeds
     scheduler.set_timesteps(num_steps, device=device)
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -173,11 +178,8 @@ def reference_minibatch_loss(trainer, samples, weights: torch.Tensor, i: torch.T
     """Loss and diagnostics of ``N`` pairs (trajectory ``i``, step ``j``, ``[N]`` each) in one UNet call, the
     ddpo-pytorch way: CFG rows from ``cat([negative, prompt])``, and the log-prob in the UNet dtype.
     (No KL-to-base term: :func:`main` refuses ``train.kl_coef > 0`` in the reference mode.)"""
-    from .algorithms import LOSSES
-    from .sampling import autocast
-
     c, s, t = trainer.config, trainer.config.sample, trainer.config.train
-    do_cfg = trainer.negative_embeds is not None and s.guidance_scale > 1.0
+    do_cfg = trainer.negative_embeds is not None and uses_cfg(s.guidance_scale)
     embeds = samples.prompt_embeds[i]
     if do_cfg:
         embeds = torch.cat([trainer.negative_embeds.expand(len(i), -1, -1), embeds])
@@ -314,10 +316,8 @@ def plain_unet(unet):
 
 @contextmanager
 def _timed_decoding(totals: dict[str, float], device: torch.device):
-    """Time every :func:`ddpo.sampling.decode_latents` call made by ours' sampler (it decodes inside the batch
+    """Time every :func:`ddpo.policy.sampling.decode_latents` call made by ours' sampler (it decodes inside the batch
     loop), adding the seconds to ``totals["decoding_seconds"]``."""
-    from . import sampling
-
     original = sampling.decode_latents
 
     def timed(*args, **kwargs):
@@ -342,8 +342,6 @@ class EpochBench:
     """
 
     def __init__(self, config, run_dir: Path, epoch: int = 0):
-        from .trainer import Trainer
-
         self.config, self.epoch = config, epoch
         self.trainer = Trainer(config, run_dir)
         self.device = self.trainer.accelerator.device
@@ -412,10 +410,6 @@ class EpochBench:
         }
 
     def _reference(self) -> dict[str, float]:
-        from .prompts import derive_seed, draw_prompts
-        from .sampling import Trajectories, encode_prompts
-        from .trainer import _SAMPLING_NOISE
-
         tr, epoch, c, s = self.trainer, self.epoch, self.config, self.config.sample
         acc, pipe = tr.accelerator, tr.pipe
         tr.unet.eval()
@@ -425,7 +419,7 @@ class EpochBench:
             phase = time.perf_counter()
             prompts = draw_prompts(tr.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index)
             embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, acc.device)
-            seed = derive_seed(c.seed, _SAMPLING_NOISE, epoch, b, acc.process_index)
+            seed = derive_seed(c.seed, SAMPLING_NOISE_STREAM, epoch, b, acc.process_index)
             generator = torch.Generator(device=acc.device).manual_seed(seed)
             latents, log_probs, timesteps = reference_sample(
                 tr.unet,
@@ -446,7 +440,7 @@ class EpochBench:
             seconds["decoding_seconds"] += time.perf_counter() - decode_start
             batches.append(Trajectories(prompts, embeds, tr.negative_embeds, latents, log_probs, timesteps, images))
         score_start = time.perf_counter()
-        rewards = torch.cat([tr._score(batch.images, batch.prompts)[0] for batch in batches])
+        rewards = torch.cat([tr.score(batch.images, batch.prompts)[0] for batch in batches])
         seconds["scoring_seconds"] = time.perf_counter() - score_start
         samples = Trajectories.cat(batches)
         all_rewards, all_prompts = tr.gather(rewards, samples.prompts)
@@ -472,8 +466,6 @@ def run_bench(
     Returns ``{"ours": {...}, "reference": {...}, "ratio_total": ours / reference total seconds, "ratios": {...},
     "runs": {mode: [per-repeat results]}, "machine": {...}, "config": {...}}`` (modes not run are left out).
     """
-    from .config import to_dict
-
     with tempfile.TemporaryDirectory(prefix="ddpo-bench-") as tmp:
         bench = EpochBench(config, Path(run_dir) if run_dir is not None else Path(tmp) / "run")
         for _ in range(warmup):

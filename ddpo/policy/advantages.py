@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -79,6 +80,10 @@ class PerPromptStatTracker:
             advantages[mask] = (values[mask] - mean) / std
         return torch.as_tensor(advantages, dtype=torch.float32, device=rewards.device)
 
+    def __call__(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """:meth:`update` in the signature of every advantage scheme (see :data:`ADVANTAGES`)."""
+        return self.update(prompts, rewards)
+
     def stats(self) -> dict[str, float]:
         return {"tracker_prompts": float(len(self.buffers))}
 
@@ -98,3 +103,28 @@ class PerPromptStatTracker:
 def clip_advantages(advantages: torch.Tensor, max_abs: float) -> torch.Tensor:
     """Clip to ``[-max_abs, max_abs]``."""
     return advantages.clamp(-max_abs, max_abs)
+
+
+AdvantageFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+"""``advantage(rewards [N], prompts) -> advantages [N]`` over every process's samples of one epoch."""
+
+
+def _batch_scheme(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return batch_normalize(rewards)
+
+
+ADVANTAGES: dict[str, Callable[[int, int], AdvantageFn]] = {
+    "per_prompt": lambda buffer_size, min_count: PerPromptStatTracker(buffer_size, min_count),
+    "group": lambda buffer_size, min_count: group_normalize,
+    "group_center": lambda buffer_size, min_count: group_center,
+    "batch": lambda buffer_size, min_count: _batch_scheme,
+}
+"""``train.advantage`` -> factory ``(per_prompt_buffer_size, per_prompt_min_count) -> AdvantageFn``. A stateful
+scheme (``per_prompt``) returns an object with ``state_dict`` / ``load_state_dict``, saved in checkpoints."""
+
+
+def build_advantage(name: str, buffer_size: int, min_count: int) -> AdvantageFn:
+    """The advantage scheme ``name`` (a key of :data:`ADVANTAGES`)."""
+    if name not in ADVANTAGES:
+        raise ValueError(f"train.advantage must be one of {sorted(ADVANTAGES)}; got {name!r}")
+    return ADVANTAGES[name](buffer_size, min_count)

@@ -1,0 +1,21 @@
+"""Model loading: pipelines (hub id, local folder, the embedded world model, the tiny test pipeline) and LoRA.
+
+A layer of its own below :mod:`ddpo.training`: it imports :mod:`world` (the shipped model), never the policy maths.
+"""
+
+from __future__ import annotations
+
+from world import build_clip_tokenizer
+
+from .lora import add_lora, lora_state_dict
+from .stable_diffusion import TINY, WORLD, build_tiny_pipeline, load_pipeline
+
+__all__ = [
+    "TINY",
+    "WORLD",
+    "add_lora",
+    "build_clip_tokenizer",
+    "build_tiny_pipeline",
+    "load_pipeline",
+    "lora_state_dict",
+]

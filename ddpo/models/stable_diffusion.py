@@ -1,0 +1,119 @@
+"""Loading Stable Diffusion 1.x/2.x pipelines (hub id, local folder, the embedded world model) and the tiny test pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+from world import build_sd_pipeline, world_model_path
+
+TINY = "tiny"
+"""``model.pretrained`` value that builds :func:`build_tiny_pipeline` instead of loading weights."""
+WORLD = "world"
+"""``model.pretrained`` value for the embedded pretrained model of the procedural world (shipped in the package)."""
+
+
+TINY_UNET: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "block_out_channels": (32, 64),
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+}
+TINY_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+
+
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeline:
+    """A Stable-Diffusion-shaped pipeline with random weights, built from configs (no download).
+
+    UNet ``(32, 64)`` channels with cross-attention, a 2-level AutoencoderKL (``sample_size`` latents decode to
+    ``2 * sample_size`` pixels), a 2-layer CLIP text encoder with hidden size 32 and the real CLIP tokenizer,
+    and the Stable Diffusion DDIM scheduler configuration. Deterministic for a given ``seed``.
+    """
+    return build_sd_pipeline(
+        unet={**TINY_UNET, "sample_size": sample_size},
+        vae={**TINY_VAE, "sample_size": 2 * sample_size},
+        text_encoder=TINY_TEXT_ENCODER,
+        seed=seed,
+        construction_order=("unet", "vae", "text_encoder"),
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
+
+
+def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str = "ddim") -> StableDiffusionPipeline:
+    """Load a Stable Diffusion 1.x/2.x pipeline from a hub id or a local folder, in float32, without safety checker.
+
+    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`; ``pretrained="world"`` loads the embedded model. The scheduler is replaced by a DDIM (or DDPM)
+    scheduler built from the pipeline's own scheduler config, so timesteps and the noise schedule are unchanged.
+    Errors name what is missing and how to fix it, instead of surfacing from deep inside a download.
+    """
+    if pretrained == TINY:
+        pipe = build_tiny_pipeline()
+    else:
+        if pretrained == WORLD:
+            pretrained = str(world_model_path())
+        local = Path(pretrained).expanduser()
+        if local.exists():
+            if not (local / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"model.pretrained={pretrained!r} is a folder without model_index.json; point it at a diffusers "
+                    "pipeline folder (saved with pipe.save_pretrained) or a hub id"
+                )
+        elif _looks_like_path(pretrained) and not _is_hub_id(pretrained):
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained!r} does not exist; give an existing local pipeline folder or a hub id "
+                "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+            )
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(local) if local.exists() else pretrained,
+                revision=revision,
+                dtype=torch.float32,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except OSError as err:
+            raise OSError(
+                f"could not load the pipeline {pretrained!r}: {err}\n"
+                "If this machine is offline, download the model elsewhere (e.g. `hf download "
+                f"{pretrained} --local-dir DIR`) and set model.pretrained=DIR."
+            ) from err
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "ddpm":
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    else:
+        raise ValueError(f"sample.scheduler must be 'ddim' or 'ddpm'; got {scheduler!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
