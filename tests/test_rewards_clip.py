@@ -33,15 +33,6 @@ TINY_768 = "ddpo-test-tiny-clip-768"
 TINY_64 = "ddpo-test-tiny-clip-64"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and are not slowed down by other processes on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _save_random_checkpoint(name: str, path: Path, seed: int, fmt: str) -> Path:
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None)

@@ -15,15 +15,6 @@ from rewards.discriminator import DiscriminatorReward
 SMALL = {"image_size": 16, "channels": 8, "depth": 2, "learning_rate": 3e-3, "batch_size": 8, "steps_per_epoch": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and are not slowed down by other processes on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _colour(rgb, n: int, noise: float = 0.05, seed: int = 0, size: int = 16) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     base = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(n, 3, size, size)

@@ -14,15 +14,6 @@ from rewards.rules import parse_color
 RULES = ["brightness", "contrast", "saturation", "colorfulness", "target_color"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and are not slowed down by other processes on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(batch: int = 3, size: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

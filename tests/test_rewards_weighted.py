@@ -26,15 +26,6 @@ EXPECTED_NAMES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and are not slowed down by other processes on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(batch: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
