@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
 from world import build_sd_pipeline, world_model_path
+
+from .schedulers import build_scheduler
 
 TINY = "tiny"
 """``model.pretrained`` value that builds :func:`build_tiny_pipeline` instead of loading weights."""
@@ -69,8 +71,9 @@ def _looks_like_path(name: str) -> bool:
 def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str = "ddim") -> StableDiffusionPipeline:
     """Load a Stable Diffusion 1.x/2.x pipeline from a hub id or a local folder, in float32, without safety checker.
 
-    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`; ``pretrained="world"`` loads the embedded model. The scheduler is replaced by a DDIM (or DDPM)
-    scheduler built from the pipeline's own scheduler config, so timesteps and the noise schedule are unchanged.
+    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`; ``pretrained="world"`` loads the embedded model. The
+    scheduler is replaced by the sampler ``scheduler`` (:func:`~ddpo.models.schedulers.build_scheduler`: ``ddim``,
+    ``ddpm``, ``dpmsolver++``, ...) built from the pipeline's own scheduler config, so the noise schedule is unchanged.
     Errors name what is missing and how to fix it, instead of surfacing from deep inside a download.
     """
     if pretrained == TINY:
@@ -104,12 +107,7 @@ def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str =
                 "If this machine is offline, download the model elsewhere (e.g. `hf download "
                 f"{pretrained} --local-dir DIR`) and set model.pretrained=DIR."
             ) from err
-    if scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif scheduler == "ddpm":
-        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    else:
-        raise ValueError(f"sample.scheduler must be 'ddim' or 'ddpm'; got {scheduler!r}")
+    pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

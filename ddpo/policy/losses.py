@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse", "awm", "nft")
+"""Every ``train.algorithm``: the log-prob estimators of :data:`LOSSES` and the forward-process ones of
+:mod:`ddpo.policy.forward` (``awm``, ``nft``)."""
 
 
 def _ratio_info(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float) -> dict[str, torch.Tensor]:

@@ -257,3 +257,87 @@ def recompute_pairs(
         trajectories.negative_embeds,
         settings,
     )
+
+
+@dataclass
+class CleanSamples:
+    """A batch of ``B`` samples for the forward-process estimators: only what their loss needs.
+
+    Attributes:
+        prompts: ``B`` prompt strings.
+        prompt_embeds: ``[B, L, D]`` float32 text-encoder states.
+        negative_embeds: ``[1, L, D]`` (None without CFG).
+        latents: ``[B, C, h, w]`` float32: the clean ``x_0`` the sampler ended at.
+        timesteps: ``[T]`` long: the sampler's timesteps (the forward-process loss re-noises at these).
+        images: ``[B, 3, H, W]`` float32 in ``[0, 1]``.
+    """
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    images: torch.Tensor
+
+    @staticmethod
+    def cat(items: list[CleanSamples]) -> CleanSamples:
+        """Concatenate batches along the batch dimension (they share timesteps and the negative prompt)."""
+        return CleanSamples(
+            prompts=[p for item in items for p in item.prompts],
+            prompt_embeds=torch.cat([item.prompt_embeds for item in items]),
+            negative_embeds=items[0].negative_embeds,
+            latents=torch.cat([item.latents for item in items]),
+            timesteps=items[0].timesteps,
+            images=torch.cat([item.images for item in items]),
+        )
+
+
+def _step_kwargs(scheduler, eta: float, generator: torch.Generator) -> dict:
+    """The optional arguments this diffusers scheduler's ``step`` accepts (``eta`` for DDIM, ``generator`` for the
+    stochastic ones), as diffusers' pipelines pass them."""
+    import inspect
+
+    accepted = inspect.signature(scheduler.step).parameters
+    return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+
+
+@torch.no_grad()
+def sample_clean(
+    unet,
+    vae,
+    scheduler,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    prompts: list[str],
+    generator: torch.Generator,
+    settings: SamplerSettings,
+) -> CleanSamples:
+    """Sample ``B = len(prompts)`` images with **any** diffusers scheduler and keep only their clean latents.
+
+    The loop of diffusers' pipelines (``scale_model_input``, one batched CFG call, ``scheduler.step``), with every
+    random draw from ``generator``: ``x_T`` first, then whatever the scheduler's step draws (none for DDIM with
+    ``eta = 0``, DPM-Solver++ or Euler). ``settings.share_initial_noise`` shares ``x_T`` within prompt groups.
+    """
+    device = prompt_embeds.device
+    batch = prompt_embeds.shape[0]
+    size = unet.config.sample_size
+    scheduler.set_timesteps(settings.num_steps, device=device)
+    group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(batch)
+    shape = (int(group.max()) + 1, unet.config.in_channels, size, size)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
+    latents = latents * scheduler.init_noise_sigma
+    extra = _step_kwargs(scheduler, settings.eta, generator)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        with autocast(device, settings.mixed_precision):
+            output = guided_model_output(unet, model_input, t, prompt_embeds, negative_embeds, settings.guidance_scale)
+        latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0].float()
+    images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
+    return CleanSamples(
+        prompts=list(prompts),
+        prompt_embeds=prompt_embeds,
+        negative_embeds=negative_embeds,
+        latents=latents,
+        timesteps=scheduler.timesteps.round().to(device=device, dtype=torch.long),
+        images=images,
+    )

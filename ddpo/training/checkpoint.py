@@ -95,9 +95,13 @@ def write_payload(
     trainable: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     reward_state: dict[str, Any] | None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the tensors of a checkpoint (main process only) into its temporary folder."""
+    """Write the tensors of a checkpoint (main process only) into its temporary folder. ``extra`` holds further
+    training state as named tensors (DiffusionNFT's old policy), in ``extra.safetensors``."""
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if extra:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     if reward_state:
         torch.save(reward_state, tmp / "reward.pt")
@@ -134,7 +138,8 @@ def latest(checkpoint_dir: Path) -> Path | None:
 
 
 def load(path: Path, process_index: int = 0) -> dict[str, Any]:
-    """Read a checkpoint folder: ``trainable``, ``optimizer``, ``reward`` (or None), ``state`` and ``rng``."""
+    """Read a checkpoint folder: ``trainable``, ``optimizer``, ``reward`` (or None), ``extra`` (named tensors, or
+    None), ``state`` and ``rng``."""
     state = json.loads((path / "state.json").read_text())
     rng_file = path / f"rng_{process_index}.json"
     reward_file = path / "reward.pt"
@@ -143,6 +148,7 @@ def load(path: Path, process_index: int = 0) -> dict[str, Any]:
         "trainable": load_file(str(path / "trainable.safetensors")),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
         "reward": torch.load(reward_file, weights_only=True, map_location="cpu") if reward_file.is_file() else None,
+        "extra": load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").is_file() else None,
         "rng": json.loads(rng_file.read_text()) if rng_file.is_file() else None,
     }
 

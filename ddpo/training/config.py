@@ -51,11 +51,15 @@ class ModelConfig:
 @dataclass
 class SampleConfig:
     scheduler: str = "ddim"
-    """``ddim`` (stochastic DDIM with ``eta``) or ``ddpm`` (ancestral DDPM; its last step is deterministic)."""
+    """``ddim`` (stochastic DDIM with ``eta``) or ``ddpm`` (ancestral DDPM; its last step is deterministic): the
+    samplers with a per-step log-probability, which DDPO and RWR need. The forward-process estimators
+    (``train.algorithm=awm|nft``) take any diffusers sampler: also ``dpmsolver++``, ``euler``, ``euler_a``, ``unipc``
+    or a diffusers scheduler class name (e.g. ``DPMSolverMultistepScheduler``), and DDIM with ``eta=0``."""
     num_steps: int = 20
     """Denoising steps per trajectory (T)."""
     eta: float = 1.0
-    """DDIM stochasticity; must be > 0 so that every step has a log-probability (1.0 = DDPM posterior variance)."""
+    """DDIM stochasticity; must be > 0 for the log-prob estimators so that every step has a log-probability (1.0 =
+    DDPM posterior variance); 0 (deterministic DDIM) is allowed for ``awm`` / ``nft``."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale (1.0 disables CFG; then no unconditional rows are computed)."""
     negative_prompt: str = ""
@@ -76,7 +80,9 @@ class SampleConfig:
 @dataclass
 class TrainConfig:
     algorithm: str = "ddpo_is"
-    """``ddpo_is`` (PPO clip), ``ddpo_sf`` (REINFORCE), ``rwr`` (exponentiated weights) or ``rwr_sparse`` (top quantile)."""
+    """``ddpo_is`` (PPO clip), ``ddpo_sf`` (REINFORCE), ``rwr`` (exponentiated weights) or ``rwr_sparse`` (top
+    quantile) on per-step log-probs; ``awm`` (advantage-weighted denoising loss) or ``nft`` (DiffusionNFT) on the
+    forward process of clean samples (see :mod:`ddpo.policy.forward`)."""
     learning_rate: float = 3e-4
     """AdamW learning rate."""
     adam_beta1: float = 0.9
@@ -118,7 +124,16 @@ class TrainConfig:
     rwr_quantile: float = 0.9
     """Sparse RWR: weight 1 for advantages at or above this batch quantile, else 0."""
     kl_coef: float = 0.0
-    """Weight of the per-step KL to the frozen base model (0 disables; for LoRA the base is the adapter-off UNet)."""
+    """Weight of the per-step KL to the frozen base model (0 disables; for LoRA the base is the adapter-off UNet).
+    For ``awm`` / ``nft`` the KL term is the mean squared distance of the noise predictions."""
+    nft_beta: float = 1.0
+    """DiffusionNFT: how far the implicit positive and negative policies sit from the old one (``b``; > 0)."""
+    old_policy_flat: int = 0
+    """DiffusionNFT: optimiser steps during which the old policy is the current one (EMA decay 0)."""
+    old_policy_uprate: float = 0.001
+    """DiffusionNFT: the old policy's EMA decay grows by this per optimiser step after ``old_policy_flat``."""
+    old_policy_uphold: float = 0.5
+    """DiffusionNFT: the largest EMA decay of the old policy (updated once per epoch; in [0, 1))."""
     optimizer: str = "adamw"
     """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes 8-bit AdamW: ~4x smaller optimiser state, for full fine-tuning)."""
     gradient_checkpointing: bool = False
@@ -335,8 +350,11 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def validate(config: RunConfig) -> None:
     """Check values and their combinations; raise :class:`ConfigError` naming the key and the fix."""
+    from ..models.schedulers import SCHEDULERS, is_known_scheduler
     from ..policy.advantages import ADVANTAGES
+    from ..policy.forward import FORWARD_ALGORITHMS
     from ..policy.losses import ALGORITHMS
+    from ..policy.schedulers import STEP_FUNCTIONS
 
     s, t = config.sample, config.train
 
@@ -351,9 +369,22 @@ def validate(config: RunConfig) -> None:
         config.mixed_precision in ("no", "bf16", "fp16"),
         f"mixed_precision must be no, bf16 or fp16; got {config.mixed_precision!r}",
     )
-    need(s.scheduler in ("ddim", "ddpm"), f"sample.scheduler must be ddim or ddpm; got {s.scheduler!r}")
+    forward = t.algorithm in FORWARD_ALGORITHMS
+    if forward:
+        need(
+            is_known_scheduler(s.scheduler),
+            f"sample.scheduler={s.scheduler!r} is not a sampler: use one of {', '.join(SCHEDULERS)} or a diffusers "
+            "scheduler class name (e.g. DPMSolverMultistepScheduler)",
+        )
+        need(s.eta >= 0, f"sample.eta must be >= 0; got {s.eta}")
+    else:
+        need(
+            s.scheduler in STEP_FUNCTIONS,
+            f"train.algorithm={t.algorithm} needs a sampler with per-step log-probabilities: sample.scheduler must be "
+            f"ddim or ddpm (got {s.scheduler!r}); the forward-process estimators train.algorithm=awm|nft take any sampler",
+        )
+        need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
     need(s.num_steps >= 2, f"sample.num_steps must be >= 2; got {s.num_steps}")
-    need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
     need(s.scheduler != "ddpm" or s.eta == 1.0, "sample.eta must be 1.0 with sample.scheduler=ddpm")
     need(s.guidance_scale >= 1.0, f"sample.guidance_scale must be >= 1 (1 disables CFG); got {s.guidance_scale}")
     for key in ("batch_size", "num_batches_per_epoch", "samples_per_prompt", "decode_chunk_size"):
@@ -384,6 +415,11 @@ def validate(config: RunConfig) -> None:
     )
     need(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0; got {t.adv_clip_max}")
     need(t.kl_coef >= 0, f"train.kl_coef must be >= 0; got {t.kl_coef}")
+    need(t.nft_beta > 0, f"train.nft_beta must be > 0; got {t.nft_beta}")
+    need(t.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0; got {t.old_policy_flat}")
+    need(t.old_policy_uprate >= 0, f"train.old_policy_uprate must be >= 0; got {t.old_policy_uprate}")
+    need(0 <= t.old_policy_uphold < 1, f"train.old_policy_uphold must be in [0, 1); got {t.old_policy_uphold}")
+
     need(t.optimizer in ("adamw", "adamw8bit"), f"train.optimizer must be adamw or adamw8bit; got {t.optimizer!r}")
     need(
         t.algorithm != "ddpo_sf" or t.num_inner_epochs == 1,

@@ -12,6 +12,7 @@ per-prompt tracker, the reward's state and the RNG states, so a resumed run repe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,14 +31,28 @@ from rewards import check_reward_output, get_reward
 
 from ..models import add_lora, load_pipeline, lora_state_dict
 from ..policy.advantages import build_advantage, clip_advantages
+from ..policy.forward import (
+    FORWARD_ALGORITHMS,
+    add_noise,
+    alpha_bar,
+    awm_loss,
+    ema_update,
+    nft_loss,
+    old_policy_decay,
+    prediction_kl,
+    predictions,
+)
 from ..policy.losses import LOSSES, kl_to_reference, trajectory_weights
 from ..policy.pairs import training_pairs
 from ..policy.sampling import (
     AUTOCAST_DTYPES,
+    CleanSamples,
     Trajectories,
+    autocast,
     check_schedule,
     encode_prompts,
     recompute_pairs,
+    sample_clean,
     sample_trajectories,
     uses_cfg,
 )
@@ -58,7 +73,7 @@ from .runlog import append_jsonl, read_jsonl
 from .visualize import save_image_grid
 
 # Stream identifiers for derive_seed: each random stream of the run gets its own (4 and 5: held-out evaluation).
-SAMPLING_NOISE_STREAM, SHUFFLE_STREAM = 2, 3
+SAMPLING_NOISE_STREAM, SHUFFLE_STREAM, FORWARD_NOISE_STREAM = 2, 3, 6
 
 TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
 
@@ -98,7 +113,9 @@ class Trainer:
         self.pipe = pipe
         self.scheduler = pipe.scheduler
         self.settings = sampler_settings(c)
-        check_schedule(self.scheduler, self.settings)
+        self.forward_process = t.algorithm in FORWARD_ALGORITHMS  # awm / nft: clean samples, no log-probs
+        if not self.forward_process:
+            check_schedule(self.scheduler, self.settings)
         device = acc.device
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
@@ -151,6 +168,8 @@ class Trainer:
         self.global_step = 0
         self.samples_per_epoch = s.batch_size * s.num_batches_per_epoch * acc.num_processes
         self.steps_per_trajectory = train_steps_per_trajectory(c)
+        # DiffusionNFT's old policy: an EMA of the trained weights, updated once per epoch (saved in checkpoints).
+        self.old_params = [p.detach().clone() for p in params] if t.algorithm == "nft" else None
         if resume_checkpoint is not None:
             self._load_checkpoint(resume_checkpoint)
         self._write_run_files()
@@ -212,7 +231,7 @@ class Trainer:
                 self.evaluate(0)
             for epoch in bar:
                 metrics = self.run_epoch(epoch)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", kl=f"{metrics['approx_kl']:.2g}")
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics['loss']:.3g}")
                 if self.eval_prompts and self._eval_due(epoch + 1):
                     self.evaluate(epoch + 1)
                 if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
@@ -273,6 +292,8 @@ class Trainer:
         reward_info.update(self.reward.update(all_images, all_prompts))
         train_start = time.perf_counter()
         train_info = self.optimise(epoch, samples, weights)
+        if self.old_params is not None:
+            train_info["old_policy_decay"] = self.update_old_policy()
         timings["training_seconds"] = time.perf_counter() - train_start
         metrics = {
             "epoch": epoch,
@@ -397,18 +418,20 @@ class Trainer:
         reward_info = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos and infos[0] else {}
         reward_info["reward_compute_seconds"] = sum(seconds for _, _, seconds in results)
         timings = {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
-        return Trajectories.cat(batches), rewards, reward_info, timings
+        return type(batches[0]).cat(batches), rewards, reward_info, timings
 
-    def sample(self, unet, prompts: list[str], seed: int, share_initial_noise: bool = False) -> Trajectories:
+    def sample(
+        self, unet, prompts: list[str], seed: int, share_initial_noise: bool = False
+    ) -> Trajectories | CleanSamples:
         """Trajectories of ``prompts`` with the run's sampler settings, the noise drawn from a generator seeded ``seed``
-        (``share_initial_noise``: one ``x_T`` per group of consecutive equal prompts, for training batches)."""
+        (``share_initial_noise``: one ``x_T`` per group of consecutive equal prompts, for training batches). The
+        forward-process estimators get :class:`~ddpo.policy.sampling.CleanSamples` from any sampler instead."""
         device = self.accelerator.device
         embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device)
         settings = sampler_settings(self.config, share_initial_noise=share_initial_noise)
         generator = torch.Generator(device=device).manual_seed(seed)
-        return sample_trajectories(
-            unet, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings
-        )
+        sample = sample_clean if self.forward_process else sample_trajectories
+        return sample(unet, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:
         """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``."""
@@ -431,8 +454,11 @@ class Trainer:
         weights = trajectory_weights(t.algorithm, advantages, t.rwr_temperature, t.rwr_quantile)
         return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 
-    def optimise(self, epoch: int, samples: Trajectories, weights: torch.Tensor) -> dict[str, float]:
-        """Inner epochs over shuffled (trajectory, timestep) minibatches; returns the epoch's mean diagnostics."""
+    def optimise(self, epoch: int, samples: Trajectories | CleanSamples, weights: torch.Tensor) -> dict[str, float]:
+        """Inner epochs over shuffled (trajectory, timestep) minibatches; returns the epoch's mean diagnostics.
+
+        The forward-process estimators re-noise each pair's clean sample at the pair's timestep with noise drawn, in
+        minibatch order, from the run's stream ``(seed, FORWARD_NOISE_STREAM, epoch, inner, process)``."""
         t, acc = self.config.train, self.accelerator
         unet = self.unet
         unet.train()
@@ -445,11 +471,18 @@ class Trainer:
         bar = tqdm(total=total, desc="training", leave=False, disable=not acc.is_local_main_process)
         for inner in range(t.num_inner_epochs):
             pair_traj, pair_step = self.training_pairs(epoch, inner, num_samples)
+            noise = None
+            if self.forward_process:
+                seed = derive_seed(self.config.seed, FORWARD_NOISE_STREAM, epoch, inner, acc.process_index)
+                noise = torch.Generator().manual_seed(seed)
             for first in range(0, num_samples * k, t.batch_size):
                 i = pair_traj[first : first + t.batch_size]
                 j = pair_step[first : first + t.batch_size]
                 with acc.accumulate(unet):
-                    loss, info = self.minibatch_loss(samples, weights, i, j)
+                    if self.forward_process:
+                        loss, info = self.forward_minibatch_loss(samples, weights, i, j, noise)
+                    else:
+                        loss, info = self.minibatch_loss(samples, weights, i, j)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
@@ -467,7 +500,8 @@ class Trainer:
                 bar.update(1)
         bar.close()
         means = {key: acc.reduce(torch.stack(values).mean(), reduction="mean") for key, values in history.items()}
-        means["ratio_max"] = acc.reduce(torch.stack(history["ratio_max"]).max(), reduction="max")
+        if "ratio_max" in history:
+            means["ratio_max"] = acc.reduce(torch.stack(history["ratio_max"]).max(), reduction="max")
         means["grad_norm"] = acc.reduce(torch.stack(grad_norms).mean(), reduction="mean")
         return {key: value.item() for key, value in means.items()}
 
@@ -495,6 +529,80 @@ class Trainer:
             info["kl"] = kl.detach()
         info["loss"] = loss.detach()
         return loss, info
+
+    def forward_minibatch_loss(
+        self,
+        samples: CleanSamples,
+        weights: torch.Tensor,
+        i: torch.Tensor,
+        j: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward-process loss (``awm`` or ``nft``) of ``N`` pairs (sample ``i``, sampler step ``j``, ``[N]`` each):
+        the clean latents re-noised at the step's timestep with noise from ``generator``, one UNet call (plus one
+        without gradient for the old policy or the KL reference)."""
+        t = self.config.train
+        x0 = samples.latents[i]
+        timesteps = samples.timesteps[j]
+        abar = alpha_bar(self.scheduler.alphas_cumprod, timesteps)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+        x_t = add_noise(x0, noise, abar)
+        embeds = samples.prompt_embeds[i]
+        if t.algorithm == "nft":  # before the policy's call: swapping weights after it would corrupt its graph
+            with torch.no_grad(), self.old_policy_weights():
+                x0_old, _ = self.denoise(self.unet, x_t, timesteps, embeds, abar)
+        x0_pred, eps_pred = self.denoise(self.unet, x_t, timesteps, embeds, abar)
+        if t.algorithm == "awm":
+            loss, info = awm_loss(eps_pred, noise, weights[i])
+        else:
+            loss, info = nft_loss(x0_pred, x0_old, x0, weights[i], t.nft_beta, t.adv_clip_max)
+        if t.kl_coef > 0:
+            with torch.no_grad():
+                if self.ref_unet is not None:
+                    _, eps_ref = self.denoise(self.ref_unet, x_t, timesteps, embeds, abar)
+                else:
+                    model = self.accelerator.unwrap_model(self.unet)
+                    model.disable_adapters()
+                    try:
+                        _, eps_ref = self.denoise(model, x_t, timesteps, embeds, abar)
+                    finally:
+                        model.enable_adapters()
+            kl = prediction_kl(eps_pred, eps_ref).mean()
+            loss = loss + t.kl_coef * kl
+            info["kl"] = kl.detach()
+        info["loss"] = loss.detach()
+        return loss, info
+
+    def denoise(
+        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, abar: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, eps_hat)`` float32 of ``model`` at ``(x_t, t, c)`` (the conditional model, no CFG), under the
+        run's autocast, whatever the model's prediction type."""
+        with autocast(x_t.device, self.config.mixed_precision):
+            output = model(x_t, timesteps, encoder_hidden_states=embeds).sample
+        return predictions(output, x_t, abar, self.scheduler.config.prediction_type)
+
+    @contextlib.contextmanager
+    def old_policy_weights(self):
+        """Within the context the trained weights hold the old policy's (DiffusionNFT), restored on exit."""
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
+            for param, old in zip(self.params, self.old_params, strict=True):
+                param.copy_(old)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, current, strict=True):
+                    param.copy_(value)
+
+    def update_old_policy(self) -> float:
+        """DiffusionNFT's once-per-epoch update ``old = d * old + (1 - d) * current`` with ``d`` from the global step
+        (:func:`~ddpo.policy.forward.old_policy_decay`); returns ``d``."""
+        t = self.config.train
+        decay = old_policy_decay(self.global_step, t.old_policy_flat, t.old_policy_uprate, t.old_policy_uphold)
+        ema_update(self.old_params, self.params, decay)
+        return decay
 
     def recompute(self, model, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> StepOutput:
         """The policy step of ``model`` at stored pairs ``(i, j)``, exactly as sampled (same CFG, autocast, eta)."""
@@ -541,6 +649,12 @@ class Trainer:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
 
+    def old_policy_state(self) -> dict[str, torch.Tensor] | None:
+        """DiffusionNFT's old-policy weights by trainable-parameter name (``old_policy.<name>``), or None."""
+        if self.old_params is None:
+            return None
+        return {f"old_policy.{name}": p for name, p in zip(self.trainable_names, self.old_params, strict=True)}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         unet = self.accelerator.unwrap_model(self.unet)
         named = dict(unet.named_parameters())
@@ -553,7 +667,13 @@ class Trainer:
         tmp = checkpoint.begin(folder) if acc.is_main_process else None
         tmp = Path(gather_object([str(tmp)])[0]) if acc.num_processes > 1 else tmp
         if acc.is_main_process:
-            checkpoint.write_payload(tmp, self.trainable_state(), self.optimizer.state_dict(), self.reward.state_dict())
+            checkpoint.write_payload(
+                tmp,
+                self.trainable_state(),
+                self.optimizer.state_dict(),
+                self.reward.state_dict(),
+                self.old_policy_state(),
+            )
         checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
         acc.wait_for_everyone()
         final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
@@ -590,6 +710,14 @@ class Trainer:
             for name, value in data["trainable"].items():
                 named[name].copy_(value.to(named[name].device, named[name].dtype))
         self.optimizer.load_state_dict(data["optimizer"])
+        if self.old_params is not None:
+            old = data["extra"] or {}
+            missing = [name for name in self.trainable_names if f"old_policy.{name}" not in old]
+            if missing:
+                raise ValueError(f"{path} has no DiffusionNFT old-policy weights for {missing[:3]}; was it an nft run?")
+            with torch.no_grad():
+                for name, param in zip(self.trainable_names, self.old_params, strict=True):
+                    param.copy_(old[f"old_policy.{name}"].to(param.device, param.dtype))
         if self.tracker is not None:
             if state["tracker"] is None:
                 raise ValueError(f"{path} has no per-prompt tracker state but train.advantage is per_prompt")

@@ -1,0 +1,135 @@
+"""Forward-process estimators: a weighted denoising loss on the policy's own clean samples, no per-step log-probs.
+
+A sample's clean latent ``x0`` (from any sampler, deterministic allowed) is re-noised at a timestep ``t`` of a
+DDPM-style schedule with fresh noise ``eps ~ N(0, I)``::
+
+    x_t = alpha_t x0 + sigma_t eps,        alpha_t = sqrt(abar_t),  sigma_t = sqrt(1 - abar_t)
+
+and the denoiser's output at ``(x_t, t, c)`` is mapped to a prediction of ``x0`` and of ``eps`` whatever the model
+predicts (:func:`ddpo.policy.schedulers.predict_x0_eps`):
+
+* epsilon prediction ``e``: ``eps_hat = e``, ``x0_hat = (x_t - sigma_t e) / alpha_t``;
+* v prediction ``v`` (``v = alpha_t eps - sigma_t x0``): ``x0_hat = alpha_t x_t - sigma_t v``,
+  ``eps_hat = sigma_t x_t + alpha_t v``;
+* sample prediction ``s``: ``x0_hat = s``, ``eps_hat = (x_t - alpha_t s) / sigma_t``.
+
+For a fixed ``x_t`` these maps are affine and invertible, so two models that make the same ``x0`` prediction make
+the same ``eps`` prediction and every loss below is the same for epsilon- and v-prediction models that are
+equivalent. (For flow matching, ``x_t = (1 - t) x0 + t eps`` and ``x0_hat = x_t - t v_hat``, the papers' setting.)
+
+Losses (each returns ``(loss, info)`` with detached diagnostics; per-sample tensors are ``[N]``, latents
+``[N, C, h, w]``, means are over the latent dimensions as for the log-probs):
+
+* :func:`awm_loss`, Advantage Weighted Matching (Xue et al. 2025, arXiv 2509.25050): the pretraining loss
+  ``|eps_hat - eps|^2`` weighted by the advantage, ``mean_i A_i |eps_hat_i - eps_i|^2``. It is the PPO surrogate of
+  the paper with the log-likelihood replaced by ``-|eps_hat - eps|^2`` at ratio 1 (one update per batch of pairs).
+* :func:`nft_loss`, DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117): implicit positive and negative policies
+  ``x0+ = b x0_theta + (1 - b) x0_old`` and ``x0- = (1 + b) x0_old - b x0_theta`` (the old policy an EMA of the
+  trained weights), ``r = clip(A, -A_max, A_max) / (2 A_max) + 1/2``, adaptive weights ``w = mean|x0_hat - x0|``
+  (detached), loss ``A_max * mean_i [r |x0+ - x0|^2 / w+ + (1 - r) |x0- - x0|^2 / w-] / b``.
+* :func:`prediction_kl`: ``mean |eps_theta - eps_ref|^2``, the KL to the base model as DiffusionNFT regularises it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedulers import predict_x0_eps
+
+FORWARD_ALGORITHMS = ("awm", "nft")
+"""``train.algorithm`` values that train on clean samples through the forward process (no per-step log-probs)."""
+
+
+def alpha_bar(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``abar_t`` ``[N]`` float32 for integer ``timesteps`` ``[N]`` of a DDPM-style schedule."""
+    return alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps.long()]
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(abar) x0 + sqrt(1 - abar) noise``: ``[N, C, h, w]``, ``[N, C, h, w]``, ``[N]`` -> float32."""
+    a = abar.float().view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+
+
+def predictions(
+    model_output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, eps_hat)`` float32 from a denoiser's output of any prediction type (see the module docstring)."""
+    return predict_x0_eps(model_output, x_t, abar, prediction_type)
+
+
+def _mean_over_latents(values: torch.Tensor) -> torch.Tensor:
+    return values.mean(dim=tuple(range(1, values.ndim)))
+
+
+def awm_loss(
+    eps_pred: torch.Tensor, eps: torch.Tensor, advantages: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantage Weighted Matching: ``mean_i A_i * mean_latents (eps_pred_i - eps_i)^2``.
+
+    Args:
+        eps_pred: the policy's noise prediction ``[N, C, h, w]`` (differentiable).
+        eps: the noise that made ``x_t`` ``[N, C, h, w]``.
+        advantages: ``[N]``, the (clipped) advantage of each pair's sample.
+    """
+    mse = _mean_over_latents((eps_pred.float() - eps.float()) ** 2)
+    loss = (advantages.float() * mse).mean()
+    return loss, {"denoising_mse": mse.detach().mean(), "weight_mean": advantages.detach().float().mean()}
+
+
+def nft_loss(
+    x0_pred: torch.Tensor,
+    x0_old: torch.Tensor,
+    x0: torch.Tensor,
+    advantages: torch.Tensor,
+    beta: float,
+    adv_clip_max: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DiffusionNFT's loss on ``N`` pairs (see the module docstring).
+
+    Args:
+        x0_pred: the trained policy's ``x0`` prediction ``[N, C, h, w]`` (differentiable).
+        x0_old: the old (EMA) policy's ``x0`` prediction at the same ``(x_t, t, c)`` (no gradient taken).
+        x0: the clean sample ``[N, C, h, w]``.
+        advantages: ``[N]``; clipped to ``[-adv_clip_max, adv_clip_max]`` and mapped to ``r`` in ``[0, 1]``.
+        beta: ``b > 0``, how far the implicit policies sit from the old one.
+        adv_clip_max: ``A_max``; the loss is scaled by it, as in the reference implementation.
+    """
+    if beta <= 0:
+        raise ValueError(f"train.nft_beta must be > 0; got {beta}")
+    x0_pred, x0_old, x0 = x0_pred.float(), x0_old.detach().float(), x0.float()
+    r = (advantages.float().clamp(-adv_clip_max, adv_clip_max) / adv_clip_max / 2 + 0.5).clamp(0, 1)
+    positive = beta * x0_pred + (1 - beta) * x0_old
+    negative = (1 + beta) * x0_old - beta * x0_pred
+
+    def adaptive_mse(prediction: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            weight = _mean_over_latents((prediction.double() - x0.double()).abs()).clamp(min=1e-5).float()
+        return _mean_over_latents((prediction - x0) ** 2) / weight
+
+    per_pair = (r * adaptive_mse(positive) + (1 - r) * adaptive_mse(negative)) / beta
+    loss = adv_clip_max * per_pair.mean()
+    old_deviation = _mean_over_latents((x0_pred.detach() - x0_old) ** 2).mean()
+    return loss, {"nft_r_mean": r.mean().detach(), "old_deviation": old_deviation}
+
+
+def prediction_kl(eps_pred: torch.Tensor, eps_ref: torch.Tensor) -> torch.Tensor:
+    """``[N]``: ``mean_latents (eps_pred - eps_ref)^2``, the squared distance of the policy's noise prediction to the
+    base model's at the same input (DiffusionNFT's KL term up to a per-timestep constant)."""
+    return _mean_over_latents((eps_pred.float() - eps_ref.detach().float()) ** 2)
+
+
+def old_policy_decay(step: int, flat: int, uprate: float, uphold: float) -> float:
+    """DiffusionNFT's schedule of the old policy's EMA decay after ``step`` optimiser steps: 0 for the first ``flat``
+    steps (the old policy is the current one), then ``min((step - flat) * uprate, uphold)``. The old weights are
+    updated once per epoch as ``old = d * old + (1 - d) * current``."""
+    if step < flat:
+        return 0.0
+    return min((step - flat) * uprate, uphold)
+
+
+@torch.no_grad()
+def ema_update(old: list[torch.Tensor], current: list[torch.Tensor], decay: float) -> None:
+    """In place: ``old = decay * old + (1 - decay) * current`` for each pair of tensors."""
+    for target, source in zip(old, current, strict=True):
+        target.mul_(decay).add_(source.detach().to(target.dtype), alpha=1 - decay)
