@@ -179,7 +179,16 @@ class Trainer:
             raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
         base = yaml.safe_load(config_file.read_text())
         config = build_config(base=base, overrides=overrides)
-        latest = checkpoint.latest(run_dir / "checkpoints")
+        latest, problems = checkpoint.newest_good(run_dir / "checkpoints")
+        for problem in problems:
+            print(f"ddpo: skipping checkpoint {problem}", flush=True)
+        if latest is None and problems:
+            raise checkpoint.CheckpointError(
+                f"{run_dir}: no usable checkpoint ({'; '.join(problems)}); restore one from a backup, or delete "
+                f"{run_dir / 'checkpoints'} to start the run over"
+            )
+        if latest is not None and problems:
+            print(f"ddpo: resuming from the newest good checkpoint, {latest.name}", flush=True)
         if latest is None:
             # Killed before its first checkpoint: nothing of it can be continued, so the run starts over.
             print(f"ddpo: {run_dir} has no checkpoint yet; starting the run from the beginning (epoch 0)", flush=True)
