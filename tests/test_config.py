@@ -214,3 +214,19 @@ def test_resolution_key_is_checked_against_the_vae_factor(tiny_model_dir):
         latent_size(pipe, 25)
     with pytest.raises(ConfigError, match="sample.resolution must be a pixel size >= 8"):
         build_config(preset="tiny", overrides=["sample.resolution=4"])
+
+
+def test_reward_by_import_path_needs_an_explicit_opt_in(tmp_path, capsys):
+    """`reward.name=os:system` with an option string ran a shell command from a config file; now an import path
+    is refused before anything is imported unless the user opts in (config key or CLI flag)."""
+    marker = tmp_path / "ran"
+    overrides = ["reward.name=os:system", f"reward.options={{command: 'touch {marker}'}}"]
+    with pytest.raises(ConfigError, match="is an import path.*reward.trust_import_path=true.*--trust-import-path"):
+        build_config(preset="tiny", overrides=overrides)
+    weighted = ["reward.name=weighted", "reward.options={components: {'os:system': 1.0}}"]
+    with pytest.raises(ConfigError, match="'os:system' is an import path"):
+        build_config(preset="tiny", overrides=weighted)
+    assert main(["config", "--preset", "tiny", *overrides]) == 2
+    assert "reward.trust_import_path=true" in capsys.readouterr().err and not marker.exists()
+    assert build_config(preset="tiny", overrides=[*overrides, "reward.trust_import_path=true"]).reward.trust_import_path
+    assert main(["config", "--preset", "tiny", "--trust-import-path", *overrides]) == 0 and not marker.exists()

@@ -189,7 +189,9 @@ def test_nan_reward_stops_before_any_update_and_keeps_the_checkpoint(fast_overri
     from rewards import RewardError
 
     with pytest.raises(RewardError, match=r"non-finite values at sample indices \[1\]"):
-        main(["train", "--resume", str(run), "num_epochs=2", "reward.name=bad_reward:nan_reward"])
+        main(
+            ["train", "--resume", str(run), "--trust-import-path", "num_epochs=2", "reward.name=bad_reward:nan_reward"]
+        )
     after = load_file(str(run / "checkpoints" / "checkpoint_000001" / "trainable.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["checkpoint_000001"]

@@ -142,6 +142,10 @@ class RewardConfig:
     """Registered reward name (``ddpo rewards`` lists them) or import path ``package.module:function``."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the reward."""
+    trust_import_path: bool = False
+    """Allow a reward given by import path (``package.module:attribute``, in ``name`` or a ``weighted`` component):
+    importing it runs that module's code, so a shared config cannot do so unless its user opts in (as
+    ``trust_remote_code``); ``ddpo train --trust-import-path`` sets it."""
 
 
 @dataclass
@@ -406,6 +410,14 @@ def validate(config: RunConfig) -> None:
         "sample.share_initial_noise=true needs sample.samples_per_prompt > 1 (a group of samples to share x_T)",
     )
     need(t.algorithm in ALGORITHMS, f"train.algorithm must be one of {', '.join(ALGORITHMS)}; got {t.algorithm!r}")
+    paths = [config.reward.name] if ":" in config.reward.name else []
+    if config.reward.name == "weighted" and isinstance(config.reward.options.get("components"), dict):
+        paths += [name for name in config.reward.options["components"] if ":" in str(name)]
+    need(
+        not paths or config.reward.trust_import_path,
+        f"reward {paths[0] if paths else ''!r} is an import path: loading it imports and runs that module's code. "
+        "If you trust it, opt in with reward.trust_import_path=true (or `ddpo train --trust-import-path`)",
+    )
     need(t.learning_rate > 0, f"train.learning_rate must be > 0; got {t.learning_rate}")
     for key in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1; got {getattr(t, key)}")
