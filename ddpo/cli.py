@@ -15,13 +15,23 @@ def _config_from(args: argparse.Namespace):
     from .training.config import build_config
 
     preset = args.preset or (None if args.config else DEFAULT_PRESET)
-    return build_config(preset=preset, config_file=args.config, overrides=args.overrides)
+    return build_config(preset=preset, config_file=args.config, overrides=_overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The key=value overrides, with ``--trust-import-path`` as ``reward.trust_import_path=true``."""
+    return list(args.overrides) + (["reward.trust_import_path=true"] if args.trust_import_path else [])
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help=f"a shipped preset (`ddpo presets` lists them; default: {DEFAULT_PRESET})")
     parser.add_argument("--config", help="a YAML config file (instead of the default preset)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument(
+        "--trust-import-path",
+        action="store_true",
+        help="allow a reward given by import path (package.module:attribute): importing it runs its code",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -30,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.preset or args.config:
             raise SystemExit("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
-        resume(args.resume, args.overrides)
+        resume(args.resume, _overrides(args))
         return 0
     train(_config_from(args))
     return 0

@@ -108,3 +108,125 @@ def test_timestep_window_and_fraction_count_the_trained_steps(
     )
     assert train_window_steps(config) == expected_window
     assert train_steps_per_trajectory(config) == expected_k
+
+
+# ddpo-pytorch (kvablack/ddpo-pytorch, config/base.py + config/dgx.py at commit 1958463), written out. It counts
+# train.batch_size in trajectories and accumulates over every trained timestep: pairs per optimiser step =
+# train.batch_size * gradient_accumulation_steps * num_steps * timestep_fraction. Deliberate differences: model
+# (SD 1.4 there, the presets are SD 1.5 by name) and mixed precision (fp16 there, bf16 here).
+REFERENCE_COMMON = {
+    "num_steps": 50,
+    "eta": 1.0,
+    "guidance_scale": 5.0,
+    "sample_batch_size": 8,
+    "num_batches_per_epoch": 4,
+    "learning_rate": 3e-4,
+    "adam": (0.9, 0.999, 1e-4, 1e-8),
+    "max_grad_norm": 1.0,
+    "num_inner_epochs": 1,
+    "adv_clip_max": 5.0,
+    "clip_range": 1e-4,
+    "timestep_fraction": 1.0,
+    "use_lora": True,
+    "per_prompt_min_count": 16,
+}
+REFERENCE = {
+    # compressibility(): train.batch_size 4, gradient_accumulation_steps 2 -> (8 * 4) / (4 * 2) = 4 updates per epoch
+    "sd15_compressibility": {
+        "num_epochs": 100,
+        "prompts": "imagenet_animals",
+        "reward": "jpeg_compressibility",
+        "pairs_per_update": 4 * 2 * 50,
+        "updates_per_epoch": 4,
+        "per_prompt_buffer_size": 16,
+    },
+    # aesthetic(): gradient_accumulation_steps 4 -> 2 updates per epoch; per-prompt buffer 32
+    "sd15_aesthetic": {
+        "num_epochs": 200,
+        "prompts": "simple_animals",
+        "reward": "aesthetic",
+        "pairs_per_update": 4 * 4 * 50,
+        "updates_per_epoch": 2,
+        "per_prompt_buffer_size": 32,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_sd15_presets_equal_the_reference_settings(name):
+    from ddpo.training.config import train_steps_per_trajectory
+
+    c, want = build_config(preset=name), {**REFERENCE_COMMON, **REFERENCE[name]}
+    s, t = c.sample, c.train
+    pairs_per_update = t.batch_size * t.gradient_accumulation_steps
+    pairs_per_epoch = s.batch_size * s.num_batches_per_epoch * train_steps_per_trajectory(c) * t.num_inner_epochs
+    got = {
+        "num_steps": s.num_steps,
+        "eta": s.eta,
+        "guidance_scale": s.guidance_scale,
+        "sample_batch_size": s.batch_size,
+        "num_batches_per_epoch": s.num_batches_per_epoch,
+        "learning_rate": t.learning_rate,
+        "adam": (t.adam_beta1, t.adam_beta2, t.adam_weight_decay, t.adam_epsilon),
+        "max_grad_norm": t.max_grad_norm,
+        "num_inner_epochs": t.num_inner_epochs,
+        "adv_clip_max": t.adv_clip_max,
+        "clip_range": t.clip_range,
+        "timestep_fraction": t.timestep_fraction,
+        "use_lora": c.model.use_lora,
+        "per_prompt_min_count": t.per_prompt_min_count,
+        "num_epochs": c.num_epochs,
+        "prompts": c.prompts,
+        "reward": c.reward.name,
+        "pairs_per_update": pairs_per_update,
+        "updates_per_epoch": pairs_per_epoch // pairs_per_update,
+        "per_prompt_buffer_size": t.per_prompt_buffer_size,
+    }
+    assert got == want
+    assert t.advantage == "per_prompt" and t.algorithm == "ddpo_is" and s.scheduler == "ddim"
+
+
+def test_mixed_precision_no_from_the_command_line_and_a_file(tmp_path):
+    """YAML 1.1 reads an unquoted ``no`` as false; ``mixed_precision=no`` is the documented value."""
+    assert build_config(preset="world_long", overrides=["mixed_precision=no"]).mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")
+    c = build_config(config_file=path, overrides=["run_name=0042"])
+    assert c.mixed_precision == "no" and c.run_name == "0042"  # a string key takes the text as written
+    with pytest.raises(ConfigError, match="mixed_precision: expected a string, got bool True"):
+        build_config(base={"mixed_precision": True})  # only `no` has a meaning as a boolean
+
+
+@pytest.mark.parametrize("eta", ["0", "-0.5", "1.01", "2"])
+def test_eta_outside_zero_one_is_refused(eta):
+    with pytest.raises(ConfigError, match="sample.eta must be"):
+        build_config(preset="tiny", overrides=[f"sample.eta={eta}"])
+    assert build_config(preset="tiny", overrides=["sample.eta=0.3"]).sample.eta == 0.3
+
+
+def test_resolution_key_is_checked_against_the_vae_factor(tiny_model_dir):
+    from ddpo.models import latent_size, load_pipeline
+
+    pipe = load_pipeline(str(tiny_model_dir))  # 8x8 latents, a 2-level VAE: factor 2
+    assert latent_size(pipe, None) == 8  # default: the UNet's sample_size (16 px), as before the key existed
+    assert latent_size(pipe, 24) == 12
+    with pytest.raises(ValueError, match="sample.resolution=25 is not a multiple of this model's VAE factor 2"):
+        latent_size(pipe, 25)
+    with pytest.raises(ConfigError, match="sample.resolution must be a pixel size >= 8"):
+        build_config(preset="tiny", overrides=["sample.resolution=4"])
+
+
+def test_reward_by_import_path_needs_an_explicit_opt_in(tmp_path, capsys):
+    """`reward.name=os:system` with an option string ran a shell command from a config file; now an import path
+    is refused before anything is imported unless the user opts in (config key or CLI flag)."""
+    marker = tmp_path / "ran"
+    overrides = ["reward.name=os:system", f"reward.options={{command: 'touch {marker}'}}"]
+    with pytest.raises(ConfigError, match="is an import path.*reward.trust_import_path=true.*--trust-import-path"):
+        build_config(preset="tiny", overrides=overrides)
+    weighted = ["reward.name=weighted", "reward.options={components: {'os:system': 1.0}}"]
+    with pytest.raises(ConfigError, match="'os:system' is an import path"):
+        build_config(preset="tiny", overrides=weighted)
+    assert main(["config", "--preset", "tiny", *overrides]) == 2
+    assert "reward.trust_import_path=true" in capsys.readouterr().err and not marker.exists()
+    assert build_config(preset="tiny", overrides=[*overrides, "reward.trust_import_path=true"]).reward.trust_import_path
+    assert main(["config", "--preset", "tiny", "--trust-import-path", *overrides]) == 0 and not marker.exists()

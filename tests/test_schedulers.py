@@ -145,3 +145,28 @@ def test_score_scales_of_ddpm_give_zero_for_the_deterministic_last_step():
     scheduler = DDPMScheduler(**SD_SCHEDULE)
     scales = score_scales(scheduler, "ddpm", 10)
     assert scales.shape == (10,) and scales[-1] == 0 and (scales[:-1] > 0).all()
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddpm_previous_timestep_follows_the_schedule_for_every_spacing(spacing):
+    """The DDPM step goes to the next entry of ``scheduler.timesteps`` as ``DDPMScheduler.step`` does; with trailing
+    and linspace spacing that is not ``t - 1000 // steps`` (the stride the step used before, off by up to 14)."""
+    from ddpo.policy.schedulers import previous_timestep
+
+    scheduler = DDPMScheduler(**{**SD_SCHEDULE, "steps_offset": 0}, timestep_spacing=spacing)
+    scheduler.set_timesteps(7)  # 1000 / 7 is not whole: the spacings differ
+    torch.manual_seed(4)
+    sample, model_output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in scheduler.timesteps:
+        ours = ddpm_step_with_logprob(
+            scheduler, model_output, int(t), sample, generator=torch.Generator().manual_seed(5)
+        )
+        theirs = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(5)).prev_sample
+        torch.testing.assert_close(ours.prev_sample, theirs, rtol=1e-5, atol=1e-5)
+        # The same step with one timestep per sample (training-time recomputation) scores the same action.
+        per_sample = ddpm_step_with_logprob(scheduler, model_output, t.repeat(2), sample, prev_sample=ours.prev_sample)
+        torch.testing.assert_close(per_sample.log_prob, ours.log_prob)
+    expected = scheduler.timesteps[1:].tolist() + [-1]
+    assert previous_timestep(scheduler, scheduler.timesteps).tolist() == expected
+    with pytest.raises(ValueError, match="not all in the scheduler's schedule"):
+        previous_timestep(scheduler, torch.tensor([3]))

@@ -189,7 +189,34 @@ def test_nan_reward_stops_before_any_update_and_keeps_the_checkpoint(fast_overri
     from rewards import RewardError
 
     with pytest.raises(RewardError, match=r"non-finite values at sample indices \[1\]"):
-        main(["train", "--resume", str(run), "num_epochs=2", "reward.name=bad_reward:nan_reward"])
+        main(
+            ["train", "--resume", str(run), "--trust-import-path", "num_epochs=2", "reward.name=bad_reward:nan_reward"]
+        )
     after = load_file(str(run / "checkpoints" / "checkpoint_000001" / "trainable.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["checkpoint_000001"]
+
+
+def test_resume_of_a_run_without_checkpoint_starts_it_over_and_says_so(fast_overrides, tmp_path, capsys):
+    """A run killed before its first checkpoint has a config.yaml and nothing to continue: --resume starts it from
+    the beginning (and prints its process layout, as every run does) instead of refusing."""
+    assert main(["train", "--preset", "tiny", "num_epochs=1", "sample.resolution=24", *fast_overrides]) == 0
+    run = tmp_path / "runs" / "run"
+    first = read_metrics(run)
+    out = capsys.readouterr().out
+    assert "ddpo: 1 process on cpu; samples per epoch 4 per process, 4 in all" in out
+    assert "pairs per optimiser step 4 per process, 4 in all; 4 optimiser steps per epoch; 24 px images" in out
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "final")
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "has no checkpoint yet; starting the run from the beginning (epoch 0)" in capsys.readouterr().out
+    again = read_metrics(run)
+    assert [m["epoch"] for m in again] == [0]
+    assert {k: v for k, v in again[0].items() if k not in TIMING} == {
+        k: v for k, v in first[0].items() if k not in TIMING
+    }
+    from PIL import Image
+
+    assert Image.open(run / "samples" / "epoch_0000.png").size[1] > 24  # grids of 24-px images (plus captions)

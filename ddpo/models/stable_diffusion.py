@@ -64,6 +64,30 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusion
     )
 
 
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel of ``vae``: ``2 ** (levels - 1)`` (8 for Stable Diffusion, 2 for the tiny VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_size(pipe: StableDiffusionPipeline, resolution: int | None) -> int:
+    """The latent side ``h = w`` for images of ``resolution`` pixels (None: the UNet's native ``sample_size``).
+
+    Raises ``ValueError`` naming ``sample.resolution`` and the valid sizes when ``resolution`` is not a multiple of
+    the VAE's factor.
+    """
+    factor = vae_scale_factor(pipe.vae)
+    if resolution is None:
+        return int(pipe.unet.config.sample_size)
+    if resolution % factor != 0:
+        native = pipe.unet.config.sample_size * factor
+        raise ValueError(
+            f"sample.resolution={resolution} is not a multiple of this model's VAE factor {factor}; use a multiple "
+            f"such as {max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor} "
+            f"(native: {native})"
+        )
+    return resolution // factor
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
 

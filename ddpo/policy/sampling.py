@@ -28,6 +28,7 @@ class SamplerSettings:
         mixed_precision: autocast of the UNet/VAE: ``no`` | ``bf16`` | ``fp16`` (log-probs stay float32).
         decode_chunk_size: images per VAE decode call.
         share_initial_noise: a prompt group's samples start from one ``x_T`` (see :func:`sample_trajectories`).
+        latent_size: side of the square latents ``h = w`` (None: the UNet's ``sample_size``).
     """
 
     scheduler: str = "ddim"
@@ -37,6 +38,7 @@ class SamplerSettings:
     mixed_precision: str = "no"
     decode_chunk_size: int = 8
     share_initial_noise: bool = False
+    latent_size: int | None = None
 
 
 def uses_cfg(guidance_scale: float) -> bool:
@@ -168,7 +170,7 @@ def sample_trajectories(
     device = prompt_embeds.device
     batch = prompt_embeds.shape[0]
     in_channels = unet.config.in_channels
-    size = unet.config.sample_size
+    size = settings.latent_size or unet.config.sample_size
     scheduler.set_timesteps(settings.num_steps)
     step = STEP_FUNCTIONS[settings.scheduler]
     group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(batch)
@@ -320,7 +322,7 @@ def sample_clean(
     """
     device = prompt_embeds.device
     batch = prompt_embeds.shape[0]
-    size = unet.config.sample_size
+    size = settings.latent_size or unet.config.sample_size
     scheduler.set_timesteps(settings.num_steps, device=device)
     group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(batch)
     shape = (int(group.max()) + 1, unet.config.in_channels, size, size)

@@ -62,6 +62,22 @@ def _schedule(scheduler, timestep, batch: int, device: torch.device):
     return alphas_cumprod, timestep, prev_timestep
 
 
+def previous_timestep(scheduler, timestep: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """The timestep after ``timestep`` (0-d or ``[B]`` long) in ``scheduler.timesteps``, -1 after the last one.
+
+    This is ``DDPMScheduler.previous_timestep``: the next entry of the schedule, which equals
+    ``t - num_train_timesteps // num_inference_steps`` only for "leading" spacing (trailing and linspace schedules
+    are not evenly spaced by that stride). With ``check``, a timestep not in the schedule raises ``ValueError``
+    (a host-device sync; training-time recomputation skips it, its timesteps come from the schedule).
+    """
+    schedule = scheduler.timesteps.to(device=timestep.device, dtype=torch.long)
+    following = torch.cat([schedule[1:], schedule.new_full((1,), -1)])
+    matches = timestep.reshape(-1, 1) == schedule.reshape(1, -1)
+    if check and not bool(matches.any(dim=1).all()):
+        raise ValueError(f"timesteps {timestep.tolist()} are not all in the scheduler's schedule {schedule.tolist()}")
+    return following[matches.int().argmax(dim=1)].reshape(timestep.shape)
+
+
 def _alphas(scheduler, timestep, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``alpha_bar_t`` and ``alpha_bar_prev`` as ``[B]`` float32, with diffusers' DDIM definition of the previous step."""
     alphas_cumprod, timestep, prev_timestep = _schedule(scheduler, timestep, batch, device)
@@ -191,7 +207,16 @@ def ddpm_step_with_logprob(
     if variance_type not in ("fixed_small", "fixed_small_log"):
         raise ValueError(f"DDPM variance_type {variance_type!r} is not supported; use fixed_small")
     batch = sample.shape[0]
-    alphas_cumprod, timestep_t, prev_t = _schedule(scheduler, timestep, batch, sample.device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=torch.float32)
+    timestep_t = torch.as_tensor(timestep, device=sample.device).long()
+    if isinstance(timestep, int):  # the sampling loop: looked up on the host, no device sync
+        schedule = scheduler.timesteps.tolist()
+        if timestep not in schedule:
+            raise ValueError(f"timestep {timestep} is not in the scheduler's schedule {schedule}")
+        index = schedule.index(timestep)
+        prev_t = torch.tensor(schedule[index + 1] if index + 1 < len(schedule) else -1, device=sample.device)
+    else:
+        prev_t = previous_timestep(scheduler, timestep_t, check=check)
     alpha_t = _per_sample(alphas_cumprod, timestep_t, batch)
     alpha_prev = _per_sample(alphas_cumprod, prev_t.clamp(min=0), batch)
     is_last = prev_t < 0

@@ -6,14 +6,19 @@ Layout of ``RUN_DIR/checkpoints/checkpoint_EEEEEE/`` (``EEEEEE`` = epochs comple
 * ``optimizer.pt`` -- the optimiser state (tensors and numbers only; read with ``weights_only=True``);
 * ``reward.pt`` -- the reward's state (e.g. the online discriminator), when it has one;
 * ``rng_P.json`` -- Python, NumPy and torch RNG states of process ``P``;
-* ``state.json`` -- epoch, global step, the per-prompt tracker and the metadata; written last.
+* ``state.json`` -- epoch, global step, the per-prompt tracker and the metadata;
+* ``manifest.json`` -- size and SHA-256 of every other file; written last.
 
-A checkpoint is written into a hidden temporary folder and renamed into place only when complete, so the newest
-complete checkpoint is always readable; older ones beyond ``keep`` are deleted only after that rename.
+A checkpoint is written into a hidden temporary folder, every file fsynced, and renamed into place only when
+complete, so a crash never leaves a half-written checkpoint under its final name; older ones beyond ``keep`` are
+deleted only after that rename. On resume :func:`newest_good` verifies the manifest's checksums (a truncated,
+emptied or bit-flipped file, one disk corruption or a copy gone wrong) and falls back to the previous checkpoint,
+naming what is wrong with the newer ones; reading never surfaces an exception from torch or safetensors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,6 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "checkpoint_"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, truncated or corrupted file), with the checkpoint and file named."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,11 +118,16 @@ def write_payload(
 
 
 def commit(tmp: Path, checkpoint_dir: Path, epoch: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state.json`` last, rename the folder into place, then prune old checkpoints. Returns the final path."""
+    """Write ``state.json`` and the checksum manifest last, fsync every file and the folder, rename the folder into
+    place, then prune old checkpoints. Returns the final path."""
     write_json(tmp / "state.json", state)
-    for path in tmp.iterdir():
+    files = {}
+    for path in sorted(tmp.iterdir()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    write_json(tmp / MANIFEST, {"files": files})
+    _fsync_dir(tmp)
     final = checkpoint_dir / f"{PREFIX}{epoch:06d}"
     replace_dir(tmp, final)  # a re-run of the same epoch after a resume replaces it only once complete
     _fsync_dir(checkpoint_dir)
@@ -124,8 +139,53 @@ def commit(tmp: Path, checkpoint_dir: Path, epoch: int, state: dict[str, Any], k
     return final
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the file unless every file of the checkpoint matches its manifest
+    (size and SHA-256). A checkpoint written before manifests existed is checked by loading it."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        load(path)  # an older checkpoint: readable is all that can be checked
+        return
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path.name}: {MANIFEST} is unreadable ({err})") from err
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path.name}: {name} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(
+                f"{path.name}: {name} has {size} bytes, the manifest says {expected['bytes']} (truncated?)"
+            )
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{path.name}: {name} does not match its SHA-256 checksum (corrupted)")
+
+
+def newest_good(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that passes :func:`verify`, and one message per newer checkpoint that did not."""
+    problems = []
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            verify(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        return path, problems
+    return None, problems
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with ``state.json``), oldest first."""
+    """Checkpoints renamed into place (those with ``state.json``), oldest first."""
     if not checkpoint_dir.is_dir():
         return []
     found = [p for p in checkpoint_dir.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
@@ -139,17 +199,29 @@ def latest(checkpoint_dir: Path) -> Path | None:
 
 def load(path: Path, process_index: int = 0) -> dict[str, Any]:
     """Read a checkpoint folder: ``trainable``, ``optimizer``, ``reward`` (or None), ``extra`` (named tensors, or
-    None), ``state`` and ``rng``."""
-    state = json.loads((path / "state.json").read_text())
-    rng_file = path / f"rng_{process_index}.json"
-    reward_file = path / "reward.pt"
+    None), ``state`` and ``rng``.
+
+    Any failure to read a file raises :class:`CheckpointError` naming the checkpoint and the file.
+    """
+
+    def read(name: str, reader):
+        try:
+            return reader(path / name)
+        except Exception as err:  # safetensors, torch and json each raise their own types
+            raise CheckpointError(f"{path.name}: {name} is unreadable ({type(err).__name__}: {err})") from err
+
+    rng_name, reward_file = f"rng_{process_index}.json", path / "reward.pt"
     return {
-        "state": state,
-        "trainable": load_file(str(path / "trainable.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-        "reward": torch.load(reward_file, weights_only=True, map_location="cpu") if reward_file.is_file() else None,
-        "extra": load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").is_file() else None,
-        "rng": json.loads(rng_file.read_text()) if rng_file.is_file() else None,
+        "state": read("state.json", lambda p: json.loads(p.read_text())),
+        "trainable": read("trainable.safetensors", lambda p: load_file(str(p))),
+        "optimizer": read("optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu")),
+        "reward": read("reward.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+        if reward_file.is_file()
+        else None,
+        "extra": read("extra.safetensors", lambda p: load_file(str(p)))
+        if (path / "extra.safetensors").is_file()
+        else None,
+        "rng": read(rng_name, lambda p: json.loads(p.read_text())) if (path / rng_name).is_file() else None,
     }
 
 

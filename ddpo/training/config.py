@@ -58,8 +58,9 @@ class SampleConfig:
     num_steps: int = 20
     """Denoising steps per trajectory (T)."""
     eta: float = 1.0
-    """DDIM stochasticity; must be > 0 for the log-prob estimators so that every step has a log-probability (1.0 =
-    DDPM posterior variance); 0 (deterministic DDIM) is allowed for ``awm`` / ``nft``."""
+    """DDIM stochasticity in (0, 1]: > 0 so that every step has a log-probability, <= 1 because above 1 the DDIM
+    variance exceeds what the step's mean leaves room for (1.0 = DDPM posterior variance). The forward-process
+    estimators (``awm`` / ``nft``) need no log-probability and also take 0 (deterministic DDIM)."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale (1.0 disables CFG; then no unconditional rows are computed)."""
     negative_prompt: str = ""
@@ -75,6 +76,9 @@ class SampleConfig:
     differences then come from the policy's steps only). Needs ``samples_per_prompt > 1``; evaluation is unchanged."""
     decode_chunk_size: int = 8
     """Images decoded by the VAE per call (memory bound)."""
+    resolution: int | None = None
+    """Image side in pixels (square); a multiple of the VAE's downsampling factor (8 for Stable Diffusion). Empty
+    (null): the UNet's ``sample_size`` times that factor, the model's native size (512 for SD 1.5)."""
 
 
 @dataclass
@@ -136,6 +140,13 @@ class TrainConfig:
     """DiffusionNFT: the largest EMA decay of the old policy (updated once per epoch; in [0, 1))."""
     optimizer: str = "adamw"
     """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes 8-bit AdamW: ~4x smaller optimiser state, for full fine-tuning)."""
+    old_log_probs: str = "auto"
+    """Where the PPO ratio's old log-probs come from: ``sampled`` (recorded while sampling), ``recompute`` (re-scored
+    without gradient in the training call's exact minibatch shapes before the epoch's first optimiser step) or
+    ``auto`` (recompute when ``train.batch_size != sample.batch_size``). Kernels give different outputs for the same
+    rows at different batch sizes (bf16 on CPUs and GPUs: up to 1e-2 in log-prob, far above ``clip_range``; float32:
+    about 1e-6), so only equal layouts or a recomputation make the ratio exactly 1 at the first step. ``sampled`` with
+    unequal batch sizes is refused; recomputing costs one no-grad forward pass per trained pair."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass instead of storing them: less memory, ~30% more compute."""
 
@@ -146,6 +157,10 @@ class RewardConfig:
     """Registered reward name (``ddpo rewards`` lists them) or import path ``package.module:function``."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the reward."""
+    trust_import_path: bool = False
+    """Allow a reward given by import path (``package.module:attribute``, in ``name`` or a ``weighted`` component):
+    importing it runs that module's code, so a shared config cannot do so unless its user opts in (as
+    ``trust_remote_code``); ``ddpo train --trust-import-path`` sets it."""
 
 
 @dataclass
@@ -182,6 +197,10 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+_NO_KEYS = ("mixed_precision",)
+"""String keys whose value ``no`` YAML 1.1 reads as ``false`` (``mixed_precision: no`` means the string)."""
 
 
 class ConfigError(ValueError):
@@ -235,6 +254,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
         return value
     if annotation is str:
+        if value is False and key.rsplit(".", 1)[-1] in _NO_KEYS:
+            return "no"  # YAML 1.1 reads an unquoted `no` as false
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
@@ -293,7 +314,20 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
+    if isinstance(value, (bool, int, float)) and _annotation(key) in (str, str | None):
+        value = raw.strip()  # a string key takes the text as written: mixed_precision=no, run_name=007
     return key, value
+
+
+def _annotation(key: str) -> Any:
+    """The type annotation of a dotted key (None for an unknown key)."""
+    cls: Any = RunConfig
+    for part in key.split("."):
+        hints = _field_types(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
 
 
 def preset_names() -> list[str]:
@@ -385,6 +419,15 @@ def validate(config: RunConfig) -> None:
         )
         need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
     need(s.num_steps >= 2, f"sample.num_steps must be >= 2; got {s.num_steps}")
+    need(
+        s.eta <= 1,
+        f"sample.eta must be <= 1 (above 1 the DDIM variance exceeds 1 - alpha_bar_prev and the step's direction term "
+        f"would be clamped to zero); got {s.eta}",
+    )
+    need(
+        s.resolution is None or s.resolution >= 8,
+        f"sample.resolution must be a pixel size >= 8 (or null for the model's native size); got {s.resolution}",
+    )
     need(s.scheduler != "ddpm" or s.eta == 1.0, "sample.eta must be 1.0 with sample.scheduler=ddpm")
     need(s.guidance_scale >= 1.0, f"sample.guidance_scale must be >= 1 (1 disables CFG); got {s.guidance_scale}")
     for key in ("batch_size", "num_batches_per_epoch", "samples_per_prompt", "decode_chunk_size"):
@@ -398,6 +441,14 @@ def validate(config: RunConfig) -> None:
         "sample.share_initial_noise=true needs sample.samples_per_prompt > 1 (a group of samples to share x_T)",
     )
     need(t.algorithm in ALGORITHMS, f"train.algorithm must be one of {', '.join(ALGORITHMS)}; got {t.algorithm!r}")
+    paths = [config.reward.name] if ":" in config.reward.name else []
+    if config.reward.name == "weighted" and isinstance(config.reward.options.get("components"), dict):
+        paths += [name for name in config.reward.options["components"] if ":" in str(name)]
+    need(
+        not paths or config.reward.trust_import_path,
+        f"reward {paths[0] if paths else ''!r} is an import path: loading it imports and runs that module's code. "
+        "If you trust it, opt in with reward.trust_import_path=true (or `ddpo train --trust-import-path`)",
+    )
     need(t.learning_rate > 0, f"train.learning_rate must be > 0; got {t.learning_rate}")
     for key in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1; got {getattr(t, key)}")
@@ -419,7 +470,17 @@ def validate(config: RunConfig) -> None:
     need(t.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0; got {t.old_policy_flat}")
     need(t.old_policy_uprate >= 0, f"train.old_policy_uprate must be >= 0; got {t.old_policy_uprate}")
     need(0 <= t.old_policy_uphold < 1, f"train.old_policy_uphold must be in [0, 1); got {t.old_policy_uphold}")
-
+    need(
+        t.old_log_probs in ("auto", "sampled", "recompute"),
+        f"train.old_log_probs must be auto, sampled or recompute; got {t.old_log_probs!r}",
+    )
+    need(
+        t.old_log_probs != "sampled" or t.batch_size == s.batch_size,
+        f"train.old_log_probs=sampled needs train.batch_size == sample.batch_size (now {t.batch_size} and "
+        f"{s.batch_size}): at different batch sizes the UNet's kernels give different outputs for the same rows, so "
+        "the PPO ratio would not be 1 at the first step. Use train.old_log_probs=auto (recomputes them in the "
+        "training shapes) or equal batch sizes",
+    )
     need(t.optimizer in ("adamw", "adamw8bit"), f"train.optimizer must be adamw or adamw8bit; got {t.optimizer!r}")
     need(
         t.algorithm != "ddpo_sf" or t.num_inner_epochs == 1,
@@ -438,6 +499,16 @@ def validate(config: RunConfig) -> None:
     need(config.model.lora_rank >= 1, f"model.lora_rank must be >= 1; got {config.model.lora_rank}")
 
 
+def recomputes_old_log_probs(config: RunConfig) -> bool:
+    """Whether the old log-probs are re-scored in the training shapes (``train.old_log_probs``, ``auto`` resolved)."""
+    from ..policy.forward import FORWARD_ALGORITHMS
+
+    if config.train.algorithm in FORWARD_ALGORITHMS:  # no log-probs at all
+        return False
+    mode = config.train.old_log_probs
+    return mode == "recompute" or (mode == "auto" and config.train.batch_size != config.sample.batch_size)
+
+
 def train_steps_per_trajectory(config: RunConfig) -> int:
     """Steps of each trajectory trained on per inner epoch: ``round(timestep_fraction * window steps)``, >= 1."""
     return max(1, round(config.train.timestep_fraction * train_window_steps(config)))
@@ -451,10 +522,14 @@ def train_window_steps(config: RunConfig) -> int:
     return max(1, round(config.train.timestep_window * stochastic))
 
 
-def sampler_settings(config: RunConfig, share_initial_noise: bool | None = None) -> SamplerSettings:
+def sampler_settings(
+    config: RunConfig, share_initial_noise: bool | None = None, latent_size: int | None = None
+) -> SamplerSettings:
     """The :class:`~ddpo.policy.sampling.SamplerSettings` of a run (sampling and training-time recomputation).
 
-    ``share_initial_noise`` overrides ``sample.share_initial_noise`` (held-out evaluation never shares ``x_T``).
+    ``share_initial_noise`` overrides ``sample.share_initial_noise`` (held-out evaluation never shares ``x_T``);
+    ``latent_size`` is ``sample.resolution`` in latent pixels (:func:`ddpo.models.latent_size`; None: the UNet's
+    ``sample_size``).
     """
     from ..policy.sampling import SamplerSettings
 
@@ -467,4 +542,5 @@ def sampler_settings(config: RunConfig, share_initial_noise: bool | None = None)
         mixed_precision=config.mixed_precision,
         decode_chunk_size=s.decode_chunk_size,
         share_initial_noise=s.share_initial_noise if share_initial_noise is None else share_initial_noise,
+        latent_size=latent_size,
     )

@@ -13,6 +13,7 @@ per-prompt tracker, the reward's state and the RNG states, so a resumed run repe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rewards import check_reward_output, get_reward
 
-from ..models import add_lora, load_pipeline, lora_state_dict
+from ..models import add_lora, latent_size, load_pipeline, lora_state_dict, vae_scale_factor
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.forward import (
     FORWARD_ALGORITHMS,
@@ -62,6 +63,7 @@ from .config import (
     ConfigError,
     RunConfig,
     build_config,
+    recomputes_old_log_probs,
     sampler_settings,
     to_dict,
     train_steps_per_trajectory,
@@ -112,7 +114,9 @@ class Trainer:
         pipe = load_pipeline(c.model.pretrained, c.model.revision, s.scheduler)
         self.pipe = pipe
         self.scheduler = pipe.scheduler
-        self.settings = sampler_settings(c)
+        self.latent_size = latent_size(pipe, s.resolution)
+        self.vae_factor = vae_scale_factor(pipe.vae)
+        self.settings = sampler_settings(c, latent_size=self.latent_size)
         self.forward_process = t.algorithm in FORWARD_ALGORITHMS  # awm / nft: clean samples, no log-probs
         if not self.forward_process:
             check_schedule(self.scheduler, self.settings)
@@ -192,11 +196,21 @@ class Trainer:
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
-        latest = checkpoint.latest(run_dir / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint to resume from")
         base = yaml.safe_load(config_file.read_text())
         config = build_config(base=base, overrides=overrides)
+        latest, problems = checkpoint.newest_good(run_dir / "checkpoints")
+        for problem in problems:
+            print(f"ddpo: skipping checkpoint {problem}", flush=True)
+        if latest is None and problems:
+            raise checkpoint.CheckpointError(
+                f"{run_dir}: no usable checkpoint ({'; '.join(problems)}); restore one from a backup, or delete "
+                f"{run_dir / 'checkpoints'} to start the run over"
+            )
+        if latest is not None and problems:
+            print(f"ddpo: resuming from the newest good checkpoint, {latest.name}", flush=True)
+        if latest is None:
+            # Killed before its first checkpoint: nothing of it can be continued, so the run starts over.
+            print(f"ddpo: {run_dir} has no checkpoint yet; starting the run from the beginning (epoch 0)", flush=True)
         return cls(config, run_dir, resume_checkpoint=latest)
 
     def _write_run_files(self) -> None:
@@ -218,6 +232,7 @@ class Trainer:
         c, acc = self.config, self.accelerator
         if acc.is_main_process:
             print(f"ddpo: run directory {self.run_dir.resolve()}", flush=True)
+            print(self.layout(), flush=True)
         bar = tqdm(
             range(self.start_epoch, c.num_epochs),
             desc="epochs",
@@ -241,6 +256,21 @@ class Trainer:
         if acc.is_main_process:
             print(self.summary(), flush=True)
         return self.run_dir
+
+    def layout(self) -> str:
+        """One line on how the run is spread: processes, samples per epoch and pairs per optimiser step (per process
+        and over all processes), optimiser steps per epoch."""
+        s, t, n = self.config.sample, self.config.train, self.accelerator.num_processes
+        per_process = s.batch_size * s.num_batches_per_epoch
+        pairs = t.batch_size * t.gradient_accumulation_steps
+        updates = per_process * self.steps_per_trajectory * t.num_inner_epochs // pairs
+        how = f" ({self.accelerator.distributed_type.value}, {torch.distributed.get_backend()})" if n > 1 else ""
+        return (
+            f"ddpo: {n} process{'es' if n > 1 else ''} on {self.accelerator.device.type}{how}; "
+            f"samples per epoch {per_process} per process, "
+            f"{per_process * n} in all; (trajectory, timestep) pairs per optimiser step {pairs} per process, "
+            f"{pairs * n} in all; {updates} optimiser steps per epoch; {self.latent_size * self.vae_factor} px images"
+        )
 
     def summary(self) -> str:
         """A few lines for the end of a run: reward of the first and last epochs, where the outputs are."""
@@ -428,7 +458,7 @@ class Trainer:
         forward-process estimators get :class:`~ddpo.policy.sampling.CleanSamples` from any sampler instead."""
         device = self.accelerator.device
         embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device)
-        settings = sampler_settings(self.config, share_initial_noise=share_initial_noise)
+        settings = sampler_settings(self.config, share_initial_noise=share_initial_noise, latent_size=self.latent_size)
         generator = torch.Generator(device=device).manual_seed(seed)
         sample = sample_clean if self.forward_process else sample_trajectories
         return sample(unet, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings)
@@ -467,6 +497,12 @@ class Trainer:
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
         history: dict[str, list[torch.Tensor]] = {}
         grad_norms: list[torch.Tensor] = []
+        extra: dict[str, torch.Tensor] = {}
+        first_step_kl: list[torch.Tensor] = []
+        if recomputes_old_log_probs(self.config):
+            recomputed = self.old_log_probs(samples, *self.training_pairs(epoch, 0, num_samples))
+            extra["old_log_prob_change_max"] = (recomputed - samples.log_probs).abs().max()
+            samples = dataclasses.replace(samples, log_probs=recomputed)
         total = t.num_inner_epochs * num_samples * k // t.batch_size
         bar = tqdm(total=total, desc="training", leave=False, disable=not acc.is_local_main_process)
         for inner in range(t.num_inner_epochs):
@@ -483,6 +519,8 @@ class Trainer:
                         loss, info = self.forward_minibatch_loss(samples, weights, i, j, noise)
                     else:
                         loss, info = self.minibatch_loss(samples, weights, i, j)
+                        if not grad_norms:  # the epoch's first optimiser step: no update yet, so the ratio must be 1
+                            first_step_kl.append(info["approx_kl"].float())
                     acc.backward(loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
@@ -503,7 +541,24 @@ class Trainer:
         if "ratio_max" in history:
             means["ratio_max"] = acc.reduce(torch.stack(history["ratio_max"]).max(), reduction="max")
         means["grad_norm"] = acc.reduce(torch.stack(grad_norms).mean(), reduction="mean")
+        if first_step_kl:  # 0 exactly when every pair of the first optimiser step had ratio 1 (same shapes)
+            extra["first_step_approx_kl"] = torch.stack(first_step_kl).max()
+        means.update({key: acc.reduce(value, reduction="max") for key, value in extra.items()})
         return {key: value.item() for key, value in means.items()}
+
+    @torch.no_grad()
+    def old_log_probs(self, samples: Trajectories, pair_traj: torch.Tensor, pair_step: torch.Tensor) -> torch.Tensor:
+        """The samples' log-probs ``[B, T]`` with the pairs ``(pair_traj, pair_step)`` (``[P]`` each, in training
+        order) re-scored by the current UNet in the training call's exact minibatches (``train.batch_size`` pairs
+        per call, train mode, same autocast). Before the first optimiser step training recomputes each of them in the
+        same shapes from the same weights, so the PPO ratio is exactly 1 whatever the kernels do with batch size."""
+        size = self.config.train.batch_size
+        unet = self.accelerator.unwrap_model(self.unet)
+        log_probs = samples.log_probs.clone()
+        for first in range(0, pair_traj.numel(), size):
+            i, j = pair_traj[first : first + size], pair_step[first : first + size]
+            log_probs[i, j] = self.recompute(unet, samples, i, j).log_prob
+        return log_probs
 
     def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The shuffled (trajectory, step) pairs of inner epoch ``inner`` of ``epoch`` (see

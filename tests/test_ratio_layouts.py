@@ -1,0 +1,93 @@
+"""The PPO ratio is exactly 1 at an epoch's first optimiser step in every precision and batch layout (issue 18).
+
+On this CPU the tiny and the world pipelines give the same bf16 outputs for a row at any batch size, but a UNet with
+a 768-d cross-attention (Stable Diffusion 1.5's) does not: its key/value projections of 77 tokens pick another bf16
+kernel for one prompt than for several, up to 1e-2 in a step's log-prob. :data:`BATCH_SENSITIVE_UNET` is the
+smallest config found that shows it (96/192 channels, 8x8 latents, a 32 -> 768 text projection so the text encoder
+stays tiny). Sampling 4 trajectories per UNet call and training on 1 or 2 pairs per call (with gradient
+accumulation) then gives a ratio != 1 before any update unless the old log-probs come from the training shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ddpo.models.stable_diffusion import TINY_TEXT_ENCODER, TINY_VAE
+from ddpo.training.config import ConfigError, build_config
+from ddpo.training.trainer import Trainer
+from world import build_sd_pipeline
+
+BATCH_SENSITIVE_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (96, 192),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "cross_attention_dim": 768,
+    "encoder_hid_dim": 32,
+    "encoder_hid_dim_type": "text_proj",
+    "sample_size": 8,
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: these tests switch it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def sensitive_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sensitive") / "pipe"
+    vae = {**TINY_VAE, "sample_size": 16}
+    build_sd_pipeline(unet=BATCH_SENSITIVE_UNET, vae=vae, text_encoder=TINY_TEXT_ENCODER, seed=0).save_pretrained(path)
+    return path
+
+
+def _first_epoch(model, tmp_path, precision, train_batch, accumulation, guidance=1.0, mode="auto"):
+    overrides = [
+        f"model.pretrained={model}",
+        f"mixed_precision={precision}",
+        "sample.num_steps=2",
+        f"sample.guidance_scale={guidance}",
+        "sample.batch_size=4",
+        "sample.num_batches_per_epoch=1",
+        f"train.batch_size={train_batch}",
+        f"train.gradient_accumulation_steps={accumulation}",
+        f"train.old_log_probs={mode}",
+        "train.timestep_fraction=1.0",
+        "train.advantage=batch",
+        "overlap_scoring=false",
+        "log_images=false",
+        f"output_dir={tmp_path}",
+        "run_name=run",
+    ]
+    trainer = Trainer.from_config(build_config(preset="tiny", overrides=overrides))
+    samples, rewards, _, _ = trainer.sample_and_score(0)
+    weights = trainer.compute_weights(*trainer.gather(rewards, samples.prompts))
+    return trainer.optimise(0, samples, weights)
+
+
+@pytest.mark.parametrize(
+    ("precision", "train_batch", "accumulation", "guidance"),
+    [("bf16", 2, 2, 1.0), ("bf16", 1, 4, 1.0), ("bf16", 1, 1, 5.0), ("no", 1, 2, 1.0), ("bf16", 4, 1, 1.0)],
+)
+def test_ratio_is_one_at_the_first_step(sensitive_model, tmp_path, precision, train_batch, accumulation, guidance):
+    info = _first_epoch(sensitive_model, tmp_path, precision, train_batch, accumulation, guidance)
+    assert info["first_step_approx_kl"] == 0.0  # every pair of the first optimiser step: log-prob == old log-prob
+
+
+def test_sampled_log_probs_differ_in_other_shapes_under_bf16(sensitive_model, tmp_path):
+    """The effect the recomputation removes is real here: forced to the log-probs recorded while sampling (as
+    before the fix), the first step's ratio is not 1 and the recomputation changes the log-probs."""
+    info = _first_epoch(sensitive_model, tmp_path, "bf16", 2, 2, mode="recompute")
+    assert info["old_log_prob_change_max"] > 1e-3
+    with pytest.raises(ConfigError, match="train.old_log_probs=sampled needs train.batch_size == sample.batch_size"):
+        _first_epoch(sensitive_model, tmp_path, "bf16", 2, 2, mode="sampled")
