@@ -8,7 +8,7 @@ from __future__ import annotations
 from world import build_clip_tokenizer
 
 from .lora import add_lora, lora_state_dict
-from .stable_diffusion import TINY, WORLD, build_tiny_pipeline, load_pipeline
+from .stable_diffusion import TINY, WORLD, build_tiny_pipeline, load_code, load_pipeline
 
 __all__ = [
     "TINY",
@@ -16,6 +16,7 @@ __all__ = [
     "add_lora",
     "build_clip_tokenizer",
     "build_tiny_pipeline",
+    "load_code",
     "load_pipeline",
     "lora_state_dict",
 ]

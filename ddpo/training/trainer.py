@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rewards import check_reward_output, get_reward
 
-from ..models import add_lora, load_pipeline, lora_state_dict
+from ..models import add_lora, load_code, load_pipeline, lora_state_dict
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.losses import LOSSES, kl_to_reference, trajectory_weights
 from ..policy.pairs import training_pairs
@@ -259,7 +259,14 @@ class Trainer:
             if grids:
                 lines.append(f"  held-out grids (same prompts and noise): {grids[0].resolve()} vs {grids[-1].name}")
         lines.append(f"  image grids: {(self.run_dir / 'samples').resolve()}/epoch_*.png")
-        lines.append(f"  weights:     {(self.run_dir / 'final').resolve()} (pipe.load_lora_weights(...) in diffusers)")
+        m = self.config.model
+        final = self.run_dir / "final"
+        lines.append(f"  weights:     {final.resolve()}; load them with their base model ({m.pretrained}):")
+        code = load_code(m.pretrained, final, m.use_lora, m.revision)
+        lines += ["", *(f"    {line}" if line else "" for line in code.splitlines()), ""]
+        lines.append(
+            f"  or sample and compare: ddpo sample --run {self.run_dir} --prompt '...'; ddpo eval {self.run_dir}"
+        )
         return "\n".join(lines)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
