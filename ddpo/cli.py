@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 import yaml
 
@@ -50,9 +51,20 @@ def _presets(args: argparse.Namespace) -> int:
     from .training.config import preset_names
 
     for name in preset_names():
-        first = resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text().splitlines()[0]
-        print(f"{name:28s} {first.lstrip('# ')}")
+        text = resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text()
+        print(f"{name}\n{textwrap.indent(preset_description(text), '    ')}\n")
     return 0
+
+
+def preset_description(text: str) -> str:
+    """The leading comment block of a preset file, whole: its paragraphs re-wrapped, blank comment lines kept."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    paragraphs = "\n".join(lines).split("\n\n")
+    return "\n\n".join(textwrap.fill(" ".join(p.split()), 100, break_on_hyphens=False) for p in paragraphs if p.strip())
 
 
 def _config(args: argparse.Namespace) -> int:
