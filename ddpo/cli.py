@@ -189,6 +189,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_reward(args: argparse.Namespace) -> int:
+    import os
+
+    from .tools.reward_server import serve
+
+    options = yaml.safe_load(args.options) if args.options else {}
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a YAML mapping like '{{quality: 80}}'; got {args.options!r}")
+    token = os.environ.get(args.token_env) or None
+    serve(args.name, options, args.host, args.port, token, args.device, args.max_batch)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .tools.report import write_report
 
@@ -251,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward-options", metavar="YAML", help="options of --reward, e.g. '{quality: 80}'")
     _sampler_arguments(evaluate, 64, "RUN_DIR/eval of the (last) run")
     evaluate.set_defaults(func=_eval)
+
+    serve = sub.add_parser(
+        "serve-reward",
+        help="serve a registered reward over HTTP for `reward.name: remote`",
+        description="Serve the reward NAME (any registered name or import path) over HTTP: POST /score (a batch of "
+        "images and prompts in, scores out), GET /health. Batches are scored one at a time in arrival order. "
+        "Clients use reward.name=remote with reward.options.url=http://HOST:PORT (docs/rewards.md).",
+    )
+    serve.add_argument("name", metavar="NAME", help="reward name or import path (`ddpo rewards` lists them)")
+    serve.add_argument("--options", metavar="YAML", help="the reward's options, e.g. '{model: ViT-B-32}'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
+    serve.add_argument("--device", help="device the reward runs on, e.g. cuda:1 (default: where the images are)")
+    serve.add_argument("--max-batch", type=int, default=256, help="largest batch accepted (default 256)")
+    serve.add_argument(
+        "--token-env",
+        default="DDPO_REWARD_TOKEN",
+        help="environment variable holding the token clients must send (default DDPO_REWARD_TOKEN; unset: none)",
+    )
+    serve.set_defaults(func=_serve_reward)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=_presets)
