@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (register rewards)
     clip_score,
     compression,
     discriminator,
+    preference,
     remote,
     rules,
     weighted,
