@@ -1,9 +1,11 @@
-"""The ``ddpo`` command line: ``ddpo train | bench | presets | config | rewards | prompts``."""
+"""The ``ddpo`` command line: ``ddpo train | sample | eval | serve-reward | ablate | report | bench | presets | config |
+rewards | prompts``. It only parses arguments; each command's logic lives in :mod:`ddpo.training` or :mod:`ddpo.tools`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 import yaml
 
@@ -59,9 +61,20 @@ def _presets(args: argparse.Namespace) -> int:
     from .training.config import preset_names
 
     for name in preset_names():
-        first = resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text().splitlines()[0]
-        print(f"{name:28s} {first.lstrip('# ')}")
+        text = resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text()
+        print(f"{name}\n{textwrap.indent(preset_description(text), '    ')}\n")
     return 0
+
+
+def preset_description(text: str) -> str:
+    """The leading comment block of a preset file, whole: its paragraphs re-wrapped, blank comment lines kept."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    paragraphs = "\n".join(lines).split("\n\n")
+    return "\n\n".join(textwrap.fill(" ".join(p.split()), 100, break_on_hyphens=False) for p in paragraphs if p.strip())
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -90,6 +103,113 @@ def _ablate(args: argparse.Namespace) -> int:
     from .tools import ablate
 
     return ablate.main(args.grid, parallel=args.parallel, output_dir=args.output_dir, dry_run=args.dry_run)
+
+
+def _sampler_arguments(parser: argparse.ArgumentParser, count: int | None, out: str) -> None:
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompts", metavar="SET_OR_FILE", help="a shipped prompt set or a text file, one per line")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=count,
+        help=f"prompts drawn from the set (the fixed draw of the trainer's held-out evaluation; default: {count or 'all'})",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, each with every prompt")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.num_steps, else 20)")
+    parser.add_argument("--guidance", type=float, help="CFG scale (default: the run's, else 5)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: the run's, else 1)")
+    parser.add_argument("--negative-prompt", help="negative prompt (default: the run's, else empty)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    parser.add_argument("--out", help=f"output folder (default: {out})")
+
+
+def _sampler_options(args: argparse.Namespace, model):
+    from .tools.sample import sampler_from_run
+
+    return sampler_from_run(
+        model,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+    )
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tools import sample
+
+    if (args.model is None) == (args.run is None):
+        raise ValueError("ddpo sample: give a base model (--model world|tiny|HUB_ID|FOLDER) or a run (--run RUN_DIR)")
+    prompts = sample.resolve_prompts(args.prompt, args.prompts, args.count)
+    model = sample.load_model(model=args.model, run=args.run)
+    options = _sampler_options(args, model)
+    image_prompts, image_seeds = sample.expand(prompts, args.seeds)
+    images = sample.sample_images(model.pipe, image_prompts, image_seeds, options)
+    out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else Path("ddpo-samples"))
+    sample.write_samples(images, image_prompts, image_seeds, out)
+    print(f"ddpo sample: {len(images)} images from {model.label} in {out}/ (grid.png, prompts.tsv)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import rewards
+
+    from .tools import sample
+
+    if len(args.runs) > 2:
+        raise ValueError("ddpo eval: give one run (base vs run) or two runs (run vs run)")
+    if args.base and len(args.runs) == 2:
+        raise ValueError("ddpo eval: --base compares a model with ONE run; with two runs give no --base")
+    after_dir = Path(args.runs[-1])
+    config = sample.read_run_config(after_dir)
+    if args.reward:
+        options = yaml.safe_load(args.reward_options) if args.reward_options else {}
+        if not isinstance(options, dict):
+            raise ValueError(
+                f"--reward-options must be a YAML mapping like '{{quality: 80}}'; got {args.reward_options!r}"
+            )
+        reward = rewards.get_reward(args.reward, **options)
+    else:
+        if args.reward_options:
+            raise ValueError(
+                "--reward-options needs --reward NAME (without it the run's own reward and options are used)"
+            )
+        reward = rewards.get_reward(config["reward"]["name"], **config["reward"].get("options", {}))
+    default_set = config.get("eval_prompts") or config.get("prompts")
+    prompts = sample.resolve_prompts(args.prompt, args.prompts, args.count, default_set)
+    after = sample.load_model(run=after_dir)
+    if len(args.runs) == 2:
+        before = sample.load_model(run=args.runs[0])
+    else:
+        base = args.base or config["model"]["pretrained"]
+        before = sample.load_model(model=base)
+        if not args.base:
+            before.label = f"base {base}"
+    options = _sampler_options(args, after)
+    result = sample.evaluate(before, after, reward, prompts, args.seeds, options)
+    out = Path(args.out) if args.out else after_dir / "eval"
+    paths = sample.write_eval(result, out)
+    print(sample.format_summary(result.summary()))
+    print(f"  per-image scores: {paths['scores']}; before/after grid: {paths['grid']}")
+    return 0
+
+
+def _serve_reward(args: argparse.Namespace) -> int:
+    import os
+
+    from .tools.reward_server import serve
+
+    options = yaml.safe_load(args.options) if args.options else {}
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a YAML mapping like '{{quality: 80}}'; got {args.options!r}")
+    token = os.environ.get(args.token_env) or None
+    serve(args.name, options, args.host, args.port, token, args.device, args.max_batch)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -127,6 +247,53 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     bench.add_argument("--mode", choices=("both", "ours", "reference"), default="both")
     bench.set_defaults(func=_bench)
+
+    sample = sub.add_parser(
+        "sample",
+        help="images from a base model or a finished run (PNGs and a grid)",
+        description="Sample images through the plain diffusers pipeline from a base model (--model) or a run "
+        "(--run RUN_DIR: its base model with final/ loaded by pipe.load_lora_weights). Every prompt is drawn with "
+        "every seed; image i's noise comes from torch.Generator().manual_seed(seed).",
+    )
+    source = sample.add_mutually_exclusive_group()
+    source.add_argument("--model", help="base model: world, tiny, a hub id or a local pipeline folder")
+    source.add_argument("--run", metavar="RUN_DIR", help="a finished run: its base model + final/")
+    _sampler_arguments(sample, None, "RUN_DIR/generated with --run, else ./ddpo-samples")
+    sample.set_defaults(func=_sample)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="base vs fine-tuned (or run vs run) on the same prompts and noise, scored by a reward",
+        description="Sample every prompt x seed from two models with the same noise and score them: per-image "
+        "scores (scores.csv), means, the paired change and its standard error, per-component means, and a "
+        "before/after grid. One run: its base model vs the run; two runs: the first vs the second.",
+    )
+    evaluate.add_argument("runs", nargs="+", metavar="RUN_DIR", help="one run (base vs run) or two (run vs run)")
+    evaluate.add_argument("--base", help="compare this base model (not the run's own) with the run")
+    evaluate.add_argument("--reward", help="reward name or import path (default: the run's reward and options)")
+    evaluate.add_argument("--reward-options", metavar="YAML", help="options of --reward, e.g. '{quality: 80}'")
+    _sampler_arguments(evaluate, 64, "RUN_DIR/eval of the (last) run")
+    evaluate.set_defaults(func=_eval)
+
+    serve = sub.add_parser(
+        "serve-reward",
+        help="serve a registered reward over HTTP for `reward.name: remote`",
+        description="Serve the reward NAME (any registered name or import path) over HTTP: POST /score (a batch of "
+        "images and prompts in, scores out), GET /health. Batches are scored one at a time in arrival order. "
+        "Clients use reward.name=remote with reward.options.url=http://HOST:PORT (docs/rewards.md).",
+    )
+    serve.add_argument("name", metavar="NAME", help="reward name or import path (`ddpo rewards` lists them)")
+    serve.add_argument("--options", metavar="YAML", help="the reward's options, e.g. '{model: ViT-B-32}'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
+    serve.add_argument("--device", help="device the reward runs on, e.g. cuda:1 (default: where the images are)")
+    serve.add_argument("--max-batch", type=int, default=256, help="largest batch accepted (default 256)")
+    serve.add_argument(
+        "--token-env",
+        default="DDPO_REWARD_TOKEN",
+        help="environment variable holding the token clients must send (default DDPO_REWARD_TOKEN; unset: none)",
+    )
+    serve.set_defaults(func=_serve_reward)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=_presets)

@@ -3,7 +3,17 @@
 Use :func:`get_reward` to build one by name and :func:`available` to list the names.
 """
 
-from . import aesthetic, clip_score, compression, discriminator, rules, weighted, world  # noqa: F401  (register rewards)
+from . import (  # noqa: F401  (register rewards)
+    aesthetic,
+    clip_score,
+    compression,
+    discriminator,
+    preference,
+    remote,
+    rules,
+    weighted,
+    world,
+)
 from .base import (
     FunctionReward,
     Reward,

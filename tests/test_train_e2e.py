@@ -97,7 +97,7 @@ def test_resume_matches_an_uninterrupted_run(fast_overrides, tmp_path):
     assert yaml.safe_load((split / "config.yaml").read_text())["num_epochs"] == 4
 
 
-def test_held_out_evaluation_is_paired_across_runs_and_reported(fast_overrides, tmp_path, capsys):
+def test_held_out_evaluation_is_paired_across_runs_and_reported(fast_overrides, tiny_model_dir, tmp_path, capsys):
     """The evaluation set (prompts and noise) is fixed: runs with different seeds score the same base-model images
     before training, and the same images again in a fresh evaluation of the base pipeline."""
     from ddpo.training.evaluation import eval_prompt_list
@@ -129,6 +129,13 @@ def test_held_out_evaluation_is_paired_across_runs_and_reported(fast_overrides, 
     table = (runs[0] / "samples" / "eval_epoch_0000.txt").read_text().splitlines()[1:]
     assert [line.split("\t")[2] for line in table] == prompts[:2]  # chunk 0 = sample.batch_size images
     assert (runs[0] / "samples" / "eval_epoch_0002.png").is_file()
+    # The summary prints the code that loads the result with its base model; it runs as printed.
+    block = out.rsplit("load them with their base model", 1)[1].split("  or sample and compare")[0]
+    code = "\n".join(line.removeprefix("    ") for line in block.splitlines()[1:])
+    assert str(runs[1] / "final") in code and str(tiny_model_dir.resolve()) in code
+    namespace: dict = {}
+    exec(code, namespace)
+    assert any("lora" in name for name, _ in namespace["pipe"].unet.named_parameters())
 
 
 def test_resume_drops_metrics_of_epochs_after_the_checkpoint(fast_overrides, tmp_path):
@@ -204,8 +211,9 @@ def test_resume_of_a_run_without_checkpoint_starts_it_over_and_says_so(fast_over
     run = tmp_path / "runs" / "run"
     first = read_metrics(run)
     out = capsys.readouterr().out
-    assert "ddpo: 1 process on cpu; samples per epoch 4 per process, 4 in all" in out
-    assert "pairs per optimiser step 4 per process, 4 in all; 4 optimiser steps per epoch; 24 px images" in out
+    assert "ddpo: 1 process; per epoch 4 samples (4 per process" in out
+    assert "per optimiser step 4 (trajectory, timestep) pairs" in out and "4 optimiser steps an epoch" in out
+    assert "ddpo: 1 process on cpu; 24 px images" in out
     import shutil
 
     shutil.rmtree(run / "checkpoints")

@@ -8,7 +8,15 @@ from __future__ import annotations
 from world import build_clip_tokenizer
 
 from .lora import add_lora, lora_state_dict
-from .stable_diffusion import TINY, WORLD, build_tiny_pipeline, latent_size, load_pipeline, vae_scale_factor
+from .stable_diffusion import (
+    TINY,
+    WORLD,
+    build_tiny_pipeline,
+    latent_size,
+    load_code,
+    load_pipeline,
+    vae_scale_factor,
+)
 
 __all__ = [
     "TINY",
@@ -17,6 +25,7 @@ __all__ = [
     "build_clip_tokenizer",
     "build_tiny_pipeline",
     "latent_size",
+    "load_code",
     "load_pipeline",
     "lora_state_dict",
     "vae_scale_factor",

@@ -1,4 +1,5 @@
-"""Loading Stable Diffusion 1.x/2.x pipelines (hub id, local folder, the embedded world model) and the tiny test pipeline."""
+"""Loading Stable Diffusion 1.x/2.x pipelines (hub id, local folder, the embedded world model) and the tiny test pipeline;
+the code that loads a run's result with plain diffusers."""
 
 from __future__ import annotations
 
@@ -139,3 +140,30 @@ def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str =
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_code(pretrained: str, final: str | Path, use_lora: bool = True, revision: str | None = None) -> str:
+    """The Python code that loads a run's result with plain diffusers: its base model (``model.pretrained``; the
+    shipped world model by its folder, a local folder by its absolute path) and ``final/``. Printed at the end of a
+    run; it runs as is (the tiny random-weight pipeline is rebuilt with :func:`build_tiny_pipeline`)."""
+    final = str(Path(final).resolve())
+    if not use_lora:
+        return (
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained({final!r}, safety_checker=None)"
+        )
+    if pretrained == TINY:
+        lines = ["from ddpo.models import build_tiny_pipeline", "", "pipe = build_tiny_pipeline()  # random weights"]
+    else:
+        base = str(world_model_path()) if pretrained == WORLD else pretrained
+        local = Path(base).expanduser()
+        if local.exists():
+            base = str(local.resolve())
+        extra = f", revision={revision!r}" if revision else ""
+        lines = [
+            "from diffusers import StableDiffusionPipeline",
+            "",
+            f"pipe = StableDiffusionPipeline.from_pretrained({base!r}{extra}, safety_checker=None)",
+        ]
+    lines.append(f"pipe.load_lora_weights({final!r})")
+    return "\n".join(lines)

@@ -182,7 +182,10 @@ class RunConfig:
     keep_checkpoints: int = 3
     """Newest checkpoints kept under checkpoints/."""
     log_images: bool = True
-    """Write an image grid per epoch under samples/."""
+    """Write an image grid per epoch under samples/ (and to the trackers of `log_with`)."""
+    log_with: str = "tensorboard"
+    """Trackers: `tensorboard` (under the run directory), `wandb` (project `ddpo`, needs `pip install wandb`),
+    `tensorboard,wandb`, or `none`."""
     overlap_scoring: bool = True
     """Score batch k in a worker thread while batch k+1 is sampled."""
     eval_prompts: str = ""
@@ -497,6 +500,11 @@ def validate(config: RunConfig) -> None:
     need(config.eval_samples >= 1, f"eval_samples must be >= 1; got {config.eval_samples}")
     need(config.eval_every >= 0, f"eval_every must be >= 0 (0: before and after the run only); got {config.eval_every}")
     need(config.model.lora_rank >= 1, f"model.lora_rank must be >= 1; got {config.model.lora_rank}")
+    trackers = [name.strip() for name in config.log_with.split(",")]
+    need(
+        trackers == ["none"] or (all(name in ("tensorboard", "wandb") for name in trackers) and trackers),
+        f"log_with must be tensorboard, wandb, 'tensorboard,wandb' or none; got {config.log_with!r}",
+    )
 
 
 def recomputes_old_log_probs(config: RunConfig) -> bool:

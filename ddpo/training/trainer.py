@@ -26,11 +26,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from rewards import check_reward_output, get_reward
 
-from ..models import add_lora, latent_size, load_pipeline, lora_state_dict, vae_scale_factor
+from ..models import add_lora, latent_size, load_code, load_pipeline, lora_state_dict, vae_scale_factor
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.forward import (
     FORWARD_ALGORITHMS,
@@ -70,6 +69,7 @@ from .config import (
     train_window_steps,
 )
 from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
+from .progress import EpochProgress, describe_batch_sizes
 from .prompts import derive_seed, draw_prompts, load_prompts
 from .runlog import append_jsonl, read_jsonl
 from .visualize import save_image_grid
@@ -99,7 +99,7 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=c.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
-            log_with="tensorboard",
+            log_with=trackers(c, self.run_dir) or None,
             project_dir=str(self.run_dir),
         )
         acc = self.accelerator
@@ -170,6 +170,7 @@ class Trainer:
             self.negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.negative_prompt], device)
         self.start_epoch = 0
         self.global_step = 0
+        self.progress: EpochProgress | None = None
         self.samples_per_epoch = s.batch_size * s.num_batches_per_epoch * acc.num_processes
         self.steps_per_trajectory = train_steps_per_trajectory(c)
         # DiffusionNFT's old policy: an EMA of the trained weights, updated once per epoch (saved in checkpoints).
@@ -223,7 +224,7 @@ class Trainer:
             os.replace(tmp, self.run_dir / "config.yaml")
             self._truncate_metrics(self.start_epoch)
         self.accelerator.wait_for_everyone()
-        self.accelerator.init_trackers("tensorboard")
+        self.accelerator.init_trackers("tensorboard")  # TensorBoard writes under RUN_DIR/tensorboard
 
     # ------------------------------------------------------------------ the loop
 
@@ -232,25 +233,27 @@ class Trainer:
         c, acc = self.config, self.accelerator
         if acc.is_main_process:
             print(f"ddpo: run directory {self.run_dir.resolve()}", flush=True)
+            print(describe_batch_sizes(c, acc.num_processes), flush=True)
             print(self.layout(), flush=True)
-        bar = tqdm(
-            range(self.start_epoch, c.num_epochs),
-            desc="epochs",
-            initial=self.start_epoch,
-            total=c.num_epochs,
-            disable=not acc.is_local_main_process,
-        )
+        # One bar over epochs (one plain line per epoch when stdout is not a terminal); its time left counts
+        # training epochs only, evaluations are a phase of their own.
+        self.progress = EpochProgress(self.start_epoch, c.num_epochs, enabled=acc.is_local_main_process)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as executor:
             self.executor = executor
             if self.eval_prompts and self.start_epoch == 0:
                 self.evaluate(0)
-            for epoch in bar:
+            for epoch in range(self.start_epoch, c.num_epochs):
+                self.progress.begin_epoch()
                 metrics = self.run_epoch(epoch)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics['loss']:.3g}")
+                self.progress.end_epoch(epoch, metrics)
                 if self.eval_prompts and self._eval_due(epoch + 1):
                     self.evaluate(epoch + 1)
                 if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
+                    self._phase("checkpoint")
                     self.save_checkpoint(epoch + 1)
+                    self._phase("")
+        self.progress.close()
+        self.progress = None
         self.save_final()
         acc.end_training()
         if acc.is_main_process:
@@ -258,19 +261,25 @@ class Trainer:
         return self.run_dir
 
     def layout(self) -> str:
-        """One line on how the run is spread: processes, samples per epoch and pairs per optimiser step (per process
-        and over all processes), optimiser steps per epoch."""
-        s, t, n = self.config.sample, self.config.train, self.accelerator.num_processes
-        per_process = s.batch_size * s.num_batches_per_epoch
-        pairs = t.batch_size * t.gradient_accumulation_steps
-        updates = per_process * self.steps_per_trajectory * t.num_inner_epochs // pairs
+        """The line after :func:`~ddpo.training.progress.describe_batch_sizes` (which gives the batch sizes): where the
+        processes run (device, distributed type and backend) and the image size."""
+        n = self.accelerator.num_processes
         how = f" ({self.accelerator.distributed_type.value}, {torch.distributed.get_backend()})" if n > 1 else ""
         return (
             f"ddpo: {n} process{'es' if n > 1 else ''} on {self.accelerator.device.type}{how}; "
-            f"samples per epoch {per_process} per process, "
-            f"{per_process * n} in all; (trajectory, timestep) pairs per optimiser step {pairs} per process, "
-            f"{pairs * n} in all; {updates} optimiser steps per epoch; {self.latent_size * self.vae_factor} px images"
+            f"{self.latent_size * self.vae_factor} px images"
         )
+
+    def _phase(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.phase(name)
+
+    def _say(self, text: str) -> None:
+        """A line for the person watching (through the progress bar when there is one); main process only."""
+        if self.progress is not None:
+            self.progress.message(text)
+        elif self.accelerator.is_main_process:
+            print(text, flush=True)
 
     def summary(self) -> str:
         """A few lines for the end of a run: reward of the first and last epochs, where the outputs are."""
@@ -308,7 +317,14 @@ class Trainer:
             if grids:
                 lines.append(f"  held-out grids (same prompts and noise): {grids[0].resolve()} vs {grids[-1].name}")
         lines.append(f"  image grids: {(self.run_dir / 'samples').resolve()}/epoch_*.png")
-        lines.append(f"  weights:     {(self.run_dir / 'final').resolve()} (pipe.load_lora_weights(...) in diffusers)")
+        m = self.config.model
+        final = self.run_dir / "final"
+        lines.append(f"  weights:     {final.resolve()}; load them with their base model ({m.pretrained}):")
+        code = load_code(m.pretrained, final, m.use_lora, m.revision)
+        lines += ["", *(f"    {line}" if line else "" for line in code.splitlines()), ""]
+        lines.append(
+            f"  or sample and compare: ddpo sample --run {self.run_dir} --prompt '...'; ddpo eval {self.run_dir}"
+        )
         return "\n".join(lines)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -356,6 +372,7 @@ class Trainer:
         """
         c, s, acc = self.config, self.config.sample, self.accelerator
         start = time.perf_counter()
+        self._phase("evaluation")
         self.unet.eval()
         unet = acc.unwrap_model(self.unet)
         chunks = [self.eval_prompts[i : i + s.batch_size] for i in range(0, len(self.eval_prompts), s.batch_size)]
@@ -388,17 +405,18 @@ class Trainer:
             append_jsonl(self.run_dir / "eval.jsonl", metrics)
             if first_images is not None:
                 count = min(16, len(first_images))
-                save_image_grid(
+                grid = save_image_grid(
                     first_images[:count],
                     chunks[0][:count],
                     results[0][1][:count],  # sorted by chunk: chunk 0's rewards
                     self.run_dir / "samples" / f"eval_epoch_{epochs_done:04d}.png",
                 )
-            print(
+                self.log_image("eval/samples", grid, epochs_done)
+            self._say(
                 f"ddpo: held-out evaluation after {epochs_done} epochs ({len(rewards)} images of {c.eval_prompts}): "
-                f"reward {metrics['reward_mean']:.4g}",
-                flush=True,
+                f"reward {metrics['reward_mean']:.4g} ({metrics['eval_seconds']:.1f} s)"
             )
+        self._phase("")
         return metrics
 
     def read_evals(self) -> list[dict[str, Any]]:
@@ -419,9 +437,8 @@ class Trainer:
         batches: list[Trajectories] = []
         pending: list[Future | tuple] = []
         sampling_start = time.perf_counter()
-        for b in tqdm(
-            range(s.num_batches_per_epoch), desc="sampling", leave=False, disable=not acc.is_local_main_process
-        ):
+        self._phase("sampling")
+        for b in range(s.num_batches_per_epoch):
             prompts = draw_prompts(
                 self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
             )
@@ -503,8 +520,7 @@ class Trainer:
             recomputed = self.old_log_probs(samples, *self.training_pairs(epoch, 0, num_samples))
             extra["old_log_prob_change_max"] = (recomputed - samples.log_probs).abs().max()
             samples = dataclasses.replace(samples, log_probs=recomputed)
-        total = t.num_inner_epochs * num_samples * k // t.batch_size
-        bar = tqdm(total=total, desc="training", leave=False, disable=not acc.is_local_main_process)
+        self._phase("training")
         for inner in range(t.num_inner_epochs):
             pair_traj, pair_step = self.training_pairs(epoch, inner, num_samples)
             noise = None
@@ -535,8 +551,6 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 for key, value in info.items():
                     history.setdefault(key, []).append(value.float())
-                bar.update(1)
-        bar.close()
         means = {key: acc.reduce(torch.stack(values).mean(), reduction="mean") for key, values in history.items()}
         if "ratio_max" in history:
             means["ratio_max"] = acc.reduce(torch.stack(history["ratio_max"]).max(), reduction="max")
@@ -685,12 +699,23 @@ class Trainer:
         append_jsonl(self.run_dir / "metrics.jsonl", metrics)
         if self.config.log_images:
             count = min(16, len(samples.prompts))
-            save_image_grid(
+            grid = save_image_grid(
                 samples.images[:count],
                 samples.prompts[:count],
                 rewards[:count].tolist(),
                 self.run_dir / "samples" / f"epoch_{epoch:04d}.png",
             )
+            self.log_image("samples", grid, epoch)
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An image grid (PIL) to every tracker that takes images (TensorBoard, wandb)."""
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({tag: np.asarray(image)[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({tag: [image]}, step=step)
 
     def _truncate_metrics(self, start_epoch: int) -> None:
         """Drop metrics of epochs a resumed run will redo (written after the checkpoint it resumes from), and
@@ -803,6 +828,34 @@ class Trainer:
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def trackers(config: RunConfig, run_dir: Path) -> list:
+    """``log_with`` -> accelerate trackers: ``"tensorboard"`` and a wandb tracker (project ``ddpo``, named after the
+    run, its config attached), built only when asked; wandb is imported only then."""
+    names = [name.strip() for name in config.log_with.split(",")]
+    if names == ["none"]:
+        return []
+    out: list = []
+    for name in names:
+        if name == "tensorboard":
+            out.append("tensorboard")
+        elif name == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError as err:
+                raise ConfigError(
+                    "log_with=wandb needs the wandb package: pip install 'ddpo[wandb]' (or pip install wandb), then "
+                    "`wandb login` (or WANDB_MODE=offline); or log_with=tensorboard"
+                ) from err
+            from accelerate.tracking import WandBTracker
+
+            out.append(WandBTracker("ddpo", name=run_dir.name, dir=str(run_dir), config=to_dict(config)))
+        else:
+            raise ConfigError(
+                f"log_with must be tensorboard, wandb, 'tensorboard,wandb' or none; got {config.log_with!r}"
+            )
+    return out
 
 
 def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:

@@ -23,11 +23,14 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> Image.Image:
     return Image.fromarray(array)
 
 
-def save_image_grid(images: torch.Tensor, prompts: list[str], rewards: list[float], path: Path) -> None:
-    """Write ``path`` (PNG grid, row-major) and ``path.with_suffix('.txt')`` (index, reward, prompt per line)."""
+def save_image_grid(images: torch.Tensor, prompts: list[str], rewards: list[float], path: Path) -> Image.Image:
+    """Write ``path`` (PNG grid, row-major) and ``path.with_suffix('.txt')`` (index, reward, prompt per line); returns
+    the grid."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image_grid(images).save(tmp, format="PNG")
+    grid = image_grid(images)
+    grid.save(tmp, format="PNG")
     os.replace(tmp, path)
     lines = [f"{i}\t{r:.6g}\t{p}" for i, (p, r) in enumerate(zip(prompts, rewards))]
     path.with_suffix(".txt").write_text("index\treward\tprompt\n" + "\n".join(lines) + "\n")
+    return grid

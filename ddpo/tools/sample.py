@@ -1,0 +1,331 @@
+"""``ddpo sample`` and ``ddpo eval``: images from a base model or a run, and base vs fine-tuned on the same noise.
+
+Both go through the plain diffusers pipeline, the way a user of the result would: the base model is loaded with
+:func:`ddpo.models.load_pipeline` (hub id, local folder, ``world`` or ``tiny``) and a run's ``final/`` weights with
+``pipe.load_lora_weights(final)`` (or, after full fine-tuning, the pipeline folder ``final/`` itself). Image ``i`` is
+drawn from its own ``torch.Generator().manual_seed(seed_i)``, so its noise does not depend on the batch it is in nor
+on the model: two models sampled with the same prompts and seeds see the same ``x_T`` and the same per-step noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..models import load_pipeline
+from ..training.config import SampleConfig
+from ..training.evaluation import eval_prompt_list, paired_change
+from ..training.prompts import load_prompts
+from ..training.visualize import image_grid
+
+__all__ = [
+    "EvalResult",
+    "Model",
+    "SamplerOptions",
+    "evaluate",
+    "load_model",
+    "resolve_prompts",
+    "sample_images",
+    "write_eval",
+    "write_samples",
+]
+
+
+@dataclass
+class SamplerOptions:
+    """How images are drawn: DDIM (or DDPM) steps, eta, classifier-free guidance scale and negative prompt."""
+
+    num_steps: int = SampleConfig.num_steps
+    guidance_scale: float = SampleConfig.guidance_scale
+    eta: float = SampleConfig.eta
+    negative_prompt: str = SampleConfig.negative_prompt
+    scheduler: str = SampleConfig.scheduler
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"--steps must be at least 1; got {self.num_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1; got {self.batch_size}")
+        if self.eta < 0:
+            raise ValueError(f"--eta must be >= 0; got {self.eta}")
+
+
+@dataclass
+class Model:
+    """A loaded pipeline and what it is: ``label`` (for tables), the run's config when loaded from a run."""
+
+    pipe: Any
+    label: str
+    run_config: dict[str, Any] | None = None
+    sampler: dict[str, Any] = field(default_factory=dict)
+    """The run's sampler settings (``sample:`` of its config), the defaults of ``ddpo sample --run``."""
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    run = Path(run_dir)
+    config_file = run / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{run} is not a run directory: it has no config.yaml (give the folder ddpo train wrote)"
+        )
+    return yaml.safe_load(config_file.read_text())
+
+
+def load_model(model: str | None = None, run: str | Path | None = None, scheduler: str = "ddim") -> Model:
+    """The base model ``model`` (any ``model.pretrained`` value), or the result of the run ``run``: its base model
+    (``model.pretrained``/``model.revision`` of its ``config.yaml``) with ``final/`` loaded as plain diffusers does."""
+    from .report import _quiet_loading
+
+    if (model is None) == (run is None):
+        raise ValueError("give either a base model (--model) or a run directory (--run), not both")
+    with _quiet_loading():
+        if model is not None:
+            return Model(load_pipeline(model, None, scheduler), label=model)
+        run = Path(run)
+        config = read_run_config(run)
+        final = run / "final"
+        if not final.is_dir():
+            raise FileNotFoundError(
+                f"{final} does not exist: the run has not finished (resume it with `ddpo train --resume {run}`)"
+            )
+        base = config["model"]
+        if base.get("use_lora", True):
+            pipe = load_pipeline(base["pretrained"], base.get("revision"), scheduler)
+            pipe.load_lora_weights(final)
+        else:
+            pipe = load_pipeline(str(final), None, scheduler)
+    return Model(pipe, label=str(run), run_config=config, sampler=dict(config.get("sample", {})))
+
+
+def sampler_from_run(model: Model, **given: Any) -> SamplerOptions:
+    """Sampler options: those given (not None), else the run's, else the defaults of :class:`SamplerOptions`."""
+    run = model.sampler
+    keys = ("num_steps", "guidance_scale", "eta", "negative_prompt", "scheduler")
+    values = {key: given[key] if given.get(key) is not None else run.get(key) for key in keys}
+    values = {key: value for key, value in values.items() if value is not None}
+    if given.get("batch_size") is not None:
+        values["batch_size"] = given["batch_size"]
+    options = SamplerOptions(**values)
+    options.validate()
+    return options
+
+
+def resolve_prompts(
+    prompt: list[str] | None, prompt_set: str | None, count: int | None, default_set: str | None = None
+) -> list[str]:
+    """Prompts from the command line (``--prompt``, in order) or ``count`` of a prompt set or file (the fixed draw
+    of :func:`ddpo.training.evaluation.eval_prompt_list`, the same as the trainer's held-out evaluation)."""
+    if prompt and prompt_set:
+        raise ValueError("give prompts either with --prompt or with --prompts SET_OR_FILE, not both")
+    if prompt:
+        return list(prompt)
+    name = prompt_set or default_set
+    if not name:
+        raise ValueError(
+            "no prompts: give --prompt TEXT (repeatable) or --prompts SET_OR_FILE (`ddpo prompts` lists sets)"
+        )
+    prompts = load_prompts(name)
+    if count is not None and count < 1:
+        raise ValueError(f"--count must be at least 1; got {count}")
+    return eval_prompt_list(prompts, count or len(prompts))
+
+
+def sample_images(pipe, prompts: list[str], seeds: list[int], options: SamplerOptions) -> torch.Tensor:
+    """Image ``i`` of ``prompts[i]`` from ``torch.Generator().manual_seed(seeds[i])`` through the pipeline's
+    ``__call__``, ``options.batch_size`` at a time: ``[N, 3, H, W]`` float32 in ``[0, 1]`` on the CPU."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    cfg = options.guidance_scale > 1
+    out = []
+    for first in range(0, len(prompts), options.batch_size):
+        chunk = prompts[first : first + options.batch_size]
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + options.batch_size]]
+        with torch.no_grad():
+            images = pipe(
+                chunk,
+                generator=generators,
+                num_inference_steps=options.num_steps,
+                guidance_scale=options.guidance_scale,
+                negative_prompt=[options.negative_prompt] * len(chunk) if cfg else None,
+                eta=options.eta,
+                output_type="pt",
+            ).images
+        out.append(images.float().cpu())
+    return torch.cat(out)
+
+
+def expand(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
+    """Every prompt with every seed, prompt-major: ``(prompts per image, seeds per image)``."""
+    if not seeds:
+        raise ValueError("give at least one seed (--seeds)")
+    return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
+
+
+def write_samples(images: torch.Tensor, prompts: list[str], seeds: list[int], out: str | Path) -> Path:
+    """``out/NNNN_seedS.png`` per image, ``out/grid.png`` and ``out/prompts.tsv`` (file, seed, prompt)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
+        name = f"{index:04d}_seed{seed}.png"
+        image_grid(image[None], columns=1).save(out / name)
+        rows.append(f"{name}\t{seed}\t{prompt}")
+    columns = len(set(seeds)) if len(set(seeds)) > 1 else None
+    image_grid(images, columns=columns).save(out / "grid.png")
+    (out / "prompts.tsv").write_text("file\tseed\tprompt\n" + "\n".join(rows) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ddpo eval
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Per-image scores of two models on the same (prompt, seed) pairs, and their paired comparison."""
+
+    labels: tuple[str, str]
+    prompts: list[str]
+    seeds: list[int]
+    before: list[float]
+    after: list[float]
+    components_before: dict[str, list[float]]
+    """Per-image values of each component of a ``weighted`` reward (empty otherwise)."""
+    components_after: dict[str, list[float]]
+    info_before: dict[str, float]
+    """Means of the reward's own per-batch scalars (``last_info()``), weighted by batch size."""
+    info_after: dict[str, float]
+    reward: str
+    images_before: torch.Tensor | None = None
+    images_after: torch.Tensor | None = None
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.before)
+        change = paired_change(self.before, self.after)
+        mean_before, mean_after = sum(self.before) / n, sum(self.after) / n
+        out: dict[str, Any] = {
+            "before": self.labels[0],
+            "after": self.labels[1],
+            "reward": self.reward,
+            "images": n,
+            "mean_before": mean_before,
+            "mean_after": mean_after,
+            "change": change[0] if change else mean_after - mean_before,
+            "change_se": change[1] if change else None,
+        }
+        for name in self.components_before:
+            values_b, values_a = self.components_before[name], self.components_after[name]
+            out[f"component/{name}"] = {"before": sum(values_b) / n, "after": sum(values_a) / n}
+        shown = {f"reward/{name}_mean" for name in self.components_before}  # already above, per image
+        for key in self.info_before:
+            if key in self.info_after and key not in shown:
+                out[f"info/{key}"] = {"before": self.info_before[key], "after": self.info_after[key]}
+        return out
+
+
+def score(reward, images: torch.Tensor, prompts: list[str], batch_size: int):
+    """``(values, per-component values, mean of last_info)`` of ``images``, ``batch_size`` at a time."""
+    from rewards import check_reward_output
+    from rewards.weighted import WeightedReward
+
+    values: list[float] = []
+    components: dict[str, list[float]] = {}
+    info_sums: dict[str, float] = {}
+    for first in range(0, len(prompts), batch_size):
+        chunk, chunk_prompts = images[first : first + batch_size], prompts[first : first + batch_size]
+        with torch.no_grad():
+            out = check_reward_output(reward(chunk, chunk_prompts), len(chunk_prompts), reward.name)
+            info = reward.last_info()
+            if isinstance(reward, WeightedReward):
+                for name, component in reward.components.items():
+                    part = check_reward_output(component(chunk, chunk_prompts), len(chunk_prompts), name)
+                    components.setdefault(name, []).extend(part.double().cpu().tolist())
+        values.extend(out.double().cpu().tolist())
+        for key, value in info.items():
+            info_sums[key] = info_sums.get(key, 0.0) + float(value) * len(chunk_prompts)
+    return values, components, {key: total / len(prompts) for key, total in info_sums.items()}
+
+
+def evaluate(
+    before: Model, after: Model, reward, prompts: list[str], seeds: list[int], options: SamplerOptions
+) -> EvalResult:
+    """Sample every (prompt, seed) from both models with the same noise and score both with ``reward``."""
+    image_prompts, image_seeds = expand(prompts, seeds)
+    images_b = sample_images(before.pipe, image_prompts, image_seeds, options)
+    images_a = sample_images(after.pipe, image_prompts, image_seeds, options)
+    values_b, comp_b, info_b = score(reward, images_b, image_prompts, options.batch_size)
+    values_a, comp_a, info_a = score(reward, images_a, image_prompts, options.batch_size)
+    return EvalResult(
+        labels=(before.label, after.label),
+        prompts=image_prompts,
+        seeds=image_seeds,
+        before=values_b,
+        after=values_a,
+        components_before=comp_b,
+        components_after=comp_a,
+        info_before=info_b,
+        info_after=info_a,
+        reward=reward.name,
+        images_before=images_b,
+        images_after=images_a,
+    )
+
+
+def write_eval(result: EvalResult, out: str | Path, grid_columns: int = 8) -> dict[str, Path]:
+    """``scores.csv`` (one row per image: prompt, seed, before, after, change, components), ``summary.json`` and
+    ``before_after.png`` (base row above fine-tuned row, the first ``grid_columns`` images, same noise per column)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(result.components_before)
+    with open(out / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = ["index", "prompt", "seed", "before", "after", "change"]
+        header += [f"{name}_{which}" for name in names for which in ("before", "after")]
+        writer.writerow(header)
+        for i, (prompt, seed) in enumerate(zip(result.prompts, result.seeds)):
+            row = [i, prompt, seed, f"{result.before[i]:.8g}", f"{result.after[i]:.8g}"]
+            row.append(f"{result.after[i] - result.before[i]:.8g}")
+            for name in names:
+                row += [f"{result.components_before[name][i]:.8g}", f"{result.components_after[name][i]:.8g}"]
+            writer.writerow(row)
+    (out / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    paths = {"scores": out / "scores.csv", "summary": out / "summary.json"}
+    if result.images_before is not None and result.images_after is not None:
+        count = min(grid_columns, len(result.prompts))
+        pair = torch.cat([result.images_before[:count], result.images_after[:count]])
+        image_grid(pair, columns=count).save(out / "before_after.png")
+        paths["grid"] = out / "before_after.png"
+    return paths
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a few lines for the terminal."""
+    n = summary["images"]
+    lines = [
+        f"ddpo eval: {summary['reward']} on {n} images (same prompts and noise for both)",
+        f"  before ({summary['before']}): {summary['mean_before']:.4f}",
+        f"  after  ({summary['after']}): {summary['mean_after']:.4f}",
+    ]
+    if summary["change_se"] is not None:
+        se = summary["change_se"]
+        z = summary["change"] / se if se > 0 else math.inf
+        lines.append(
+            f"  paired change {summary['change']:+.4f} +- {se:.2g} (standard error over {n} images; "
+            f"{abs(z):.1f} standard errors"
+            + ("; within 2 of zero: not distinguishable from noise)" if abs(z) < 2 else ")")
+        )
+    else:
+        lines.append(f"  change {summary['change']:+.4f} (one image: no standard error)")
+    for key, value in summary.items():
+        if key.startswith(("component/", "info/")):
+            lines.append(f"  {key.split('/', 1)[1]}: {value['before']:.4g} -> {value['after']:.4g}")
+    return "\n".join(lines)
