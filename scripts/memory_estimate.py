@@ -1,0 +1,531 @@
+"""GPU memory per shipped preset, COMPUTED (no GPU): parameter counts and activation bytes on the meta device.
+
+How the numbers are obtained (docs/gpu-memory.md explains the model and the tables):
+
+* **Parameters are counted**: the Stable Diffusion 1.5 UNet, VAE and CLIP text encoder are built from their published
+  configs (below) on ``torch.device("meta")`` (no weights, no memory, no download) and their parameters summed;
+  LoRA parameters are counted by adding the preset's peft adapter to that UNet (``ddpo.models.lora.add_lora``).
+* **Activations are counted at full size on the meta device**: one UNet call (and one VAE decode) runs on meta
+  tensors, which carry shapes and dtypes but no data, while a dispatch mode tracks every tensor the kernels would
+  allocate and when its last reference dies: the peak of live bytes is the call's activation memory (forward and
+  backward for a training call, forward under ``no_grad`` for sampling and decoding). Two GPU behaviours are
+  emulated: attention runs through the memory-efficient SDPA kernel (no ``N x N`` attention map stored, as
+  ``F.scaled_dot_product_attention`` does on CUDA), and ``mixed_precision=bf16`` follows CUDA autocast's rules
+  (matmuls and convolutions in bf16, group/layer norm and softmax in fp32). Not counted: the CUDA context,
+  cuBLAS/cuDNN workspaces and allocator fragmentation (a fixed overhead and a margin are added for those).
+
+Run: ``python scripts/memory_estimate.py`` (about a minute on 2 CPU cores); ``--json FILE`` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GIB = 1024**3
+
+# Published configs of Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5: unet/, vae/, text_encoder/ config.json).
+SD15_UNET: dict = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SD15_VAE: dict = {
+    "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 32,
+}
+SD15_TEXT_ENCODER: dict = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+CLIP_TEXT_IDS: dict = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+TEXT_TOKENS = 77
+
+CUDA_OVERHEAD_GIB = 1.0
+"""CUDA context, cuBLAS/cuDNN workspaces and kernels: not tensors, so not counted; a fixed allowance."""
+MARGIN = 1.15
+"""Allocator fragmentation and caching: the counted tensor peak is multiplied by this."""
+CARDS_GIB = (12, 16, 24, 80)
+
+
+# ----------------------------------------------------------------------------------------------- parameter counts
+
+
+def build_unet(config: dict, device: str = "meta"):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**config)
+
+
+def build_vae(config: dict, device: str = "meta"):
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(**config)
+
+
+def build_text_encoder(config: dict, device: str = "meta"):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        return CLIPTextModel(CLIPTextConfig(**{**CLIP_TEXT_IDS, **config}))
+
+
+def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def add_lora_adapter(unet, rank: int, targets: list[str]) -> None:
+    """The trainer's own LoRA (``ddpo.models.lora.add_lora``): freezes the UNet and adds the peft adapter."""
+    from ddpo.models.lora import add_lora
+
+    add_lora(unet, rank, float(rank), targets)
+
+
+def lora_params(unet_config: dict, rank: int, targets: list[str]) -> int:
+    """Trainable parameters of the preset's LoRA, counted by peft on the real module names."""
+    unet = build_unet(unet_config)
+    add_lora_adapter(unet, rank, targets)
+    return count_params(unet, trainable_only=True)
+
+
+def lora_params_by_hand(unet, rank: int, targets: list[str]) -> int:
+    """``rank * (in + out)`` summed over the Linear/Conv modules whose name ends with a target (the formula)."""
+    total = 0
+    for name, module in unet.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            if isinstance(module, torch.nn.Linear):
+                total += rank * (module.in_features + module.out_features)
+            elif isinstance(module, torch.nn.Conv2d):
+                k = module.kernel_size[0] * module.kernel_size[1]
+                total += rank * (module.in_channels * k + module.out_channels)
+    return total
+
+
+def open_clip_params(name: str) -> int | None:
+    """Parameters of an open_clip architecture (both towers, as the aesthetic reward loads it), or None."""
+    try:
+        import open_clip
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        model = open_clip.create_model(name, pretrained=None, device="meta")
+    return count_params(model)
+
+
+# ------------------------------------------------------------------------------------ activation bytes, on meta
+
+
+def _efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """SDPA through the memory-efficient kernel (what CUDA picks): saves q, k, v, out and the log-sum-exp only."""
+    if attn_mask is not None or dropout_p or is_causal:
+        raise NotImplementedError("memory estimate: masked/dropout attention is not modelled")
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, scale=scale)[0]
+
+
+_LOW = ("linear", "conv2d", "scaled_dot_product_attention")
+_FP32 = ("group_norm", "layer_norm", "softmax", "log_softmax")
+
+
+@contextlib.contextmanager
+def gpu_like(low: torch.dtype | None):
+    """CUDA autocast's casting rules (``low``: matmuls and convolutions in that dtype, norms and softmax in fp32;
+    None: no autocast) and CUDA's memory-efficient attention, for the meta device, which has neither.
+
+    The functions of ``torch.nn.functional`` that diffusers and peft call are replaced while the block runs, so the
+    casts are recorded by autograd as real autocast's are, and checkpointed blocks recompute the same way.
+    """
+    originals = {name: getattr(F, name) for name in _LOW + _FP32}
+
+    def wrap(name, dtype):
+        func = _efficient_sdpa if name == "scaled_dot_product_attention" else originals[name]
+
+        def cast(x):
+            return x.to(dtype) if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        def wrapped(*args, **kwargs):
+            return func(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
+
+        return wrapped
+
+    try:
+        for name in _LOW:
+            setattr(F, name, wrap(name, low))
+        for name in _FP32:
+            setattr(F, name, wrap(name, torch.float32 if low is not None else None))
+        yield
+    finally:
+        for name, func in originals.items():
+            setattr(F, name, func)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of every storage allocated by the ops run under it, freed when its last tensor dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.live:
+                    self.live[key] = [storage.nbytes(), 0]
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                self.live[key][1] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def _peak(run) -> int:
+    tracker = LiveBytes()
+    with tracker:
+        run()
+    return tracker.peak
+
+
+def unet_call_bytes(
+    unet, rows: int, latent: int, context_dim: int, dtype: torch.dtype, train: bool, tokens: int = TEXT_TOKENS
+) -> int:
+    """Peak bytes of one UNet call on ``rows`` rows: forward + backward (``train``) or forward under ``no_grad``.
+
+    ``dtype`` is the autocast dtype (float32: none). The UNet's frozen weights must already be in ``dtype`` (as the
+    trainer stores them with LoRA and mixed precision) and trainable ones in float32.
+    """
+    low = None if dtype == torch.float32 else dtype
+
+    def run():
+        x = torch.empty(rows, unet.config.in_channels, latent, latent, device="meta")
+        ctx = torch.empty(rows, tokens, context_dim, device="meta")
+        t = torch.full((rows,), 500, device="meta", dtype=torch.long)
+        with gpu_like(low), contextlib.nullcontext() if train else torch.no_grad():
+            out = unet(x, t, encoder_hidden_states=ctx).sample.float()
+            if train:
+                out.square().mean().backward()
+        del out
+
+    return _peak(run)
+
+
+def vae_decode_bytes(vae, images: int, latent: int, dtype: torch.dtype) -> int:
+    low = None if dtype == torch.float32 else dtype
+
+    def run():
+        z = torch.empty(images, vae.config.latent_channels, latent, latent, device="meta")
+        with gpu_like(low), torch.no_grad():
+            out = vae.decode(z).sample.float()
+        del out
+
+    return _peak(run)
+
+
+def linear_fit(measure, sizes=(1, 2)) -> tuple[float, float]:
+    """``(a, b)`` with bytes = a + b * size, from two measurements (activations are linear in the batch)."""
+    y0, y1 = (measure(s) for s in sizes)
+    b = (y1 - y0) / (sizes[1] - sizes[0])
+    return y0 - b * sizes[0], b
+
+
+# --------------------------------------------------------------------------------------------------- the models
+
+ARCH_CACHE: dict = {}
+
+
+def architecture(pretrained: str) -> dict:
+    """Configs of a preset's model: SD 1.5 for hub ids, the shipped world model, the tiny test model."""
+    if pretrained == "world":
+        from world.model import WORLD_TEXT_ENCODER, WORLD_UNET, WORLD_VAE
+
+        return {"name": "world", "unet": WORLD_UNET, "vae": WORLD_VAE, "text": WORLD_TEXT_ENCODER}
+    if pretrained == "tiny":
+        from ddpo.models.stable_diffusion import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
+
+        return {
+            "name": "tiny",
+            "unet": {**TINY_UNET, "sample_size": 32},
+            "vae": {**TINY_VAE, "sample_size": 64},
+            "text": TINY_TEXT_ENCODER,
+        }
+    return {"name": "sd15", "unet": SD15_UNET, "vae": SD15_VAE, "text": SD15_TEXT_ENCODER}
+
+
+def model_numbers(pretrained: str, rank: int, targets: list[str]) -> dict:
+    """Parameter counts and per-row activation fits of one architecture (cached per architecture and LoRA)."""
+    arch = architecture(pretrained)
+    key = (arch["name"], rank, tuple(targets))
+    if key in ARCH_CACHE:
+        return ARCH_CACHE[key]
+    latent = arch["unet"]["sample_size"]
+    ctx = arch["unet"]["cross_attention_dim"]
+    n = {
+        "architecture": arch["name"],
+        "latent": latent,
+        "unet_params": count_params(build_unet(arch["unet"])),
+        "vae_params": count_params(build_vae(arch["vae"])),
+        "text_params": count_params(build_text_encoder(arch["text"])),
+    }
+    vae = build_vae(arch["vae"])
+    vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+    n["resolution"] = latent * vae_factor
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        unet = build_unet(arch["unet"])
+        add_lora_adapter(unet, rank, targets)
+        n["lora_params"] = count_params(unet, trainable_only=True)
+        if dtype != torch.float32:  # the trainer's layout: frozen weights in bf16, LoRA in fp32
+            for p in unet.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+            for p in vae.parameters():
+                p.data = p.data.to(dtype)
+        n[f"train_{dtype_name}"] = linear_fit(lambda r, u=unet, d=dtype: unet_call_bytes(u, r, latent, ctx, d, True))
+        n[f"sample_{dtype_name}"] = linear_fit(lambda r, u=unet, d=dtype: unet_call_bytes(u, r, latent, ctx, d, False))
+        n[f"decode_{dtype_name}"] = linear_fit(lambda r, d=dtype: vae_decode_bytes(vae, r, latent, d))
+        unet.enable_gradient_checkpointing()
+        n[f"train_ckpt_{dtype_name}"] = linear_fit(
+            lambda r, u=unet, d=dtype: unet_call_bytes(u, r, latent, ctx, d, True)
+        )
+    ARCH_CACHE[key] = n
+    return n
+
+
+REWARD_PARAMS_CACHE: dict = {}
+
+
+def reward_model(reward: dict) -> tuple[str, int, int]:
+    """``(description, parameters, bytes per parameter)`` of the reward model kept on the GPU."""
+    name = reward.get("name", "")
+    options = reward.get("options") or {}
+    if name == "aesthetic":
+        arch = options.get("clip_model", "ViT-L-14")
+        if arch not in REWARD_PARAMS_CACHE:
+            REWARD_PARAMS_CACHE[arch] = open_clip_params(arch) or 427_616_513
+        head = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 64 * 16 + 16 + 16 + 1
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}[options.get("dtype", "float32")]
+        return f"open_clip {arch} (both towers) + LAION MLP head", REWARD_PARAMS_CACHE[arch] + head, size
+    if name == "clip_score" and options.get("pretrained") == "world":
+        return "tiny world CLIP", 3_500_000, 4
+    if name == "discriminator":
+        return "small CNN discriminator (+ AdamW state)", 200_000, 16
+    return "none (computed on the CPU from pixels)", 0, 4
+
+
+# ------------------------------------------------------------------------------------------------ memory model
+
+
+def preset_memory(cfg: dict, n: dict) -> dict:
+    """GiB per process of one preset's settings (``cfg``: the merged preset dict) on the architecture numbers ``n``."""
+    model, sample, train = cfg["model"], cfg["sample"], cfg["train"]
+    bf16 = cfg.get("mixed_precision", "no") == "bf16"
+    lora = model.get("use_lora", True)
+    wbytes = 2 if (bf16 and lora) else 4
+    d = "bf16" if bf16 else "fp32"
+    cfg_rows = 2 if sample.get("guidance_scale", 5.0) > 1 else 1
+    opt_bytes = 2 if train.get("optimizer", "adamw") == "adamw8bit" else 8
+    trainable = n["lora_params"] if lora else n["unet_params"]
+    frozen_unet = n["unet_params"] - (0 if lora else n["unet_params"])
+    ckpt = train.get("gradient_checkpointing", False)
+    fit = n[f"train_ckpt_{d}" if ckpt else f"train_{d}"]
+    sfit, dfit = n[f"sample_{d}"], n[f"decode_{d}"]
+    reward_desc, reward_p, reward_b = reward_model(cfg.get("reward", {}))
+    samples = sample["batch_size"] * sample["num_batches_per_epoch"]
+    latent_elems = 4 * n["latent"] ** 2
+    steps = sample["num_steps"]
+    trajectories = samples * ((steps + 1) * latent_elems * 4 + steps * 4 * 2 + TEXT_TOKENS * 768 * 4)
+    parts = {
+        "unet_frozen": frozen_unet * wbytes,
+        "trainable_weights": trainable * 4,
+        "gradients": trainable * 4,
+        "optimizer_state": trainable * opt_bytes,
+        "vae": n["vae_params"] * wbytes,
+        "text_encoder": n["text_params"] * 4,
+        "reward_model": reward_p * reward_b,
+        "trajectories": trajectories,
+    }
+    if not lora and bf16:  # autocast keeps a bf16 copy of every fp32 weight during a forward
+        parts["autocast_weight_cache"] = n["unet_params"] * 2
+    rows_train = cfg_rows * train["batch_size"]
+    rows_sample = cfg_rows * sample["batch_size"]
+    chunk = min(sample.get("decode_chunk_size", 8), sample["batch_size"])
+    phases = {
+        "training_call": fit[0] + fit[1] * rows_train,
+        "sampling_call": sfit[0] + sfit[1] * rows_sample,
+        "vae_decode": dfit[0] + dfit[1] * chunk,
+    }
+    static = sum(parts.values())
+    tensors = static + max(phases.values())
+    total = tensors * MARGIN + CUDA_OVERHEAD_GIB * GIB
+    return {
+        "parts_gib": {k: v / GIB for k, v in parts.items()},
+        "phases_gib": {k: v / GIB for k, v in phases.items()},
+        "reward": reward_desc,
+        "static_gib": static / GIB,
+        "tensors_gib": tensors / GIB,
+        "total_gib": total / GIB,
+        "rows": {"train": rows_train, "sample": rows_sample, "decode": chunk},
+    }
+
+
+def merged_preset(name: str) -> dict:
+    from ddpo.training.config import build_config, to_dict
+
+    return to_dict(build_config(preset=name))
+
+
+def fitting_settings(cfg: dict, n: dict, card_gib: float) -> tuple[dict, dict]:
+    """The least change of ``cfg`` that fits ``card_gib``: the preset's batch sizes halved (the same samples per epoch
+    and pairs per optimiser step through ``num_batches_per_epoch`` and ``gradient_accumulation_steps``), each size
+    all without gradient checkpointing first (it costs ~30% more training compute; smaller calls cost little on a
+    GPU at 512 px), then with it, then the same with the reward model in bf16. Returns (changes, memory)."""
+    import copy
+
+    sample, train = cfg["sample"], cfg["train"]
+    spp = sample.get("samples_per_prompt", 1)
+    sb0, tb0 = sample["batch_size"], train["batch_size"]
+    options = []
+    factors = []
+    f = 1
+    while sb0 // f >= 1 and tb0 // f >= 1:
+        if sb0 % f == 0 and tb0 % f == 0 and (sb0 // f) % spp == 0:
+            factors.append(f)
+        f *= 2
+    reward_levels = [None]
+    if (cfg.get("reward") or {}).get("name") == "aesthetic":
+        reward_levels.append("bfloat16")
+    for reward_dtype in reward_levels:
+        for ckpt in (False, True):
+            for f in factors:
+                options.append((f, ckpt, reward_dtype))
+    for f, ckpt, reward_dtype in options:
+        c = copy.deepcopy(cfg)
+        changes = {}
+        if f > 1:
+            c["sample"]["batch_size"] = sb0 // f
+            c["sample"]["num_batches_per_epoch"] = sample["num_batches_per_epoch"] * f
+            c["train"]["batch_size"] = tb0 // f
+            c["train"]["gradient_accumulation_steps"] = train["gradient_accumulation_steps"] * f
+            c["sample"]["decode_chunk_size"] = min(sample.get("decode_chunk_size", 8), sb0 // f)
+            changes = {
+                "sample.batch_size": sb0 // f,
+                "sample.num_batches_per_epoch": c["sample"]["num_batches_per_epoch"],
+                "train.batch_size": tb0 // f,
+                "train.gradient_accumulation_steps": c["train"]["gradient_accumulation_steps"],
+            }
+        if ckpt and not train.get("gradient_checkpointing"):
+            c["train"]["gradient_checkpointing"] = True
+            changes["train.gradient_checkpointing"] = True
+        if reward_dtype:
+            c["reward"]["options"] = {**(c["reward"].get("options") or {}), "dtype": reward_dtype}
+            changes["reward.options.dtype"] = reward_dtype
+        mem = preset_memory(c, n)
+        if mem["total_gib"] <= card_gib:
+            return changes, mem
+    return {"does not fit": True}, mem
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="*", default=None, help="preset names (default: every shipped preset)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number to this file")
+    args = parser.parse_args(argv)
+    from ddpo.training.config import build_config, preset_names
+
+    names = args.presets or preset_names()
+    report: dict = {"method": "computed (meta device), no GPU", "presets": {}, "architectures": {}}
+    print(f"COMPUTED, not measured on a GPU (overhead {CUDA_OVERHEAD_GIB} GiB + margin x{MARGIN})")
+    for name in names:
+        cfg = merged_preset(name)
+        m = cfg["model"]
+        n = model_numbers(m["pretrained"], m["lora_rank"], m["lora_target_modules"])
+        report["architectures"][n["architecture"]] = {
+            k: (v / GIB if isinstance(v, (int, float)) and k.startswith(("train", "sample", "decode")) else v)
+            for k, v in n.items()
+        }
+        mem = preset_memory(cfg, n)
+        cards = {}
+        for card in CARDS_GIB:
+            changes, fitted = fitting_settings(cfg, n, card)
+            if "does not fit" not in changes:  # the recommended overrides are a valid config
+                build_config(preset=name, overrides=[f"{k}={str(v).lower()}" for k, v in changes.items()])
+            cards[str(card)] = {"changes": changes, "total_gib": fitted["total_gib"]}
+        report["presets"][name] = {"memory": mem, "cards": cards}
+        print(
+            f"\n== {name}: {n['architecture']} {n['resolution']} px, LoRA r{m['lora_rank']} = {n['lora_params']:,} params"
+        )
+        print(f"   needs {mem['total_gib']:.2f} GiB as configured; rows {mem['rows']}")
+        for k, v in {**mem["parts_gib"], **mem["phases_gib"]}.items():
+            print(f"   {k:24s} {v:8.3f} GiB")
+        for card, c in cards.items():
+            print(f"   {card:>3s} GB: {c['total_gib']:6.2f} GiB with {c['changes'] or 'as configured'}")
+    for arch, n in report["architectures"].items():
+        print(f"\n{arch}: UNet {n['unet_params']:,}, VAE {n['vae_params']:,}, text {n['text_params']:,} params")
+        for k in (
+            "train_fp32",
+            "train_bf16",
+            "train_ckpt_fp32",
+            "train_ckpt_bf16",
+            "sample_fp32",
+            "sample_bf16",
+            "decode_fp32",
+            "decode_bf16",
+        ):
+            a, b = n[k]
+            print(f"   {k:16s} {a / GIB:7.3f} + {b / GIB:7.4f} x rows GiB")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

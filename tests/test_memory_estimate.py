@@ -1,0 +1,96 @@
+"""scripts/memory_estimate.py (docs/gpu-memory.md): its parameter counts are those of the real modules, its LoRA
+count is peft's, and its meta-device activation tracker agrees with a real CPU run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpo.models.stable_diffusion import TINY_UNET
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_estimate.py"
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.fixture(scope="module")
+def me():
+    spec = importlib.util.spec_from_file_location("memory_estimate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_meta_counts_equal_real_modules(me):
+    """Built on meta (no memory) or on the CPU with real weights: the same parameter count."""
+    config = {**TINY_UNET, "sample_size": 8}
+    assert me.count_params(me.build_unet(config)) == me.count_params(me.build_unet(config, device="cpu"))
+    text = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    te = me.build_text_encoder(text, device="cpu")
+    # By hand: token + position embeddings, per layer 4 projections (with bias), 2 MLP layers, 2 layer norms, final norm.
+    h, i, n = 32, 37, 2
+    by_hand = 49408 * h + 77 * h + n * (4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h) + 2 * h
+    assert me.count_params(te) == by_hand == me.count_params(me.build_text_encoder(text))
+
+
+def test_sd15_counts_are_the_published_ones(me):
+    unet = me.build_unet(me.SD15_UNET)
+    assert abs(me.count_params(unet) - 859.52e6) / 859.52e6 < 1e-3  # SD 1.5 UNet: 859.5 M
+    assert me.count_params(me.build_vae(me.SD15_VAE)) == 83_653_863  # SD 1.x AutoencoderKL
+    assert me.count_params(me.build_text_encoder(me.SD15_TEXT_ENCODER)) == 123_060_480  # CLIP ViT-L/14 text
+    # LoRA r4 on to_q/k/v/out.0: rank * (in + out) over the 16 transformer blocks' two attentions.
+    assert me.lora_params_by_hand(unet, 4, TARGETS) == 797_184
+
+
+def test_lora_count_equals_peft_trainable_parameters(me):
+    from peft import LoraConfig
+
+    config = {**TINY_UNET, "sample_size": 8}
+    unet = me.build_unet(config, device="cpu")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=TARGETS))
+    peft_count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert peft_count > 0
+    assert me.lora_params(config, 3, TARGETS) == peft_count
+    assert me.lora_params_by_hand(me.build_unet(config), 3, TARGETS) == peft_count
+
+
+def test_tracker_counts_a_real_cpu_call_and_frees_everything(me):
+    """The live-bytes tracker on a real CPU training call: at least the bytes autograd saves (less the weights),
+    scales with the batch, and returns to the LoRA gradients only once the call's tensors are gone."""
+    config = {**TINY_UNET, "sample_size": 8}
+    torch.manual_seed(0)
+    unet = me.build_unet(config, device="cpu")
+    me.add_lora_adapter(unet, 4, TARGETS)
+    weights = {p.untyped_storage()._cdata for p in unet.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    tracker = me.LiveBytes()
+    with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = unet(torch.randn(2, 4, 8, 8), torch.tensor([3, 3]), encoder_hidden_states=torch.randn(2, 77, 32)).sample
+        after_forward = tracker.current
+        out.square().mean().backward()
+        del out
+    assert after_forward >= sum(saved.values()) > 0
+    assert tracker.peak >= after_forward
+    lora_grads = sum(p.numel() * 4 for p in unet.parameters() if p.requires_grad)
+    assert tracker.current <= lora_grads + 4096
+
+
+def test_activation_fit_is_linear_in_rows(me):
+    unet = me.build_unet({**TINY_UNET, "sample_size": 8})
+    me.add_lora_adapter(unet, 4, TARGETS)
+    a, b = me.linear_fit(lambda r: me.unet_call_bytes(unet, r, 8, 32, torch.bfloat16, True))
+    assert b > 0
+    assert me.unet_call_bytes(unet, 4, 8, 32, torch.bfloat16, True) == pytest.approx(a + 4 * b, rel=0.02)
+    # checkpointing keeps less
+    unet.enable_gradient_checkpointing()
+    assert me.unet_call_bytes(unet, 4, 8, 32, torch.bfloat16, True) < a + 4 * b
