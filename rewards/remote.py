@@ -94,6 +94,8 @@ class RemoteReward(Reward):
     """
 
     name = "remote"
+    io_bound = True
+    """Scoring waits on the network: the trainer overlaps it with sampling even on a CPU."""
 
     def __init__(
         self,

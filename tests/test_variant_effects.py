@@ -107,3 +107,28 @@ def test_kl_to_the_base_model_matches_gaussians_by_hand(make_trainer):
     ).mean(dim=(1, 2, 3))
     assert expected.mean() > 0
     torch.testing.assert_close(info["kl"], expected.mean(), rtol=1e-4, atol=1e-7)
+
+
+def test_scoring_overlaps_sampling_only_where_it_helps():
+    """On a CPU a scoring thread competes with sampling for the same cores (and slows every later UNet call through
+    OpenMP's thread throttling), so local rewards are scored inline there; on a GPU, or for a reward that waits on
+    the network, the worker thread overlaps them."""
+    from ddpo.training.trainer import overlap_scoring
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not overlap_scoring(True, cpu)
+    assert overlap_scoring(True, cpu, io_bound=True)
+    assert overlap_scoring(True, gpu)
+    assert not overlap_scoring(False, gpu) and not overlap_scoring(False, cpu, io_bound=True)
+    from rewards.remote import RemoteReward
+
+    assert RemoteReward.io_bound is True
+
+
+def test_start_up_line_says_how_rewards_are_scored(make_trainer, fast_overrides, tmp_path):
+    inline = make_trainer()  # overlap_scoring=false
+    assert "rewards scored inline (overlap_scoring=false)" in inline.layout()
+    overrides = [*fast_overrides, "overlap_scoring=true"]
+    on_cpu = Trainer.from_config(build_config(preset="tiny", overrides=overrides), tmp_path / "cpu")
+    assert not on_cpu.overlaps_scoring()
+    assert "rewards scored inline (on a CPU a scoring thread competes" in on_cpu.layout()

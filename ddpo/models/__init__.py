@@ -9,8 +9,10 @@ from world import build_clip_tokenizer
 
 from .lora import add_lora, lora_state_dict
 from .stable_diffusion import (
+    SD15_RANDOM,
     TINY,
     WORLD,
+    build_sd15_architecture,
     build_tiny_pipeline,
     latent_size,
     load_code,
@@ -19,10 +21,12 @@ from .stable_diffusion import (
 )
 
 __all__ = [
+    "SD15_RANDOM",
     "TINY",
     "WORLD",
     "add_lora",
     "build_clip_tokenizer",
+    "build_sd15_architecture",
     "build_tiny_pipeline",
     "latent_size",
     "load_code",

@@ -16,6 +16,9 @@ from .schedulers import build_scheduler
 
 TINY = "tiny"
 """``model.pretrained`` value that builds :func:`build_tiny_pipeline` instead of loading weights."""
+SD15_RANDOM = "sd15_random"
+"""``model.pretrained`` value that builds the Stable Diffusion 1.5 architecture with random weights
+(:func:`build_sd15_architecture`): for speed and memory measurements, which do not depend on the weights."""
 WORLD = "world"
 """``model.pretrained`` value for the embedded pretrained model of the procedural world (shipped in the package)."""
 
@@ -89,6 +92,54 @@ def latent_size(pipe: StableDiffusionPipeline, resolution: int | None) -> int:
     return resolution // factor
 
 
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+"""The published ``unet/config.json`` of Stable Diffusion 1.5 (859.5M parameters)."""
+SD15_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+"""The published ``vae/config.json`` of Stable Diffusion 1.5 (83.7M parameters)."""
+SD15_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+"""The CLIP ViT-L/14 text encoder of Stable Diffusion 1.5 (123.1M parameters)."""
+
+
+def build_sd15_architecture(seed: int = 0, sample_size: int = 64) -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's architecture (UNet, VAE, CLIP text encoder, DDIM scheduler) from its published configs
+    with seeded random weights: no download. ``sample_size`` is the latent side (64: 512 px). Speed and memory do not
+    depend on the weights, so ``ddpo bench`` measures the real model's cost with it (``scripts/gpu_bench.sh``)."""
+    return build_sd_pipeline(
+        unet={**SD15_UNET, "sample_size": sample_size},
+        vae={**SD15_VAE, "sample_size": 8 * sample_size},
+        text_encoder=SD15_TEXT_ENCODER,
+        seed=seed,
+    )
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
 
@@ -96,13 +147,16 @@ def _looks_like_path(name: str) -> bool:
 def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str = "ddim") -> StableDiffusionPipeline:
     """Load a Stable Diffusion 1.x/2.x pipeline from a hub id or a local folder, in float32, without safety checker.
 
-    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`; ``pretrained="world"`` loads the embedded model. The
+    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`, ``pretrained="sd15_random"``
+    :func:`build_sd15_architecture`; ``pretrained="world"`` loads the embedded model. The
     scheduler is replaced by the sampler ``scheduler`` (:func:`~ddpo.models.schedulers.build_scheduler`: ``ddim``,
     ``ddpm``, ``dpmsolver++``, ...) built from the pipeline's own scheduler config, so the noise schedule is unchanged.
     Errors name what is missing and how to fix it, instead of surfacing from deep inside a download.
     """
     if pretrained == TINY:
         pipe = build_tiny_pipeline()
+    elif pretrained == SD15_RANDOM:
+        pipe = build_sd15_architecture()
     else:
         if pretrained == WORLD:
             pretrained = str(world_model_path())

@@ -45,7 +45,7 @@ import torch
 
 from ..policy import sampling
 from ..policy.losses import LOSSES
-from ..policy.sampling import Trajectories, autocast, encode_prompts, uses_cfg
+from ..policy.sampling import AUTOCAST_DTYPES, Trajectories, autocast, encode_prompts, uses_cfg
 from ..training.config import to_dict
 from ..training.prompts import derive_seed, draw_prompts
 from ..training.trainer import SAMPLING_NOISE_STREAM, Trainer
@@ -394,6 +394,7 @@ class EpochBench:
             samples, rewards, _, timings = tr.sample_and_score(epoch)
         all_rewards, all_prompts = tr.gather(rewards, samples.prompts)
         weights = tr.compute_weights(all_rewards, all_prompts)
+        self.last_epoch = (samples, weights)
         _sync(self.device)
         train_start = time.perf_counter()
         info = tr.optimise(epoch, samples, weights)
@@ -454,6 +455,38 @@ class EpochBench:
         return {**seconds, **info}
 
 
+def training_flops_per_pair(bench: EpochBench) -> float:
+    """Model FLOPs of one training pair: ``torch.utils.flop_counter`` over one training minibatch (forward, CFG rows
+    included, and backward) of ours on the last epoch's samples, divided by its pairs. The weights are restored."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tr = bench.trainer
+    samples, weights = bench.last_epoch
+    i, j = (x[: bench.config.train.batch_size] for x in tr.training_pairs(bench.epoch, 0, samples.latents.shape[0]))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = tr.minibatch_loss(samples, weights, i, j)
+        loss.backward()
+    tr.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(i)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 10) -> float:
+    """The measured dense matmul rate of ``device`` in ``dtype`` (TFLOP/s): the best of ``repeats`` square products
+    of side ``size`` (8192 on a GPU, 1024 on a CPU) after a warm-up. The MFU's denominator."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
 def run_bench(
     config,
     repeats: int = 3,
@@ -476,6 +509,7 @@ def run_bench(
             for mode in modes if r % 2 == 0 else tuple(reversed(modes)):  # alternate the order against drift
                 runs[mode].append(bench.run(mode))
         device = bench.device
+        flops = training_flops_per_pair(bench) if "ours" in modes else None
     result: dict[str, Any] = {}
     for mode in modes:
         keys = runs[mode][0].keys()
@@ -500,6 +534,17 @@ def run_bench(
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if flops is not None:
+        dtype = AUTOCAST_DTYPES[config.mixed_precision] or torch.float32
+        peak = matmul_tflops(device, dtype)
+        achieved = flops * result["ours"]["pairs_per_second"] / 1e12
+        result["mfu"] = {
+            "training_flops_per_pair": flops,
+            "training_tflops": achieved,
+            "peak_matmul_tflops": peak,
+            "matmul_dtype": str(dtype).removeprefix("torch."),
+            "training_mfu": achieved / peak,
+        }
     result["config"] = to_dict(config)
     return result
 
@@ -533,6 +578,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"{' (' + m['gpu'] + ')' if m['gpu'] else ''}, torch threads {m['torch_threads']}, "
         f"1-min load {m['load_average_1min']:.2f}"
     )
+    if "mfu" in result:
+        f = result["mfu"]
+        lines.append(
+            f"training (ours): {f['training_flops_per_pair'] / 1e9:.3g} GFLOP per pair (forward + backward, counted), "
+            f"{f['training_tflops']:.3g} TFLOP/s; measured {f['matmul_dtype']} matmul peak {f['peak_matmul_tflops']:.3g} "
+            f"TFLOP/s; model-FLOPs utilisation {100 * f['training_mfu']:.1f} %"
+        )
     if "ratio_total" in result:
         lines.append(
             f"ratio_total (ours / reference epoch time) = {result['ratio_total']:.3f}; "

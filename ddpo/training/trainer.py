@@ -260,14 +260,25 @@ class Trainer:
             print(self.summary(), flush=True)
         return self.run_dir
 
+    def overlaps_scoring(self) -> bool:
+        """Whether this run scores in the worker thread (:func:`overlap_scoring` of its config, device and reward)."""
+        io_bound = bool(getattr(self.reward, "io_bound", False))
+        return overlap_scoring(self.config.overlap_scoring, self.accelerator.device, io_bound)
+
     def layout(self) -> str:
         """The line after :func:`~ddpo.training.progress.describe_batch_sizes` (which gives the batch sizes): where the
         processes run (device, distributed type and backend) and the image size."""
         n = self.accelerator.num_processes
         how = f" ({self.accelerator.distributed_type.value}, {torch.distributed.get_backend()})" if n > 1 else ""
+        if self.overlaps_scoring():
+            scoring = "rewards scored in a worker thread while the next batch samples"
+        elif self.config.overlap_scoring:
+            scoring = "rewards scored inline (on a CPU a scoring thread competes with sampling for the same cores)"
+        else:
+            scoring = "rewards scored inline (overlap_scoring=false)"
         return (
             f"ddpo: {n} process{'es' if n > 1 else ''} on {self.accelerator.device.type}{how}; "
-            f"{self.latent_size * self.vae_factor} px images"
+            f"{self.latent_size * self.vae_factor} px images; {scoring}"
         )
 
     def _phase(self, name: str) -> None:
@@ -428,14 +439,16 @@ class Trainer:
     def sample_and_score(self, epoch: int) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
         """Sample this process's trajectories for ``epoch`` and score them.
 
-        With ``overlap_scoring`` the reward of batch k runs in a worker thread while batch k+1 is sampled;
-        ``scoring_seconds`` is then only the time spent waiting for the reward after sampling ended.
+        With ``overlap_scoring`` (where :func:`overlap_scoring` allows it) the reward of batch k runs in a worker
+        thread while batch k+1 is sampled; ``scoring_seconds`` is then only the time spent waiting for the reward after
+        sampling ended.
         """
         c, s, acc = self.config, self.config.sample, self.accelerator
         self.unet.eval()
         unet = acc.unwrap_model(self.unet)  # sampling needs no DDP gradient sync
         batches: list[Trajectories] = []
         pending: list[Future | tuple] = []
+        overlap = self.overlaps_scoring()
         sampling_start = time.perf_counter()
         self._phase("sampling")
         for b in range(s.num_batches_per_epoch):
@@ -449,7 +462,7 @@ class Trainer:
                 share_initial_noise=s.share_initial_noise,
             )
             batches.append(trajectories)
-            if c.overlap_scoring:
+            if overlap:
                 pending.append(self.executor.submit(self.score, trajectories.images, prompts))
             else:
                 pending.append(self.score(trajectories.images, prompts))
@@ -457,7 +470,7 @@ class Trainer:
         wait_start = time.perf_counter()
         results = [item.result() if isinstance(item, Future) else item for item in pending]
         scoring_seconds = time.perf_counter() - wait_start
-        if not c.overlap_scoring:
+        if not overlap:
             scoring_seconds = sum(seconds for _, _, seconds in results)
             sampling_seconds -= scoring_seconds
         rewards = torch.cat([values for values, _, _ in results])
@@ -856,6 +869,19 @@ def trackers(config: RunConfig, run_dir: Path) -> list:
                 f"log_with must be tensorboard, wandb, 'tensorboard,wandb' or none; got {config.log_with!r}"
             )
     return out
+
+
+def overlap_scoring(requested: bool, device: torch.device, io_bound: bool = False) -> bool:
+    """Whether to score rewards in the worker thread: when asked (``overlap_scoring``) and the device is not the CPU,
+    or the reward waits on I/O (``io_bound``, e.g. a remote reward server).
+
+    On a CPU the cores that would score a local reward are the ones sampling, so overlapping buys nothing, and it
+    costs: the worker thread's first torch op gives it an OpenMP team of its own, and once libgomp manages more threads
+    than there are cores it stops spinning between parallel regions, so the intra-op threads of every later UNet call
+    sleep and are woken at each operator (measured on a 2-core Intel Xeon: ~800 voluntary context switches per UNet
+    call instead of 0, calls 20% slower for the rest of the run; docs/performance.md).
+    """
+    return requested and (device.type != "cpu" or io_bound)
 
 
 def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
