@@ -51,6 +51,13 @@ def _train(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .tools import bench
 
+    if args.calibrate:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        bench.calibrate_main(_config_from(args), repeats=args.repeats, refresh=args.refresh)
+        return 0
     bench.main(_config_from(args), args.json, args.repeats, args.warmup, args.threads, args.mode)
     return 0
 
@@ -246,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, help="unmeasured epochs per mode first (default 1)")
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     bench.add_argument("--mode", choices=("both", "ours", "reference"), default="both")
+    bench.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="time the hardware-dependent choices (pairs per training call, channels-last) on this machine and model, "
+        "print the recommended overrides; cached per machine and model shape under $DDPO_CACHE/calibration",
+    )
+    bench.add_argument("--refresh", action="store_true", help="with --calibrate: measure again instead of the cache")
     bench.set_defaults(func=_bench)
 
     sample = sub.add_parser(

@@ -168,3 +168,22 @@ def test_8bit_optimizer_without_bitsandbytes_says_how_to_install(fast_overrides,
     assert "pip install bitsandbytes" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", *fast_overrides, "train.optimizer=sgd"]) == 2
     assert "train.optimizer must be adamw or adamw8bit" in capsys.readouterr().err
+
+
+def test_calibrate_times_the_candidates_recommends_the_fastest_and_caches(fast_settings, tmp_path, monkeypatch, capsys):
+    from ddpo.tools.bench import calibrate_main
+
+    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
+    overrides = [f"{k}={v}" for k, v in fast_settings.items()]
+    config = build_config(preset="tiny", overrides=[*overrides, f"output_dir={tmp_path}"])
+    result = calibrate_main(config, repeats=1)
+    choices = [row["choice"] for row in result["rows"]]
+    assert "train.batch_size=2" in choices and "train.batch_size=4" in choices  # sample.batch_size and train's
+    assert choices[-1].endswith("model.channels_last=true")
+    sizes = [row for row in result["rows"] if "channels_last" not in row["choice"]]
+    assert result["recommended"][0] == min(sizes, key=lambda row: row["seconds_per_pair"])["choice"]
+    assert all(row["seconds_per_pair"] > 0 for row in result["rows"])
+    out = capsys.readouterr().out
+    assert "recommended overrides: train.batch_size=" in out
+    assert calibrate_main(config, repeats=1) == result  # read back from the cache, not measured again
+    assert "cached calibration" in capsys.readouterr().out
