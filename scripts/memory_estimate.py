@@ -30,51 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ddpo.models.stable_diffusion import SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE
+from world.pipeline import CLIP_TEXT_IDS
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 GIB = 1024**3
 
-# Published configs of Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5: unet/, vae/, text_encoder/ config.json).
-SD15_UNET: dict = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE: dict = {
-    "sample_size": 512,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "norm_num_groups": 32,
-}
-SD15_TEXT_ENCODER: dict = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-}
-CLIP_TEXT_IDS: dict = {
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-}
+# Published configs of Stable Diffusion 1.5 (unet/, vae/, text_encoder/ config.json): one copy, in the package.
 TEXT_TOKENS = 77
 
 CUDA_OVERHEAD_GIB = 1.0
