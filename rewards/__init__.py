@@ -13,6 +13,8 @@ from .base import (
     check_reward_output,
     get_reward,
     register,
+    reward_factory,
+    reward_function,
 )
 
 __all__ = [
@@ -24,4 +26,6 @@ __all__ = [
     "check_reward_output",
     "get_reward",
     "register",
+    "reward_factory",
+    "reward_function",
 ]

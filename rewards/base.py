@@ -85,15 +85,39 @@ _REGISTRY: dict[str, Callable[..., Reward | RewardFn]] = {}
 
 
 def register(name: str) -> Callable:
-    """Decorator: register a reward factory (a class or a function returning a reward) under ``name``."""
+    """Decorator: register a reward factory (a class or a function returning a reward) under ``name``. A registered
+    factory is also a reward factory by import path (:func:`reward_factory`)."""
 
     def wrap(factory: Callable) -> Callable:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"reward name {name!r} is already registered")
         _REGISTRY[name] = factory
+        if not isinstance(factory, type):
+            factory.__ddpo_reward__ = "factory"
         return factory
 
     return wrap
+
+
+def reward_function(fn: Callable) -> Callable:
+    """Decorator: declare ``fn(images, prompts) -> float32 Tensor[B]`` a reward, so that it may be given by import
+    path (``reward.name: my_pkg.my_module:fn``). It takes no options."""
+    fn.__ddpo_reward__ = "function"
+    return fn
+
+
+def reward_factory(fn: Callable) -> Callable:
+    """Decorator: declare ``fn(**options)`` a function that builds a reward (a :class:`Reward` or a reward function),
+    so that it may be given by import path; it is called with ``reward.options``."""
+    fn.__ddpo_reward__ = "factory"
+    return fn
+
+
+HOW_TO_DECLARE = (
+    "derive a class from rewards.Reward, or decorate a function with @rewards.reward_function (a reward "
+    "fn(images, prompts)) or @rewards.reward_factory (a function that builds one from the options)"
+)
+"""How user code declares a reward that an import path may name (part of the error messages)."""
 
 
 def available() -> list[str]:
@@ -113,17 +137,45 @@ def _import_path(spec: str) -> Any:
         raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}") from err
 
 
+def _from_import_path(spec: str, options: dict[str, Any]) -> Reward | RewardFn:
+    """The reward named by ``package.module:attribute``: only a :class:`Reward` subclass or instance, or a function
+    declared with :func:`reward_function` / :func:`reward_factory` (or :func:`register`) is accepted, so an import
+    path cannot call an arbitrary function (``os:system``) with the config's options."""
+    obj = _import_path(spec)
+    kind = getattr(obj, "__ddpo_reward__", None)
+    if isinstance(obj, type) and issubclass(obj, Reward):
+        factory = obj
+    elif isinstance(obj, Reward):
+        factory = None
+    elif kind in ("function", "factory") and callable(obj):
+        factory = obj if kind == "factory" else None
+    else:
+        raise ValueError(
+            f"reward {spec!r} is of type {type(obj).__name__}, not a declared reward; only a reward can be given by import "
+            f"path: {HOW_TO_DECLARE}"
+        )
+    if factory is None:
+        if options:
+            raise ValueError(
+                f"reward {spec!r} is a reward function and takes no options (got {sorted(options)}); to take options "
+                "make it a rewards.Reward subclass or a @rewards.reward_factory"
+            )
+        return obj
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise ValueError(f"reward {spec!r}: bad options {sorted(options)}: {err}") from err
+
+
 def get_reward(name: str, **options: Any) -> Reward:
     """Build a reward by registry name, or by import path ``"my_pkg.my_module:my_reward"``.
 
-    For an import path the attribute may be a reward function (used as is; ``options`` must be empty), a
-    :class:`Reward` subclass or any factory (called with ``options``).
+    For an import path the attribute must be a declared reward: a :class:`Reward` subclass (called with
+    ``options``), a function decorated with :func:`reward_function` (used as is; no options) or with
+    :func:`reward_factory` / :func:`register` (called with ``options``). Anything else is refused.
     """
     if ":" in name:
-        obj = _import_path(name)
-        if isinstance(obj, type) or options:
-            obj = obj(**options)
-        reward = obj
+        reward = _from_import_path(name, options)
     else:
         if name not in _REGISTRY:
             hint = difflib.get_close_matches(name, available(), n=1)

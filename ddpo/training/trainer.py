@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from rewards import check_reward_output, get_reward
+from rewards import RewardError, check_reward_output, get_reward
 
 from ..models import add_lora, latent_size, load_pipeline, lora_state_dict, vae_scale_factor
 from ..policy.advantages import build_advantage, clip_advantages
@@ -363,7 +363,7 @@ class Trainer:
         for k in range(acc.process_index, len(chunks), acc.num_processes):
             prompts = chunks[k]
             trajectories = self.sample(unet, prompts, derive_seed(0, EVAL_NOISE_STREAM, k))
-            values, info, _ = self.score(trajectories.images, prompts)
+            values, info, _ = self.score(trajectories.images, prompts, f"held-out evaluation, chunk {k}")
             results.append((k, values.cpu().tolist(), info))
             if k == 0:
                 first_images = trajectories.images
@@ -432,10 +432,14 @@ class Trainer:
                 share_initial_noise=s.share_initial_noise,
             )
             batches.append(trajectories)
+            first = b * s.batch_size
+            where = (
+                f"epoch {epoch}, batch {b}: samples {first}-{first + s.batch_size - 1} of process {acc.process_index}"
+            )
             if c.overlap_scoring:
-                pending.append(self.executor.submit(self.score, trajectories.images, prompts))
+                pending.append(self.executor.submit(self.score, trajectories.images, prompts, where))
             else:
-                pending.append(self.score(trajectories.images, prompts))
+                pending.append(self.score(trajectories.images, prompts, where))
         sampling_seconds = time.perf_counter() - sampling_start
         wait_start = time.perf_counter()
         results = [item.result() if isinstance(item, Future) else item for item in pending]
@@ -463,12 +467,29 @@ class Trainer:
         sample = sample_clean if self.forward_process else sample_trajectories
         return sample(unet, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings)
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:
-        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``."""
+    def score(
+        self, images: torch.Tensor, prompts: list[str], where: str = ""
+    ) -> tuple[torch.Tensor, dict[str, float], float]:
+        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``.
+
+        A reward that raises, or returns NaN, the wrong shape or dtype, ends in one :class:`rewards.RewardError`
+        naming the reward, the batch (``where``: e.g. ``"epoch 3, samples 8-11 of process 0"``) and, for bad values,
+        the sample indices; the reward's own exception is chained (``--debug`` prints it)."""
         start = time.perf_counter()
-        with torch.no_grad():
-            values = self.reward(images, prompts)
-        values = check_reward_output(values, len(prompts), self.reward.name)
+        name = self.reward.name
+        context = f" ({where})" if where else ""
+        try:
+            with torch.no_grad():
+                values = self.reward(images, prompts)
+        except Exception as err:
+            raise RewardError(
+                f"reward {name!r} raised {type(err).__name__}: {err}{context}. The error is in the reward's own code; "
+                "run with --debug (or DDPO_DEBUG=1) for its traceback"
+            ) from err
+        try:
+            values = check_reward_output(values, len(prompts), name)
+        except RewardError as err:
+            raise RewardError(f"{err}{context}") from None
         return values.detach().to(self.accelerator.device), dict(self.reward.last_info()), time.perf_counter() - start
 
     def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
