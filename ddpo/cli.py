@@ -42,7 +42,9 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.preset or args.config:
-            raise SystemExit("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
+            from .training.config import ConfigError
+
+            raise ConfigError("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
         resume(args.resume, _overrides(args))
         return 0
     train(_config_from(args))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -137,6 +139,64 @@ def _import_path(spec: str) -> Any:
         raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}") from err
 
 
+def _accepts(value: Any, annotation: Any) -> bool | None:
+    """Whether ``value`` fits a simple annotation (``float``, ``int``, ``str``, ``bool``, unions with None); None when
+    the annotation is not one of those (then the reward checks the value itself)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_accepts(value, arg) for arg in typing.get_args(annotation)]
+        return None if None in verdicts else any(verdicts)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return None
+
+
+_WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _describe(annotation: Any) -> str:
+    """``float | None`` -> ``"a number or null"``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    return _WORDS.get(annotation, str(annotation))
+
+
+def check_options(factory: Callable, options: dict[str, Any], name: str) -> None:
+    """Raise ValueError, before the reward is built, for an option the factory does not take or whose value has the
+    wrong type for the factory's annotation (``reward.options.target: bright`` where a number is expected)."""
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        parameters = inspect.signature(target).parameters
+        hints = typing.get_type_hints(target)
+    except (TypeError, ValueError, NameError):
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for key, value in options.items():
+        if key not in parameters:
+            if takes_any:
+                continue
+            known = [p for p in parameters if p not in ("self", "args", "kwargs")]
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"reward {name!r} has no option {key!r}.{suggestion} Its options: {', '.join(known) or 'none'}"
+            )
+        if key in hints and _accepts(value, hints[key]) is False:
+            wanted = _describe(hints[key])
+            raise ValueError(
+                f"reward {name!r}: option {key!r} must be {wanted}; got {type(value).__name__} {value!r} "
+                f"(set reward.options.{key})"
+            )
+
+
 def _from_import_path(spec: str, options: dict[str, Any]) -> Reward | RewardFn:
     """The reward named by ``package.module:attribute``: only a :class:`Reward` subclass or instance, or a function
     declared with :func:`reward_function` / :func:`reward_factory` (or :func:`register`) is accepted, so an import
@@ -161,6 +221,7 @@ def _from_import_path(spec: str, options: dict[str, Any]) -> Reward | RewardFn:
                 "make it a rewards.Reward subclass or a @rewards.reward_factory"
             )
         return obj
+    check_options(factory, options, spec)
     try:
         return factory(**options)
     except TypeError as err:
@@ -184,6 +245,7 @@ def get_reward(name: str, **options: Any) -> Reward:
                 f"unknown reward {name!r}.{suggestion} Available: {', '.join(available())}; "
                 "or give an import path 'package.module:function'."
             )
+        check_options(_REGISTRY[name], options, name)
         try:
             reward = _REGISTRY[name](**options)
         except TypeError as err:

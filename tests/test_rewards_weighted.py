@@ -62,7 +62,7 @@ def test_user_reward_by_import_path(monkeypatch):
     torch.testing.assert_close(reward(images, [""] * 4), images[:, 0].mean(dim=(1, 2)))
     scaled = rewards.get_reward("my_user_rewards:scaled_redness", scale=2.0)
     torch.testing.assert_close(scaled(images, [""] * 4), 2 * images[:, 0].mean(dim=(1, 2)))
-    with pytest.raises(ValueError, match="bad options.*scale"):
+    with pytest.raises(ValueError, match="has no option .factor.. Its options: scale"):
         rewards.get_reward("my_user_rewards:scaled_redness", factor=2.0)
     with pytest.raises(ValueError, match="is a reward function and takes no options"):
         rewards.get_reward("my_user_rewards:redness", scale=2.0)

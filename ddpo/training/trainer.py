@@ -107,7 +107,9 @@ class Trainer:
 
         # Everything that can fail on user input fails here, before a model is loaded.
         self.prompts = load_prompts(c.prompts)
-        self.eval_prompts = eval_prompt_list(load_prompts(c.eval_prompts), c.eval_samples) if c.eval_prompts else []
+        self.eval_prompts = (
+            eval_prompt_list(load_prompts(c.eval_prompts, "eval_prompts"), c.eval_samples) if c.eval_prompts else []
+        )
         self.reward = get_reward(c.reward.name, **c.reward.options)
         optimizer_class = get_optimizer_class(t.optimizer)
 
@@ -188,6 +190,7 @@ class Trainer:
                 f"{run_dir} already holds a run; continue it with `ddpo train --resume {run_dir}` "
                 "or choose another run_name / output_dir"
             )
+        check_run_dir(run_dir)
         return cls(config, run_dir)
 
     @classmethod
@@ -782,6 +785,16 @@ class Trainer:
                 f"{unexpected[:5]}); was the run's model or LoRA config changed?"
             )
         named = dict(acc.unwrap_model(self.unet).named_parameters())
+        wrong = [
+            f"{name} {tuple(value.shape)} vs {tuple(named[name].shape)}"
+            for name, value in data["trainable"].items()
+            if value.shape != named[name].shape
+        ]
+        if wrong:
+            raise ValueError(
+                f"{path}: {len(wrong)} trained weights do not fit the model's shapes (checkpoint vs model: "
+                f"{'; '.join(wrong[:3])}); was model.lora_rank or the model changed? Resume with the run's own values"
+            )
         with torch.no_grad():
             for name, value in data["trainable"].items():
                 named[name].copy_(value.to(named[name].device, named[name].dtype))
@@ -824,6 +837,29 @@ class Trainer:
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise ConfigError, before anything is loaded, when the run directory cannot be created or written: a regular
+    file where a folder of its path should be, or no permission (a read-only disk, another user's folder)."""
+    run_dir = Path(run_dir)
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"the run directory {run_dir} would be under {parent}, which is a regular file, not a folder; "
+                    "choose another output_dir / run_name"
+                )
+            break
+    probe = run_dir / f".ddpo-write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a writable output_dir"
+        ) from None
 
 
 def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
