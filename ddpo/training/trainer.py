@@ -70,6 +70,7 @@ from .config import (
     train_window_steps,
 )
 from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
+from .killpoints import kill_point
 from .prompts import derive_seed, draw_prompts, load_prompts
 from .runlog import append_jsonl, read_jsonl
 from .visualize import save_image_grid
@@ -255,6 +256,7 @@ class Trainer:
                 if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
                     self.save_checkpoint(epoch + 1)
         self.save_final()
+        kill_point("run_end")
         acc.end_training()
         if acc.is_main_process:
             print(self.summary(), flush=True)
@@ -435,6 +437,7 @@ class Trainer:
                 share_initial_noise=s.share_initial_noise,
             )
             batches.append(trajectories)
+            kill_point("sample")
             first = b * s.batch_size
             where = (
                 f"epoch {epoch}, batch {b}: samples {first}-{first + s.batch_size - 1} of process {acc.process_index}"
@@ -493,6 +496,7 @@ class Trainer:
             values = check_reward_output(values, len(prompts), name)
         except RewardError as err:
             raise RewardError(f"{err}{context}") from None
+        kill_point("score")
         return values.detach().to(self.accelerator.device), dict(self.reward.last_info()), time.perf_counter() - start
 
     def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -527,6 +531,7 @@ class Trainer:
             recomputed = self.old_log_probs(samples, *self.training_pairs(epoch, 0, num_samples))
             extra["old_log_prob_change_max"] = (recomputed - samples.log_probs).abs().max()
             samples = dataclasses.replace(samples, log_probs=recomputed)
+            kill_point("old_log_probs")
         total = t.num_inner_epochs * num_samples * k // t.batch_size
         bar = tqdm(total=total, desc="training", leave=False, disable=not acc.is_local_main_process)
         for inner in range(t.num_inner_epochs):
@@ -546,6 +551,7 @@ class Trainer:
                         if not grad_norms:  # the epoch's first optimiser step: no update yet, so the ratio must be 1
                             first_step_kl.append(info["approx_kl"].float())
                     acc.backward(loss)
+                    kill_point("backward")
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
                         if not torch.isfinite(grad_norm):
@@ -557,6 +563,7 @@ class Trainer:
                         self.global_step += 1
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    kill_point("optimizer_step")
                 for key, value in info.items():
                     history.setdefault(key, []).append(value.float())
                 bar.update(1)
@@ -707,6 +714,7 @@ class Trainer:
         if not acc.is_main_process:
             return
         append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+        kill_point("metrics")
         if self.config.log_images:
             count = min(16, len(samples.prompts))
             save_image_grid(
@@ -753,6 +761,7 @@ class Trainer:
                 self.reward.state_dict(),
                 self.old_policy_state(),
             )
+            kill_point("checkpoint_payload")
         checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
         acc.wait_for_everyone()
         final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
@@ -834,6 +843,7 @@ class Trainer:
             else:
                 self.pipe.unet = unet
                 self.pipe.save_pretrained(tmp, safe_serialization=True)
+            kill_point("final_payload")
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
