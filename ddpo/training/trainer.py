@@ -98,6 +98,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         c, s, t = config, config.sample, config.train
         self.accelerator = Accelerator(
+            cpu=launched_on_cpu(),
             mixed_precision=c.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             log_with="tensorboard",
@@ -847,6 +848,14 @@ class Trainer:
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def launched_on_cpu() -> bool:
+    """Whether a launcher started several processes (``WORLD_SIZE > 1``) on a machine without CUDA: then the run is
+    made multi-CPU over gloo explicitly. ``accelerate launch --multi_gpu`` exports ``ACCELERATE_USE_CPU=False``, with
+    which accelerate would otherwise give every process a one-process state (each training alone, into the same run
+    directory)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def check_run_dir(run_dir: Path) -> None:
