@@ -4,8 +4,10 @@ rewards | prompts``. It only parses arguments; each command's logic lives in :mo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
+import traceback
 
 import yaml
 
@@ -34,6 +36,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a reward given by import path (package.module:attribute): importing it runs its code",
     )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print error tracebacks")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -41,7 +44,9 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.preset or args.config:
-            raise SystemExit("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
+            from .training.config import ConfigError
+
+            raise ConfigError("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
         resume(args.resume, _overrides(args))
         return 0
     train(_config_from(args))
@@ -230,6 +235,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpo", description="RL fine-tuning (DDPO, RWR) of diffusion models.")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the full traceback of an error (also: DDPO_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
@@ -349,17 +357,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a problem with the user's input, config, files or reward (printed as one message), as
+    opposed to a bug in ddpo (left to a traceback). Checked by class without importing torch."""
     from .training.config import ConfigError
 
+    kinds: list[type] = [ConfigError, OSError, ValueError]
+    for module, names in (("rewards.base", ("RewardError",)), ("ddpo.training.trainer", ("TrainingError",))):
+        if (loaded := sys.modules.get(module)) is not None:
+            kinds += [getattr(loaded, name) for name in names]
+    return isinstance(err, tuple(kinds))
+
+
+def debug_enabled(args: argparse.Namespace | None = None) -> bool:
+    """``--debug`` or ``DDPO_DEBUG=1``: print the traceback of an error (the user's reward's included)."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("DDPO_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; a bad input, config, file or reward ends in one line ``ddpo: error: ...`` and exit code 2
+    (the traceback only with ``--debug`` or ``DDPO_DEBUG=1``)."""
     args = build_parser().parse_args(argv)
     if getattr(args, "preset", None) and getattr(args, "config", None):
         print("ddpo: give either --preset or --config, not both", file=sys.stderr)
         return 2
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"ddpo: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not _user_error(err):
+            raise
+        if debug_enabled(args):
+            traceback.print_exc()
+        print(f"ddpo: error: {err}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -23,6 +23,8 @@ from .base import (
     check_reward_output,
     get_reward,
     register,
+    reward_factory,
+    reward_function,
 )
 
 __all__ = [
@@ -34,4 +36,6 @@ __all__ = [
     "check_reward_output",
     "get_reward",
     "register",
+    "reward_factory",
+    "reward_function",
 ]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -85,15 +87,39 @@ _REGISTRY: dict[str, Callable[..., Reward | RewardFn]] = {}
 
 
 def register(name: str) -> Callable:
-    """Decorator: register a reward factory (a class or a function returning a reward) under ``name``."""
+    """Decorator: register a reward factory (a class or a function returning a reward) under ``name``. A registered
+    factory is also a reward factory by import path (:func:`reward_factory`)."""
 
     def wrap(factory: Callable) -> Callable:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"reward name {name!r} is already registered")
         _REGISTRY[name] = factory
+        if not isinstance(factory, type):
+            factory.__ddpo_reward__ = "factory"
         return factory
 
     return wrap
+
+
+def reward_function(fn: Callable) -> Callable:
+    """Decorator: declare ``fn(images, prompts) -> float32 Tensor[B]`` a reward, so that it may be given by import
+    path (``reward.name: my_pkg.my_module:fn``). It takes no options."""
+    fn.__ddpo_reward__ = "function"
+    return fn
+
+
+def reward_factory(fn: Callable) -> Callable:
+    """Decorator: declare ``fn(**options)`` a function that builds a reward (a :class:`Reward` or a reward function),
+    so that it may be given by import path; it is called with ``reward.options``."""
+    fn.__ddpo_reward__ = "factory"
+    return fn
+
+
+HOW_TO_DECLARE = (
+    "derive a class from rewards.Reward, or decorate a function with @rewards.reward_function (a reward "
+    "fn(images, prompts)) or @rewards.reward_factory (a function that builds one from the options)"
+)
+"""How user code declares a reward that an import path may name (part of the error messages)."""
 
 
 def available() -> list[str]:
@@ -113,17 +139,104 @@ def _import_path(spec: str) -> Any:
         raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}") from err
 
 
+def _accepts(value: Any, annotation: Any) -> bool | None:
+    """Whether ``value`` fits a simple annotation (``float``, ``int``, ``str``, ``bool``, unions with None); None when
+    the annotation is not one of those (then the reward checks the value itself)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_accepts(value, arg) for arg in typing.get_args(annotation)]
+        return None if None in verdicts else any(verdicts)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return None
+
+
+_WORDS = {float: "a number", int: "an integer", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _describe(annotation: Any) -> str:
+    """``float | None`` -> ``"a number or null"``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    return _WORDS.get(annotation, str(annotation))
+
+
+def check_options(factory: Callable, options: dict[str, Any], name: str) -> None:
+    """Raise ValueError, before the reward is built, for an option the factory does not take or whose value has the
+    wrong type for the factory's annotation (``reward.options.target: bright`` where a number is expected)."""
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        parameters = inspect.signature(target).parameters
+        hints = typing.get_type_hints(target)
+    except (TypeError, ValueError, NameError):
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for key, value in options.items():
+        if key not in parameters:
+            if takes_any:
+                continue
+            known = [p for p in parameters if p not in ("self", "args", "kwargs")]
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"reward {name!r} has no option {key!r}.{suggestion} Its options: {', '.join(known) or 'none'}"
+            )
+        if key in hints and _accepts(value, hints[key]) is False:
+            wanted = _describe(hints[key])
+            raise ValueError(
+                f"reward {name!r}: option {key!r} must be {wanted}; got {type(value).__name__} {value!r} "
+                f"(set reward.options.{key})"
+            )
+
+
+def _from_import_path(spec: str, options: dict[str, Any]) -> Reward | RewardFn:
+    """The reward named by ``package.module:attribute``: only a :class:`Reward` subclass or instance, or a function
+    declared with :func:`reward_function` / :func:`reward_factory` (or :func:`register`) is accepted, so an import
+    path cannot call an arbitrary function (``os:system``) with the config's options."""
+    obj = _import_path(spec)
+    kind = getattr(obj, "__ddpo_reward__", None)
+    if isinstance(obj, type) and issubclass(obj, Reward):
+        factory = obj
+    elif isinstance(obj, Reward):
+        factory = None
+    elif kind in ("function", "factory") and callable(obj):
+        factory = obj if kind == "factory" else None
+    else:
+        raise ValueError(
+            f"reward {spec!r} is of type {type(obj).__name__}, not a declared reward; only a reward can be given by import "
+            f"path: {HOW_TO_DECLARE}"
+        )
+    if factory is None:
+        if options:
+            raise ValueError(
+                f"reward {spec!r} is a reward function and takes no options (got {sorted(options)}); to take options "
+                "make it a rewards.Reward subclass or a @rewards.reward_factory"
+            )
+        return obj
+    check_options(factory, options, spec)
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise ValueError(f"reward {spec!r}: bad options {sorted(options)}: {err}") from err
+
+
 def get_reward(name: str, **options: Any) -> Reward:
     """Build a reward by registry name, or by import path ``"my_pkg.my_module:my_reward"``.
 
-    For an import path the attribute may be a reward function (used as is; ``options`` must be empty), a
-    :class:`Reward` subclass or any factory (called with ``options``).
+    For an import path the attribute must be a declared reward: a :class:`Reward` subclass (called with
+    ``options``), a function decorated with :func:`reward_function` (used as is; no options) or with
+    :func:`reward_factory` / :func:`register` (called with ``options``). Anything else is refused.
     """
     if ":" in name:
-        obj = _import_path(name)
-        if isinstance(obj, type) or options:
-            obj = obj(**options)
-        reward = obj
+        reward = _from_import_path(name, options)
     else:
         if name not in _REGISTRY:
             hint = difflib.get_close_matches(name, available(), n=1)
@@ -132,6 +245,7 @@ def get_reward(name: str, **options: Any) -> Reward:
                 f"unknown reward {name!r}.{suggestion} Available: {', '.join(available())}; "
                 "or give an import path 'package.module:function'."
             )
+        check_options(_REGISTRY[name], options, name)
         try:
             reward = _REGISTRY[name](**options)
         except TypeError as err:

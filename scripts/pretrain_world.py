@@ -70,7 +70,7 @@ def save_ckpt(path: Path, **state) -> None:
 
 
 def load_ckpt(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.exists() else None
+    return torch.load(path, weights_only=True) if path.exists() else None
 
 
 def resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, phase: str) -> int:
@@ -452,7 +452,7 @@ def main() -> None:
         torch.save(pipe.vae.state_dict(), args.work / "vae_final.pt")
         (args.work / "vae_scaling.json").write_text(json.dumps({"scaling_factor": pipe.vae.config.scaling_factor}))
     elif (args.work / "vae_final.pt").exists():
-        pipe.vae.load_state_dict(torch.load(args.work / "vae_final.pt"))
+        pipe.vae.load_state_dict(torch.load(args.work / "vae_final.pt", weights_only=True))
         pipe.vae.register_to_config(**json.loads((args.work / "vae_scaling.json").read_text()))
     if "decoder" in phases:
         train_decoder(pipe, args)

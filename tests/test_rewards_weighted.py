@@ -47,17 +47,46 @@ def test_unknown_name_suggests_close_match():
 def test_user_reward_by_import_path(monkeypatch):
     module = types.ModuleType("my_user_rewards")
 
+    @rewards.reward_function
     def redness(images, prompts):
         return images[:, 0].mean(dim=(1, 2))
 
-    module.redness = redness
+    @rewards.reward_factory
+    def scaled_redness(scale: float):
+        return lambda images, prompts: scale * images[:, 0].mean(dim=(1, 2))
+
+    module.redness, module.scaled_redness = redness, scaled_redness
     monkeypatch.setitem(sys.modules, "my_user_rewards", module)
     reward = rewards.get_reward("my_user_rewards:redness")
     images = _images()
     torch.testing.assert_close(reward(images, [""] * 4), images[:, 0].mean(dim=(1, 2)))
+    scaled = rewards.get_reward("my_user_rewards:scaled_redness", scale=2.0)
+    torch.testing.assert_close(scaled(images, [""] * 4), 2 * images[:, 0].mean(dim=(1, 2)))
+    with pytest.raises(ValueError, match="has no option .factor.. Its options: scale"):
+        rewards.get_reward("my_user_rewards:scaled_redness", factor=2.0)
+    with pytest.raises(ValueError, match="is a reward function and takes no options"):
+        rewards.get_reward("my_user_rewards:redness", scale=2.0)
     # A Reward class by import path takes options.
     brightness = rewards.get_reward("rewards.rules:Brightness", target=0.5)
     assert brightness.target == 0.5
+
+
+def test_import_path_accepts_only_declared_rewards(monkeypatch, tmp_path):
+    """`reward.name=os:system` (with an option string) ran a shell command: only a Reward subclass or a function
+    declared with @rewards.reward_function / @rewards.reward_factory / @rewards.register is accepted, and the error
+    says how to declare one. Nothing is called before the check."""
+    marker = tmp_path / "ran"
+    module = types.ModuleType("my_plain_module")
+    module.plain = lambda images, prompts: marker.write_text("called") or images[:, 0].mean(dim=(1, 2))
+    module.not_callable = 3
+    monkeypatch.setitem(sys.modules, "my_plain_module", module)
+    how = r"derive a class from rewards.Reward, or decorate a function with @rewards.reward_function"
+    for spec, options in (("os:system", {"command": "true"}), ("my_plain_module:plain", {}), ("builtins:dict", {})):
+        with pytest.raises(ValueError, match=rf"reward '{spec}' is of type \w+, not a declared reward.*{how}"):
+            rewards.get_reward(spec, **options)
+    with pytest.raises(ValueError, match="is of type int, not a declared reward"):
+        rewards.get_reward("my_plain_module:not_callable")
+    assert not marker.exists()
 
 
 def test_weighted_sum_and_component_logging():

@@ -4,6 +4,7 @@ exact resume, and failures that must stop a run early and leave its checkpoints 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,28 +181,55 @@ def test_unknown_preset_and_run_dir_reuse(fast_overrides, capsys):
     assert "Did you mean 'tiny'" in capsys.readouterr().err
 
 
-def test_nan_reward_stops_before_any_update_and_keeps_the_checkpoint(fast_overrides, tmp_path, monkeypatch):
+def test_nan_reward_stops_before_any_update_and_keeps_the_checkpoint(fast_overrides, tmp_path, monkeypatch, capsys):
     assert main(["train", "--preset", "tiny", "num_epochs=1", *fast_overrides]) == 0
     run = tmp_path / "runs" / "run"
     before = load_file(str(run / "checkpoints" / "checkpoint_000001" / "trainable.safetensors"))
     module = tmp_path / "bad_reward.py"
     module.write_text(
         "import torch\n"
+        "import rewards\n"
+        "@rewards.reward_function\n"
         "def nan_reward(images, prompts):\n"
         "    out = torch.zeros(len(prompts))\n"
         "    out[1] = float('nan')\n"
         "    return out\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    from rewards import RewardError
-
-    with pytest.raises(RewardError, match=r"non-finite values at sample indices \[1\]"):
-        main(
-            ["train", "--resume", str(run), "--trust-import-path", "num_epochs=2", "reward.name=bad_reward:nan_reward"]
-        )
+    code = main(
+        ["train", "--resume", str(run), "--trust-import-path", "num_epochs=2", "reward.name=bad_reward:nan_reward"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.search(r"non-finite values at sample indices \[1\].*\(epoch 1, batch 0: samples 0-1 of process 0\)", err)
     after = load_file(str(run / "checkpoints" / "checkpoint_000001" / "trainable.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["checkpoint_000001"]
+
+
+def test_a_raising_user_reward_is_one_message_naming_it_and_the_samples(fast_overrides, tmp_path, capsys, monkeypatch):
+    """An exception inside the user's reward: one line naming the reward, the exception and the batch's sample
+    indices, exit code 2, no traceback; with DDPO_DEBUG=1 (or --debug) also the traceback into the user's code."""
+    (tmp_path / "raising_reward.py").write_text(
+        "import rewards\n"
+        "@rewards.reward_function\n"
+        "def boom(images, prompts):\n"
+        "    raise ZeroDivisionError('my reward failed')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["train", "--preset", "tiny", "--trust-import-path", "num_epochs=1", "reward.name=raising_reward:boom"]
+    assert main([*args, *fast_overrides]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("ddpo: error:") == 1
+    assert (
+        "ddpo: error: reward 'raising_reward:boom' raised ZeroDivisionError: my reward failed (epoch 0, batch 0: "
+        "samples 0-1 of process 0)" in err
+    )
+    monkeypatch.setenv("DDPO_DEBUG", "1")
+    overrides = [o for o in fast_overrides if not o.startswith("run_name")] + ["run_name=debug"]
+    assert main([*args, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "raise ZeroDivisionError('my reward failed')" in err
 
 
 def test_resume_of_a_run_without_checkpoint_starts_it_over_and_says_so(fast_overrides, tmp_path, capsys):

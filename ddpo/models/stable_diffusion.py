@@ -172,6 +172,8 @@ def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str =
                 f"model.pretrained={pretrained!r} does not exist; give an existing local pipeline folder or a hub id "
                 "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
             )
+        if not local.exists():
+            _check_reachable(pretrained, revision)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 str(local) if local.exists() else pretrained,
@@ -186,9 +188,41 @@ def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str =
                 "If this machine is offline, download the model elsewhere (e.g. `hf download "
                 f"{pretrained} --local-dir DIR`) and set model.pretrained=DIR."
             ) from err
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(
+            f"model.pretrained={pretrained!r}: its scheduler's prediction_type {prediction!r} is not supported; ddpo "
+            f"trains {', '.join(PREDICTION_TYPES)} models (Stable Diffusion 1.x/2.x); flow-matching models are not"
+        )
     pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""Scheduler ``prediction_type`` values the log-prob steps and forward-process losses understand."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _check_reachable(hub_id: str, revision: str | None) -> None:
+    """With ``HF_HUB_OFFLINE=1``, raise FileNotFoundError at once (naming the fix) unless the hub id is cached."""
+    if not _offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(hub_id, "model_index.json", revision=revision)
+    except Exception:  # an id the hub library refuses is not cached either
+        cached = None
+    if not isinstance(cached, str):
+        raise FileNotFoundError(
+            f"model.pretrained={hub_id!r} is a hub id, HF_HUB_OFFLINE=1 is set and it is not in the local cache; "
+            f"download it on a machine with internet (`hf download {hub_id} --local-dir DIR`) and set "
+            "model.pretrained=DIR, or unset HF_HUB_OFFLINE"
+        )
 
 
 def _is_hub_id(name: str) -> bool:

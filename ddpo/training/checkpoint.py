@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .killpoints import kill_point
+
 PREFIX = "checkpoint_"
 MANIFEST = "manifest.json"
 
@@ -128,12 +130,14 @@ def commit(tmp: Path, checkpoint_dir: Path, epoch: int, state: dict[str, Any], k
         files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     write_json(tmp / MANIFEST, {"files": files})
     _fsync_dir(tmp)
+    kill_point("checkpoint_manifest")
     final = checkpoint_dir / f"{PREFIX}{epoch:06d}"
     replace_dir(tmp, final)  # a re-run of the same epoch after a resume replaces it only once complete
     _fsync_dir(checkpoint_dir)
+    kill_point("checkpoint_prune")
     for old in list_checkpoints(checkpoint_dir)[:-keep]:
         shutil.rmtree(old)
-    for leftover in checkpoint_dir.glob(".tmp-*"):  # debris of an earlier crash
+    for leftover in [*checkpoint_dir.glob(".tmp-*"), *checkpoint_dir.glob(".old-*")]:  # debris of an earlier crash
         if leftover != tmp:
             shutil.rmtree(leftover, ignore_errors=True)
     return final
@@ -230,7 +234,9 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         stale = final.with_name(f".old-{final.name}-{uuid.uuid4().hex}")
         os.replace(final, stale)
+        kill_point("replace_dir")
         os.replace(tmp, final)
         shutil.rmtree(stale)
     else:
+        kill_point("replace_dir")
         os.replace(tmp, final)

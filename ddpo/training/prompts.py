@@ -13,23 +13,31 @@ def available_prompt_sets() -> list[str]:
     return sorted(p.name[:-4] for p in resources.files("ddpo.prompt_sets").iterdir() if p.name.endswith(".txt"))
 
 
-def load_prompts(name_or_path: str) -> list[str]:
+def load_prompts(name_or_path: str, key: str = "prompts") -> list[str]:
     """Prompts of a shipped set (by name) or of a text file (one prompt per line; blank lines and ``#`` comments
-    are skipped). Raises ``ValueError`` naming the file when it is missing or holds no prompt."""
+    are skipped). Raises ``ValueError`` naming the file (and the config ``key`` it came from) when it is missing,
+    not UTF-8 or holds no prompt."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"prompt file {source!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8, one "
+                "prompt per line"
+            ) from None
     elif name_or_path in available_prompt_sets():
         text = resources.files("ddpo.prompt_sets").joinpath(f"{name_or_path}.txt").read_text(encoding="utf-8")
         source = f"prompt set {name_or_path!r}"
     else:
         raise ValueError(
-            f"prompts={name_or_path!r} is neither a file nor a shipped prompt set "
+            f"{key}={name_or_path!r} is neither a file nor a shipped prompt set "
             f"({', '.join(available_prompt_sets())}); give a text file with one prompt per line"
         )
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"{source} holds no prompt: write one prompt per line")
+        raise ValueError(f"{source} holds no prompt (only blank or # lines): write one prompt per line")
     return prompts
 
 

@@ -27,7 +27,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from rewards import check_reward_output, get_reward
+from rewards import RewardError, check_reward_output, get_reward
 
 from ..models import add_lora, latent_size, load_code, load_pipeline, lora_state_dict, vae_scale_factor
 from ..policy.advantages import build_advantage, clip_advantages
@@ -69,6 +69,7 @@ from .config import (
     train_window_steps,
 )
 from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
+from .killpoints import kill_point
 from .progress import EpochProgress, describe_batch_sizes
 from .prompts import derive_seed, draw_prompts, load_prompts
 from .runlog import append_jsonl, read_jsonl
@@ -97,6 +98,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         c, s, t = config, config.sample, config.train
         self.accelerator = Accelerator(
+            cpu=launched_on_cpu(),
             mixed_precision=c.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             log_with=trackers(c, self.run_dir) or None,
@@ -107,7 +109,9 @@ class Trainer:
 
         # Everything that can fail on user input fails here, before a model is loaded.
         self.prompts = load_prompts(c.prompts)
-        self.eval_prompts = eval_prompt_list(load_prompts(c.eval_prompts), c.eval_samples) if c.eval_prompts else []
+        self.eval_prompts = (
+            eval_prompt_list(load_prompts(c.eval_prompts, "eval_prompts"), c.eval_samples) if c.eval_prompts else []
+        )
         self.reward = get_reward(c.reward.name, **c.reward.options)
         optimizer_class = get_optimizer_class(t.optimizer)
 
@@ -189,6 +193,7 @@ class Trainer:
                 f"{run_dir} already holds a run; continue it with `ddpo train --resume {run_dir}` "
                 "or choose another run_name / output_dir"
             )
+        check_run_dir(run_dir)
         return cls(config, run_dir)
 
     @classmethod
@@ -255,6 +260,7 @@ class Trainer:
         self.progress.close()
         self.progress = None
         self.save_final()
+        kill_point("run_end")
         acc.end_training()
         if acc.is_main_process:
             print(self.summary(), flush=True)
@@ -391,7 +397,7 @@ class Trainer:
         for k in range(acc.process_index, len(chunks), acc.num_processes):
             prompts = chunks[k]
             trajectories = self.sample(unet, prompts, derive_seed(0, EVAL_NOISE_STREAM, k))
-            values, info, _ = self.score(trajectories.images, prompts)
+            values, info, _ = self.score(trajectories.images, prompts, f"held-out evaluation, chunk {k}")
             results.append((k, values.cpu().tolist(), info))
             if k == 0:
                 first_images = trajectories.images
@@ -462,10 +468,15 @@ class Trainer:
                 share_initial_noise=s.share_initial_noise,
             )
             batches.append(trajectories)
+            kill_point("sample")
+            first = b * s.batch_size
+            where = (
+                f"epoch {epoch}, batch {b}: samples {first}-{first + s.batch_size - 1} of process {acc.process_index}"
+            )
             if overlap:
-                pending.append(self.executor.submit(self.score, trajectories.images, prompts))
+                pending.append(self.executor.submit(self.score, trajectories.images, prompts, where))
             else:
-                pending.append(self.score(trajectories.images, prompts))
+                pending.append(self.score(trajectories.images, prompts, where))
         sampling_seconds = time.perf_counter() - sampling_start
         wait_start = time.perf_counter()
         results = [item.result() if isinstance(item, Future) else item for item in pending]
@@ -493,12 +504,30 @@ class Trainer:
         sample = sample_clean if self.forward_process else sample_trajectories
         return sample(unet, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings)
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float], float]:
-        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``."""
+    def score(
+        self, images: torch.Tensor, prompts: list[str], where: str = ""
+    ) -> tuple[torch.Tensor, dict[str, float], float]:
+        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``.
+
+        A reward that raises, or returns NaN, the wrong shape or dtype, ends in one :class:`rewards.RewardError`
+        naming the reward, the batch (``where``: e.g. ``"epoch 3, samples 8-11 of process 0"``) and, for bad values,
+        the sample indices; the reward's own exception is chained (``--debug`` prints it)."""
         start = time.perf_counter()
-        with torch.no_grad():
-            values = self.reward(images, prompts)
-        values = check_reward_output(values, len(prompts), self.reward.name)
+        name = self.reward.name
+        context = f" ({where})" if where else ""
+        try:
+            with torch.no_grad():
+                values = self.reward(images, prompts)
+        except Exception as err:
+            raise RewardError(
+                f"reward {name!r} raised {type(err).__name__}: {err}{context}. The error is in the reward's own code; "
+                "run with --debug (or DDPO_DEBUG=1) for its traceback"
+            ) from err
+        try:
+            values = check_reward_output(values, len(prompts), name)
+        except RewardError as err:
+            raise RewardError(f"{err}{context}") from None
+        kill_point("score")
         return values.detach().to(self.accelerator.device), dict(self.reward.last_info()), time.perf_counter() - start
 
     def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -533,6 +562,7 @@ class Trainer:
             recomputed = self.old_log_probs(samples, *self.training_pairs(epoch, 0, num_samples))
             extra["old_log_prob_change_max"] = (recomputed - samples.log_probs).abs().max()
             samples = dataclasses.replace(samples, log_probs=recomputed)
+            kill_point("old_log_probs")
         self._phase("training")
         for inner in range(t.num_inner_epochs):
             pair_traj, pair_step = self.training_pairs(epoch, inner, num_samples)
@@ -551,6 +581,7 @@ class Trainer:
                         if not grad_norms:  # the epoch's first optimiser step: no update yet, so the ratio must be 1
                             first_step_kl.append(info["approx_kl"].float())
                     acc.backward(loss)
+                    kill_point("backward")
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
                         if not torch.isfinite(grad_norm):
@@ -562,6 +593,7 @@ class Trainer:
                         self.global_step += 1
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    kill_point("optimizer_step")
                 for key, value in info.items():
                     history.setdefault(key, []).append(value.float())
         means = {key: acc.reduce(torch.stack(values).mean(), reduction="mean") for key, values in history.items()}
@@ -710,6 +742,7 @@ class Trainer:
         if not acc.is_main_process:
             return
         append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+        kill_point("metrics")
         if self.config.log_images:
             count = min(16, len(samples.prompts))
             grid = save_image_grid(
@@ -767,6 +800,7 @@ class Trainer:
                 self.reward.state_dict(),
                 self.old_policy_state(),
             )
+            kill_point("checkpoint_payload")
         checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
         acc.wait_for_everyone()
         final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
@@ -799,6 +833,16 @@ class Trainer:
                 f"{unexpected[:5]}); was the run's model or LoRA config changed?"
             )
         named = dict(acc.unwrap_model(self.unet).named_parameters())
+        wrong = [
+            f"{name} {tuple(value.shape)} vs {tuple(named[name].shape)}"
+            for name, value in data["trainable"].items()
+            if value.shape != named[name].shape
+        ]
+        if wrong:
+            raise ValueError(
+                f"{path}: {len(wrong)} trained weights do not fit the model's shapes (checkpoint vs model: "
+                f"{'; '.join(wrong[:3])}); was model.lora_rank or the model changed? Resume with the run's own values"
+            )
         with torch.no_grad():
             for name, value in data["trainable"].items():
                 named[name].copy_(value.to(named[name].device, named[name].dtype))
@@ -838,6 +882,7 @@ class Trainer:
             else:
                 self.pipe.unet = unet
                 self.pipe.save_pretrained(tmp, safe_serialization=True)
+            kill_point("final_payload")
             checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
@@ -882,6 +927,37 @@ def overlap_scoring(requested: bool, device: torch.device, io_bound: bool = Fals
     call instead of 0, calls 20% slower for the rest of the run; docs/performance.md).
     """
     return requested and (device.type != "cpu" or io_bound)
+
+
+def launched_on_cpu() -> bool:
+    """Whether a launcher started several processes (``WORLD_SIZE > 1``) on a machine without CUDA: then the run is
+    made multi-CPU over gloo explicitly. ``accelerate launch --multi_gpu`` exports ``ACCELERATE_USE_CPU=False``, with
+    which accelerate would otherwise give every process a one-process state (each training alone, into the same run
+    directory)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise ConfigError, before anything is loaded, when the run directory cannot be created or written: a regular
+    file where a folder of its path should be, or no permission (a read-only disk, another user's folder)."""
+    run_dir = Path(run_dir)
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"the run directory {run_dir} would be under {parent}, which is a regular file, not a folder; "
+                    "choose another output_dir / run_name"
+                )
+            break
+    probe = run_dir / f".ddpo-write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a writable output_dir"
+        ) from None
 
 
 def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
