@@ -31,6 +31,7 @@ def fast_settings(tiny_model_dir) -> dict[str, object]:
         "sample.batch_size": 2,
         "sample.num_batches_per_epoch": 2,
         "train.batch_size": 4,
+        "train.gradient_accumulation_steps": 1,
         "train.learning_rate": 0.01,
         "train.advantage": "batch",
     }

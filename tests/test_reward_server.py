@@ -9,6 +9,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -195,7 +196,12 @@ def test_a_slow_client_does_not_starve_the_others():
             values = get_reward("remote", url=url, timeout=30, retries=0)(images, prompts)
             assert torch.equal(values, get_reward("brightness")(images, prompts))
             slow.sendall(body[100:])  # the slow client finishes and is served too
-            reply = slow.recv(65536).decode()
+            reply = ""
+            while '"scores"' not in reply:  # the head and the body may arrive in separate reads
+                chunk = slow.recv(65536).decode()
+                if not chunk:
+                    break
+                reply += chunk
             assert reply.startswith("HTTP/1.1 200") and '"scores"' in reply
         finally:
             slow.close()
@@ -210,13 +216,17 @@ def test_a_server_with_state_is_refused():
 DYING = """
 import os, signal
 
+import rewards
+
 calls = 0
 
 
+@rewards.reward_function
 def luma(images, prompts):
     return (0.2126 * images[:, 0] + 0.7152 * images[:, 1] + 0.0722 * images[:, 2]).mean(dim=(1, 2))
 
 
+@rewards.reward_function
 def dies_on_third_call(images, prompts):
     global calls
     calls += 1
@@ -226,15 +236,17 @@ def dies_on_third_call(images, prompts):
 """
 
 
-def test_training_against_a_server_killed_mid_run_stops_cleanly_and_resumes(fast_overrides, tmp_path):
+def test_training_against_a_server_killed_mid_run_stops_cleanly_and_resumes(fast_overrides, tmp_path, capsys):
     (tmp_path / "served_rewards.py").write_text(DYING)
     run = tmp_path / "runs" / "run"
     with process_server("served_rewards:dies_on_third_call", [str(tmp_path)]) as (proc, url):
         options = json.dumps({"url": url, "retries": 2, "backoff": 0.05, "timeout": 30})
         args = ["train", "--preset", "tiny", "num_epochs=3", "reward.name=remote", f"reward.options={options}"]
         # Epoch 0 scores 2 batches; the first batch of epoch 1 kills the server.
-        with pytest.raises(RewardError, match=rf"remote reward at {url}/score: .*gave up after 3 attempts"):
-            main([*args, *fast_overrides])
+        assert main([*args, *fast_overrides]) == 2  # one clear line, no traceback (the trainer's reward errors)
+        err = capsys.readouterr().err
+        assert re.search(rf"remote reward at {re.escape(url)}/score: .*gave up after 3 attempts", err)
+        assert "Traceback" not in err
         assert proc.wait(timeout=30) != 0
     assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["checkpoint_000001"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
