@@ -1,5 +1,6 @@
 """Two processes (DDP over gloo on the CPU, launched by torchrun, set up by accelerate): a run and its resume
-finish without hanging, gather every process's samples, and write one rng file per process."""
+finish without hanging, gather every process's samples, write one rng file per process and keep bit-identical
+weights; a lost process stops the other within process_timeout_seconds."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 import time
 
 import pytest
+from safetensors.torch import load_file
 
 from ddpo.training import checkpoint
+from ddpo.training.trainer import weights_sha256
 
 
 def _launch(args: list[str], cwd) -> subprocess.CompletedProcess:
@@ -36,6 +39,14 @@ def test_two_process_run_and_resume(fast_overrides, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1, 2] and metrics[2]["global_step"] == 3 * metrics[0]["global_step"]
+    # The processes' trainable weights are bit-identical after every epoch (each process hashes its own copy), and
+    # the hash is that of the weights the checkpoint of that epoch holds.
+    hashes = [m["weights_sha256"] for m in metrics]
+    assert all(len(h) == 2 and h[0] == h[1] for h in hashes), hashes
+    assert len({h[0] for h in hashes}) == 3  # training changed them every epoch
+    for epoch, h in enumerate(hashes):
+        saved = load_file(run / "checkpoints" / f"checkpoint_{epoch + 1:06d}" / "trainable.safetensors")
+        assert weights_sha256(saved) == h[0]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -376,6 +377,9 @@ class Trainer:
             **timings,
             "epoch_seconds": time.perf_counter() - start,
         }
+        if self.accelerator.num_processes > 1:
+            # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
+            metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
         self.log(epoch, metrics, samples, rewards)
         return metrics
 
@@ -942,6 +946,17 @@ def launched_on_cpu() -> bool:
     which accelerate would otherwise give every process a one-process state (each training alone, into the same run
     directory)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of ``state`` (in name order): equal exactly when the tensors are
+    bit-identical."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def collective_failure(err: BaseException) -> bool:
