@@ -47,6 +47,13 @@ def test_two_process_run_and_resume(fast_overrides, tmp_path):
     for epoch, h in enumerate(hashes):
         saved = load_file(run / "checkpoints" / f"checkpoint_{epoch + 1:06d}" / "trainable.safetensors")
         assert weights_sha256(saved) == h[0]
+    # The resumed run matches one that ran its 3 epochs uninterrupted: the same weights and metrics (timings apart).
+    whole = _launch(["train", "--preset", "tiny", "num_epochs=3", *fast_overrides, "run_name=whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for name in ("final/pytorch_lora_weights.safetensors", "checkpoints/checkpoint_000003/trainable.safetensors"):
+        resumed_weights, whole_weights = load_file(run / name), load_file(tmp_path / "runs" / "whole" / name)
+        assert weights_sha256(resumed_weights) == weights_sha256(whole_weights), name
+    assert _timeless_metrics(run) == _timeless_metrics(tmp_path / "runs" / "whole")
 
 
 @pytest.mark.slow
@@ -64,6 +71,11 @@ def test_accelerate_launch_on_the_cpu_runs_the_requested_processes(fast_override
     assert done.stdout.count("ddpo: 2 processes on cpu (MULTI_CPU, gloo)") == 1, done.stdout[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["samples"] for m in metrics] == [8]
+
+
+def _timeless_metrics(run) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines]
 
 
 def _free_port() -> int:
