@@ -181,6 +181,9 @@ class RunConfig:
     """Write a checkpoint every this many epochs (and always after the last one)."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept under checkpoints/."""
+    process_timeout_seconds: int = 600
+    """Several processes: how long one waits for the others in a collective (gather, gradient all-reduce, barrier)
+    before the run stops with an error saying another process died or hung; the last checkpoint stays intact."""
     log_images: bool = True
     """Write an image grid per epoch under samples/ (and to the trackers of `log_with`)."""
     log_with: str = "tensorboard"
@@ -404,6 +407,10 @@ def validate(config: RunConfig) -> None:
     need(config.num_epochs >= 1, f"num_epochs must be >= 1; got {config.num_epochs}")
     need(config.save_every >= 1, f"save_every must be >= 1; got {config.save_every}")
     need(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1; got {config.keep_checkpoints}")
+    need(
+        config.process_timeout_seconds >= 1,
+        f"process_timeout_seconds must be >= 1; got {config.process_timeout_seconds}",
+    )
     need(
         config.mixed_precision in ("no", "bf16", "fp16"),
         f"mixed_precision must be no, bf16 or fp16; got {config.mixed_precision!r}",

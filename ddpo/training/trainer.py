@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from rewards import RewardError, check_reward_output, get_reward
 
@@ -103,6 +105,7 @@ class Trainer:
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             log_with=trackers(c, self.run_dir) or None,
             project_dir=str(self.run_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=c.process_timeout_seconds))],
         )
         acc = self.accelerator
         set_seed(c.seed, device_specific=True)
@@ -243,27 +246,32 @@ class Trainer:
         # One bar over epochs (one plain line per epoch when stdout is not a terminal); its time left counts
         # training epochs only, evaluations are a phase of their own.
         self.progress = EpochProgress(self.start_epoch, c.num_epochs, enabled=acc.is_local_main_process)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as executor:
-            self.executor = executor
-            if self.eval_prompts and self.start_epoch == 0:
-                self.evaluate(0)
-            for epoch in range(self.start_epoch, c.num_epochs):
-                self.progress.begin_epoch()
-                metrics = self.run_epoch(epoch)
-                self.progress.end_epoch(epoch, metrics)
-                if self.eval_prompts and self._eval_due(epoch + 1):
-                    self.evaluate(epoch + 1)
-                if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
-                    self._phase("checkpoint")
-                    self.save_checkpoint(epoch + 1)
-                    self._phase("")
-        self.progress.close()
-        self.progress = None
-        self.save_final()
-        kill_point("run_end")
-        acc.end_training()
-        if acc.is_main_process:
-            print(self.summary(), flush=True)
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as executor:
+                self.executor = executor
+                if self.eval_prompts and self.start_epoch == 0:
+                    self.evaluate(0)
+                for epoch in range(self.start_epoch, c.num_epochs):
+                    self.progress.begin_epoch()
+                    metrics = self.run_epoch(epoch)
+                    self.progress.end_epoch(epoch, metrics)
+                    if self.eval_prompts and self._eval_due(epoch + 1):
+                        self.evaluate(epoch + 1)
+                    if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
+                        self._phase("checkpoint")
+                        self.save_checkpoint(epoch + 1)
+                        self._phase("")
+            self.progress.close()
+            self.progress = None
+            self.save_final()
+            kill_point("run_end")
+            acc.end_training()
+            if acc.is_main_process:
+                print(self.summary(), flush=True)
+        except RuntimeError as err:
+            if acc.num_processes > 1 and collective_failure(err):
+                raise TrainingError(lost_process_message(err, acc.num_processes, c, self.run_dir)) from err
+            raise
         return self.run_dir
 
     def overlaps_scoring(self) -> bool:
@@ -369,6 +377,9 @@ class Trainer:
             **timings,
             "epoch_seconds": time.perf_counter() - start,
         }
+        if self.accelerator.num_processes > 1:
+            # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
+            metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
         self.log(epoch, metrics, samples, rewards)
         return metrics
 
@@ -935,6 +946,46 @@ def launched_on_cpu() -> bool:
     which accelerate would otherwise give every process a one-process state (each training alone, into the same run
     directory)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of ``state`` (in name order): equal exactly when the tensors are
+    bit-identical."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed collective (gather, all-reduce, barrier) of several processes: another process
+    died (its connections closed) or did not answer within ``process_timeout_seconds``. torch raises a plain
+    RuntimeError from gloo, a DistError subclass elsewhere; the gradient all-reduce of DDP fails inside autograd."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    tb = err.__traceback__
+    while tb is not None:
+        if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    text = str(err)
+    return any(
+        mark in text for mark in ("gloo/transport", "ProcessGroupGloo", "ProcessGroupNCCL", "Connection closed by peer")
+    )
+
+
+def lost_process_message(err: BaseException, num_processes: int, config: RunConfig, run_dir: Path) -> str:
+    """One line for a failed collective: which limit applied, what probably happened, and how to go on."""
+    detail = " ".join(str(err).split())
+    detail = detail if len(detail) <= 240 else detail[:237] + "..."
+    return (
+        f"another of the {num_processes} processes died or stopped answering (each waits at most "
+        f"process_timeout_seconds={config.process_timeout_seconds} s for the others), so a collective operation "
+        f"failed: {detail}. The last checkpoint is intact: see the other process's output for why it stopped, then "
+        f"resume with the same number of processes (--resume {run_dir})"
+    )
 
 
 def check_run_dir(run_dir: Path) -> None:
