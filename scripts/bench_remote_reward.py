@@ -12,7 +12,6 @@ import argparse
 import os
 import platform
 import select
-import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import requests
 import torch
 import yaml
 
+from ddpo.tools.bench import median_seconds
 from rewards import get_reward
 
 
@@ -59,16 +59,6 @@ def start_server(reward: str, options: str | None, threads: int) -> tuple[subpro
         if time.monotonic() > deadline:
             proc.kill()
             raise SystemExit("the server never answered /health")
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -8,23 +8,12 @@ Prints a table (median of ``--repeats`` after one warm-up). Say which CPU (``lsc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import world
+from ddpo.tools.bench import median_seconds
 from rewards.world import WorldReward
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -40,8 +29,8 @@ def main() -> None:
     images, _ = world.render_captions(prompts, seed=0)
     reward = WorldReward()
     rows = [
-        ("render (world.render)", _median_seconds(lambda: world.render(scenes), args.repeats)),
-        ("world reward", _median_seconds(lambda: reward(images, prompts), args.repeats)),
+        ("render (world.render)", median_seconds(lambda: world.render(scenes), args.repeats)),
+        ("world reward", median_seconds(lambda: reward(images, prompts), args.repeats)),
     ]
     print(f"| what | seconds per {args.count} images | images / s |")
     print("|---|---:|---:|")

@@ -7,6 +7,7 @@ unchanged model gives ``log_prob == old_log_prob`` (ratio 1): same CFG batching,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,25 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+SHARED_FIELDS = ("negative_embeds", "timesteps")
+"""Fields every batch of one epoch holds alike: the negative prompt's states and the sampler's timesteps."""
+
+
+def concatenate_batches(items: list):
+    """One batch of the dataclass of ``items`` (:class:`Trajectories` or :class:`CleanSamples`): ``prompts`` joined,
+    every tensor concatenated along the batch dimension, the :data:`SHARED_FIELDS` taken from the first batch."""
+    values = {}
+    for spec in dataclasses.fields(items[0]):
+        name = spec.name
+        if name in SHARED_FIELDS:
+            values[name] = getattr(items[0], name)
+        elif name == "prompts":
+            values[name] = [p for item in items for p in item.prompts]
+        else:
+            values[name] = torch.cat([getattr(item, name) for item in items])
+    return type(items[0])(**values)
+
+
 @dataclass
 class Trajectories:
     """A batch of ``B`` sampled trajectories of ``T`` steps (all tensors on the sampling device).
@@ -79,15 +99,7 @@ class Trajectories:
     @staticmethod
     def cat(items: list[Trajectories]) -> Trajectories:
         """Concatenate batches along the batch dimension (they share timesteps and the negative prompt)."""
-        return Trajectories(
-            prompts=[p for item in items for p in item.prompts],
-            prompt_embeds=torch.cat([item.prompt_embeds for item in items]),
-            negative_embeds=items[0].negative_embeds,
-            latents=torch.cat([item.latents for item in items]),
-            log_probs=torch.cat([item.log_probs for item in items]),
-            timesteps=items[0].timesteps,
-            images=torch.cat([item.images for item in items]),
-        )
+        return concatenate_batches(items)
 
 
 @torch.no_grad()
@@ -284,14 +296,7 @@ class CleanSamples:
     @staticmethod
     def cat(items: list[CleanSamples]) -> CleanSamples:
         """Concatenate batches along the batch dimension (they share timesteps and the negative prompt)."""
-        return CleanSamples(
-            prompts=[p for item in items for p in item.prompts],
-            prompt_embeds=torch.cat([item.prompt_embeds for item in items]),
-            negative_embeds=items[0].negative_embeds,
-            latents=torch.cat([item.latents for item in items]),
-            timesteps=items[0].timesteps,
-            images=torch.cat([item.images for item in items]),
-        )
+        return concatenate_batches(items)
 
 
 def _step_kwargs(scheduler, eta: float, generator: torch.Generator) -> dict:

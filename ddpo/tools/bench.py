@@ -455,6 +455,18 @@ class EpochBench:
         return {**seconds, **info}
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn()`` after one unmeasured warm-up call (for the benchmark
+    scripts' tables)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def training_flops_per_pair(bench: EpochBench) -> float:
     """Model FLOPs of one training pair: ``torch.utils.flop_counter`` over one training minibatch (forward, CFG rows
     included, and backward) of ours on the last epoch's samples, divided by its pairs. The weights are restored."""
