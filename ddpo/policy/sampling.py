@@ -153,6 +153,19 @@ def consecutive_groups(prompts: list[str]) -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.long).cumsum(0)
 
 
+def initial_noise(
+    unet, scheduler, prompts: list[str], generator: torch.Generator, settings: SamplerSettings, device: torch.device
+) -> torch.Tensor:
+    """``x_T`` ``[B, C, h, w]`` float32 for ``B = len(prompts)``: the first draw of ``generator``, scaled by the
+    scheduler's ``init_noise_sigma`` (call ``set_timesteps`` first). With ``settings.share_initial_noise`` one draw per
+    run of consecutive equal prompts, shared by its samples (:func:`consecutive_groups`)."""
+    size = settings.latent_size or unet.config.sample_size
+    group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(len(prompts))
+    shape = (int(group.max()) + 1, unet.config.in_channels, size, size)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
+    return latents * scheduler.init_noise_sigma
+
+
 @torch.no_grad()
 def sample_trajectories(
     unet,
@@ -180,15 +193,9 @@ def sample_trajectories(
     device. Call :func:`check_schedule` once beforehand (the step here skips its zero-variance check).
     """
     device = prompt_embeds.device
-    batch = prompt_embeds.shape[0]
-    in_channels = unet.config.in_channels
-    size = settings.latent_size or unet.config.sample_size
     scheduler.set_timesteps(settings.num_steps)
     step = STEP_FUNCTIONS[settings.scheduler]
-    group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(batch)
-    shape = (int(group.max()) + 1, in_channels, size, size)
-    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
-    latents = latents * scheduler.init_noise_sigma
+    latents = initial_noise(unet, scheduler, prompts, generator, settings, device)
     all_latents, all_log_probs = [latents], []
     timesteps = scheduler.timesteps.tolist()
     for t in timesteps:
@@ -326,13 +333,8 @@ def sample_clean(
     ``eta = 0``, DPM-Solver++ or Euler). ``settings.share_initial_noise`` shares ``x_T`` within prompt groups.
     """
     device = prompt_embeds.device
-    batch = prompt_embeds.shape[0]
-    size = settings.latent_size or unet.config.sample_size
     scheduler.set_timesteps(settings.num_steps, device=device)
-    group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(batch)
-    shape = (int(group.max()) + 1, unet.config.in_channels, size, size)
-    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
-    latents = latents * scheduler.init_noise_sigma
+    latents = initial_noise(unet, scheduler, prompts, generator, settings, device)
     extra = _step_kwargs(scheduler, settings.eta, generator)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)

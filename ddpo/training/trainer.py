@@ -682,16 +682,8 @@ class Trainer:
         else:
             loss, info = nft_loss(x0_pred, x0_old, x0, weights[i], t.nft_beta, t.adv_clip_max)
         if t.kl_coef > 0:
-            with torch.no_grad():
-                if self.ref_unet is not None:
-                    _, eps_ref = self.denoise(self.ref_unet, x_t, timesteps, embeds, abar)
-                else:
-                    model = self.accelerator.unwrap_model(self.unet)
-                    model.disable_adapters()
-                    try:
-                        _, eps_ref = self.denoise(model, x_t, timesteps, embeds, abar)
-                    finally:
-                        model.enable_adapters()
+            with torch.no_grad(), self.base_model() as base:
+                _, eps_ref = self.denoise(base, x_t, timesteps, embeds, abar)
             kl = prediction_kl(eps_pred, eps_ref).mean()
             loss = loss + t.kl_coef * kl
             info["kl"] = kl.detach()
@@ -735,13 +727,21 @@ class Trainer:
 
     @torch.no_grad()
     def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Mean of the frozen base policy at the same pairs (LoRA: adapters disabled; full: the frozen copy)."""
+        """Mean of the frozen base policy at the same pairs."""
+        with self.base_model() as base:
+            return self.recompute(base, samples, i, j).mean
+
+    @contextlib.contextmanager
+    def base_model(self):
+        """The frozen base model, the KL reference: with LoRA the UNet with its adapters off (restored on exit), for
+        full fine-tuning the frozen copy."""
         if self.ref_unet is not None:
-            return self.recompute(self.ref_unet, samples, i, j).mean
+            yield self.ref_unet
+            return
         model = self.accelerator.unwrap_model(self.unet)
         model.disable_adapters()
         try:
-            return self.recompute(model, samples, i, j).mean
+            yield model
         finally:
             model.enable_adapters()
 
