@@ -7,23 +7,35 @@ from __future__ import annotations
 
 from world import build_clip_tokenizer
 
+from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family
 from .lora import add_lora, lora_state_dict
 from .stable_diffusion import (
     SD15_RANDOM,
     TINY,
     WORLD,
+    WORLD_FLOW,
+    StableDiffusionFamily,
     build_sd15_architecture,
     build_tiny_pipeline,
     latent_size,
     load_code,
+    load_model,
     load_pipeline,
     vae_scale_factor,
 )
 
 __all__ = [
+    "FAMILIES",
     "SD15_RANDOM",
     "TINY",
     "WORLD",
+    "WORLD_FLOW",
+    "Denoiser",
+    "ModelFamily",
+    "StableDiffusionFamily",
+    "family_for_pipeline",
+    "get_family",
+    "load_model",
     "add_lora",
     "build_clip_tokenizer",
     "build_sd15_architecture",

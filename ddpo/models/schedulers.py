@@ -16,8 +16,15 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_sde": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_cps": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 """Short name -> (diffusers class name, config overrides)."""
+
+FLOW_SCHEDULERS = ("flow_sde", "flow_cps", "flow_euler")
+"""Samplers of flow-matching models: the SDE steps with log-probs (Flow-GRPO's and its coefficients-preserving
+variant) and the deterministic Euler ODE (for the forward-process estimators)."""
 
 
 def _scheduler_class(name: str):

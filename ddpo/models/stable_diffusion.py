@@ -12,7 +12,18 @@ from diffusers import StableDiffusionPipeline
 
 from world import build_sd_pipeline, world_model_path
 
-from .schedulers import build_scheduler
+from ..policy.conditioning import Conditioning
+from .family import (
+    FAMILIES,
+    Denoiser,
+    ModelFamily,
+    family_for_class_name,
+    family_for_pipeline,
+    get_family,
+    pipeline_class_name,
+    register_family,
+)
+from .schedulers import FLOW_SCHEDULERS, build_scheduler
 
 TINY = "tiny"
 """``model.pretrained`` value that builds :func:`build_tiny_pipeline` instead of loading weights."""
@@ -21,6 +32,18 @@ SD15_RANDOM = "sd15_random"
 (:func:`build_sd15_architecture`): for speed and memory measurements, which do not depend on the weights."""
 WORLD = "world"
 """``model.pretrained`` value for the embedded pretrained model of the procedural world (shipped in the package)."""
+WORLD_FLOW = "world_flow"
+"""``model.pretrained`` value for the embedded world's flow-matching twin (a ``StableDiffusion3Pipeline``)."""
+
+
+def _world_flow_path() -> Path:
+    import world
+
+    return world.world_flow_model_path()
+
+
+EMBEDDED = {WORLD: world_model_path, WORLD_FLOW: _world_flow_path}
+"""``model.pretrained`` names of the models shipped in the package -> their folder."""
 
 
 TINY_UNET: dict[str, Any] = {
@@ -73,23 +96,25 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def latent_size(pipe: StableDiffusionPipeline, resolution: int | None) -> int:
-    """The latent side ``h = w`` for images of ``resolution`` pixels (None: the UNet's native ``sample_size``).
+def latent_size(pipe, resolution: int | None) -> int:
+    """The latent side ``h = w`` for images of ``resolution`` pixels (None: the denoiser's native size).
 
-    Raises ``ValueError`` naming ``sample.resolution`` and the valid sizes when ``resolution`` is not a multiple of
-    the VAE's factor.
+    ``pipe`` is a pipeline of any family or its :class:`~ddpo.models.family.ModelFamily`. Raises ``ValueError``
+    naming ``sample.resolution`` and the valid sizes when ``resolution`` is not a multiple of the VAE's factor (times
+    the transformer's patch size, for SD3 and FLUX).
     """
-    factor = vae_scale_factor(pipe.vae)
+    family = pipe if isinstance(pipe, ModelFamily) else family_for_pipeline(pipe)(pipe)
     if resolution is None:
-        return int(pipe.unet.config.sample_size)
+        return family.native_latent_size()
+    factor = family.vae_scale_factor() * family.latent_multiple()
     if resolution % factor != 0:
-        native = pipe.unet.config.sample_size * factor
+        native = family.native_latent_size() * family.vae_scale_factor()
         raise ValueError(
-            f"sample.resolution={resolution} is not a multiple of this model's VAE factor {factor}; use a multiple "
-            f"such as {max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor} "
-            f"(native: {native})"
+            f"sample.resolution={resolution} is not a multiple of this model's factor {factor} (VAE downsampling"
+            f"{' times patch size' if family.latent_multiple() > 1 else ''}); use a multiple such as "
+            f"{max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor} (native: {native})"
         )
-    return resolution // factor
+    return resolution // family.vae_scale_factor()
 
 
 SD15_UNET: dict[str, Any] = {
@@ -144,22 +169,49 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
 
 
-def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str = "ddim") -> StableDiffusionPipeline:
-    """Load a Stable Diffusion 1.x/2.x pipeline from a hub id or a local folder, in float32, without safety checker.
+def load_pipeline(
+    pretrained: str,
+    revision: str | None = None,
+    scheduler: str = "ddim",
+    family: str = "auto",
+    options: dict[str, Any] | None = None,
+):
+    """Load a pipeline of any model family from a hub id or a local folder, in float32, without safety checker.
 
-    ``pretrained="tiny"`` builds :func:`build_tiny_pipeline`, ``pretrained="sd15_random"``
-    :func:`build_sd15_architecture`; ``pretrained="world"`` loads the embedded model. The
-    scheduler is replaced by the sampler ``scheduler`` (:func:`~ddpo.models.schedulers.build_scheduler`: ``ddim``,
-    ``ddpm``, ``dpmsolver++``, ...) built from the pipeline's own scheduler config, so the noise schedule is unchanged.
-    Errors name what is missing and how to fix it, instead of surfacing from deep inside a download.
+    ``pretrained`` may also name a tiny random-weight pipeline (``tiny``: Stable Diffusion, ``tiny_sdxl``,
+    ``tiny_sd3``, ``tiny_flux``), ``sd15_random`` (:func:`build_sd15_architecture`), ``world`` or ``world_flow`` (the
+    embedded models). The family is ``family`` when given, else the one of the pipeline's class
+    (``model_index.json``). The scheduler is replaced by the sampler ``scheduler``
+    (:func:`~ddpo.models.schedulers.build_scheduler`: ``ddim``, ``ddpm``, ``flow_sde``, ``dpmsolver++``, ...) built
+    from the pipeline's own scheduler config, so the noise schedule is unchanged. Errors name what is missing and how
+    to fix it, instead of surfacing from deep inside a download. See :func:`load_model` for the family too.
     """
-    if pretrained == TINY:
-        pipe = build_tiny_pipeline()
+    return load_model(pretrained, revision, scheduler, family, options)[0]
+
+
+def load_model(
+    pretrained: str,
+    revision: str | None = None,
+    scheduler: str = "ddim",
+    family: str = "auto",
+    options: dict[str, Any] | None = None,
+) -> tuple[Any, ModelFamily]:
+    """``(pipeline, family)``: :func:`load_pipeline` and the :class:`~ddpo.models.family.ModelFamily` that drives it.
+
+    ``options`` are the ``model.*`` settings a family reads while loading (e.g. ``drop_t5`` for SD3).
+    """
+    options = dict(options or {})
+    tiny = {cls.tiny_name: cls for cls in FAMILIES.values() if cls.tiny_name}
+    if pretrained in tiny:
+        cls = tiny[pretrained]
+        if family not in ("auto", cls.name):
+            raise ValueError(f"model.pretrained={pretrained} is a {cls.name} pipeline, but model.family={family}")
+        pipe = cls.build_tiny()
     elif pretrained == SD15_RANDOM:
-        pipe = build_sd15_architecture()
+        cls, pipe = StableDiffusionFamily, build_sd15_architecture()
     else:
-        if pretrained == WORLD:
-            pretrained = str(world_model_path())
+        if pretrained in EMBEDDED:
+            pretrained = str(EMBEDDED[pretrained]())
         local = Path(pretrained).expanduser()
         if local.exists():
             if not (local / "model_index.json").is_file():
@@ -174,29 +226,44 @@ def load_pipeline(pretrained: str, revision: str | None = None, scheduler: str =
             )
         if not local.exists():
             _check_reachable(pretrained, revision)
+        source = str(local) if local.exists() else pretrained
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(local) if local.exists() else pretrained,
-                revision=revision,
-                dtype=torch.float32,
-                safety_checker=None,
-                requires_safety_checker=False,
+            cls = (
+                get_family(family) if family != "auto" else family_for_class_name(pipeline_class_name(source, revision))
             )
+            pipe = cls.from_pretrained(source, revision, options)
         except OSError as err:
             raise OSError(
                 f"could not load the pipeline {pretrained!r}: {err}\n"
                 "If this machine is offline, download the model elsewhere (e.g. `hf download "
                 f"{pretrained} --local-dir DIR`) and set model.pretrained=DIR."
             ) from err
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(
-            f"model.pretrained={pretrained!r}: its scheduler's prediction_type {prediction!r} is not supported; ddpo "
-            f"trains {', '.join(PREDICTION_TYPES)} models (Stable Diffusion 1.x/2.x); flow-matching models are not"
-        )
+    if not cls.flow_matching:
+        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(
+                f"model.pretrained={pretrained!r}: its scheduler's prediction_type {prediction!r} is not supported; "
+                f"ddpo trains {', '.join(PREDICTION_TYPES)} models"
+            )
+    check_sampler(cls, scheduler)
     pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, cls(pipe)
+
+
+def check_sampler(cls: type[ModelFamily], scheduler: str) -> None:
+    """Raise ValueError when a flow-matching family gets a DDPM-style sampler or the other way round."""
+    flow_sampler = scheduler in FLOW_SCHEDULERS or scheduler.startswith("FlowMatch")
+    if cls.flow_matching and not flow_sampler:
+        raise ValueError(
+            f"model.family={cls.name} is a flow-matching model; sample.scheduler={scheduler!r} is a DDPM-style "
+            f"sampler: use sample.scheduler=flow_sde (or flow_cps; flow_euler for train.algorithm=awm|nft)"
+        )
+    if not cls.flow_matching and flow_sampler:
+        raise ValueError(
+            f"sample.scheduler={scheduler!r} is a flow-matching sampler but model.family={cls.name} is a diffusion "
+            "model: use ddim or ddpm (any diffusers sampler for train.algorithm=awm|nft)"
+        )
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -230,28 +297,79 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def load_code(pretrained: str, final: str | Path, use_lora: bool = True, revision: str | None = None) -> str:
-    """The Python code that loads a run's result with plain diffusers: its base model (``model.pretrained``; the
-    shipped world model by its folder, a local folder by its absolute path) and ``final/``. Printed at the end of a
-    run; it runs as is (the tiny random-weight pipeline is rebuilt with :func:`build_tiny_pipeline`)."""
+def load_code(
+    pretrained: str,
+    final: str | Path,
+    use_lora: bool = True,
+    revision: str | None = None,
+    family: str = "sd",
+) -> str:
+    """The Python code that loads a run's result with plain diffusers: its base model (``model.pretrained``; a
+    shipped world model by its folder, a local folder by its absolute path) in the ``family``'s pipeline class, and
+    ``final/``. Printed at the end of a run; it runs as is (a tiny random-weight pipeline is rebuilt with its
+    family's ``build_tiny``)."""
+    cls = get_family(family)
+    name = cls.pipeline_class_name
+    load_extra = ", safety_checker=None" if cls is StableDiffusionFamily else ""
+    if cls.name == "sd3":
+        load_extra = ", text_encoder_3=None, tokenizer_3=None" if pretrained == WORLD_FLOW else ""
     final = str(Path(final).resolve())
     if not use_lora:
-        return (
-            "from diffusers import StableDiffusionPipeline\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained({final!r}, safety_checker=None)"
-        )
-    if pretrained == TINY:
-        lines = ["from ddpo.models import build_tiny_pipeline", "", "pipe = build_tiny_pipeline()  # random weights"]
+        return f"from diffusers import {name}\n\npipe = {name}.from_pretrained({final!r}{load_extra})"
+    if pretrained == cls.tiny_name:
+        lines = [
+            "from ddpo.models import get_family",
+            "",
+            f"pipe = get_family({cls.name!r}).build_tiny()  # random weights",
+        ]
     else:
-        base = str(world_model_path()) if pretrained == WORLD else pretrained
+        base = str(EMBEDDED[pretrained]()) if pretrained in EMBEDDED else pretrained
         local = Path(base).expanduser()
         if local.exists():
             base = str(local.resolve())
         extra = f", revision={revision!r}" if revision else ""
-        lines = [
-            "from diffusers import StableDiffusionPipeline",
-            "",
-            f"pipe = StableDiffusionPipeline.from_pretrained({base!r}{extra}, safety_checker=None)",
-        ]
+        lines = [f"from diffusers import {name}", "", f"pipe = {name}.from_pretrained({base!r}{extra}{load_extra})"]
     lines.append(f"pipe.load_lora_weights({final!r})")
     return "\n".join(lines)
+
+
+def unet_call(unet, latents: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
+    """``UNet2DConditionModel`` output ``[B, C, h, w]`` at ``(latents, timesteps, cond)``; SDXL's pooled embedding and
+    time ids go in as ``added_cond_kwargs`` when ``cond`` has them."""
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    return unet(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+
+
+@torch.no_grad()
+def clip_hidden_states(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """CLIP text-encoder last hidden states ``[B, L, D]`` (float32) for ``prompts``, padded to the model length."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return text_encoder(ids)[0].float()
+
+
+@register_family
+class StableDiffusionFamily(ModelFamily):
+    """Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``): one CLIP text encoder, a UNet predicting epsilon,
+    v or the sample; DDIM/DDPM log-prob steps."""
+
+    name = "sd"
+    pipeline_class_name = "StableDiffusionPipeline"
+    tiny_name = TINY
+
+    @classmethod
+    def build_tiny(cls, seed: int = 0) -> StableDiffusionPipeline:
+        return build_tiny_pipeline(seed)
+
+    @classmethod
+    def load_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {"safety_checker": None, "requires_safety_checker": False}
+
+    def bind(self, model, guidance_scale: float = 1.0) -> Denoiser:
+        return lambda latents, timesteps, cond: unet_call(model, latents, timesteps, cond)
+
+    def encode(self, prompts: list[str], device: torch.device, latent_size: int) -> Conditioning:
+        return Conditioning(clip_hidden_states(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device))
