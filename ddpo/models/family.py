@@ -16,16 +16,13 @@ The family is chosen from the loaded pipeline's class (:func:`family_for_pipelin
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ..policy.conditioning import Conditioning
-
-Denoiser = Callable[[torch.Tensor, Any, Conditioning], torch.Tensor]
-"""``denoiser(latents [B, C, h, w] float32, timesteps (scalar or [B]), cond) -> model output [B, C, h, w]``."""
+from ..policy.sampling import Denoiser
 
 
 class ModelFamily:
@@ -40,6 +37,7 @@ class ModelFamily:
         guidance_embedded: True where guidance is an input of the denoiser (FLUX.1-dev) instead of CFG rows.
         lora_layers_argument: the keyword of ``Pipeline.save_lora_weights`` for the denoiser's LoRA layers.
         tiny_name: the ``model.pretrained`` value that builds the family's tiny random-weight pipeline.
+        vae_force_upcast: the VAE stays float32 under mixed precision (SDXL's overflows in fp16).
     """
 
     name: ClassVar[str] = ""
@@ -50,6 +48,7 @@ class ModelFamily:
     guidance_embedded: ClassVar[bool] = False
     lora_layers_argument: ClassVar[str] = "unet_lora_layers"
     tiny_name: ClassVar[str] = ""
+    vae_force_upcast: ClassVar[bool] = False
 
     def __init__(self, pipe):
         self.pipe = pipe

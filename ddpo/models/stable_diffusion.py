@@ -13,9 +13,9 @@ from diffusers import StableDiffusionPipeline
 from world import build_sd_pipeline, world_model_path
 
 from ..policy.conditioning import Conditioning
+from ..policy.sampling import unet_call
 from .family import (
     FAMILIES,
-    Denoiser,
     ModelFamily,
     family_for_class_name,
     family_for_pipeline,
@@ -333,15 +333,6 @@ def load_code(
     return "\n".join(lines)
 
 
-def unet_call(unet, latents: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
-    """``UNet2DConditionModel`` output ``[B, C, h, w]`` at ``(latents, timesteps, cond)``; SDXL's pooled embedding and
-    time ids go in as ``added_cond_kwargs`` when ``cond`` has them."""
-    added = None
-    if cond.pooled is not None:
-        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-    return unet(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
-
-
 @torch.no_grad()
 def clip_hidden_states(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
     """CLIP text-encoder last hidden states ``[B, L, D]`` (float32) for ``prompts``, padded to the model length."""
@@ -368,7 +359,7 @@ class StableDiffusionFamily(ModelFamily):
     def load_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": False}
 
-    def bind(self, model, guidance_scale: float = 1.0) -> Denoiser:
+    def bind(self, model, guidance_scale: float = 1.0):
         return lambda latents, timesteps, cond: unet_call(model, latents, timesteps, cond)
 
     def encode(self, prompts: list[str], device: torch.device, latent_size: int) -> Conditioning:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .conditioning import Conditioning, as_conditioning
 from .schedulers import STEP_FUNCTIONS, StepOutput
 
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,6 +33,10 @@ class SamplerSettings:
         decode_chunk_size: images per VAE decode call.
         share_initial_noise: a prompt group's samples start from one ``x_T`` (see :func:`sample_trajectories`).
         latent_size: side of the square latents ``h = w`` (None: the UNet's ``sample_size``).
+        latent_channels: latent channels ``C`` (None: the UNet's ``in_channels``).
+        schedule_kwargs: extra ``(key, value)`` pairs for ``scheduler.set_timesteps`` (FLUX: ``sigmas``, ``mu``).
+        sde_window: ``(first, end)``: only steps ``first <= k < end`` are stochastic (Flow-GRPO-Fast); the others
+            are the deterministic ODE step (noise level 0, log-prob 0, never trained on). None: every step.
     """
 
     scheduler: str = "ddim"
@@ -40,6 +47,42 @@ class SamplerSettings:
     decode_chunk_size: int = 8
     share_initial_noise: bool = False
     latent_size: int | None = None
+    latent_channels: int | None = None
+    schedule_kwargs: tuple = ()
+    sde_window: tuple[int, int] | None = None
+
+    def step_eta(self, index: int) -> float:
+        """The noise level (DDIM ``eta``, flow noise level ``a``) of step ``index``: 0 outside :attr:`sde_window`."""
+        if self.sde_window is None or self.sde_window[0] <= index < self.sde_window[1]:
+            return self.eta
+        return 0.0
+
+
+def set_timesteps(scheduler, settings: SamplerSettings, device: torch.device | None = None) -> None:
+    """``scheduler.set_timesteps(settings.num_steps)`` with the family's extra schedule arguments."""
+    scheduler.set_timesteps(settings.num_steps, device=device, **dict(settings.schedule_kwargs))
+
+
+Denoiser = Callable[[torch.Tensor, Any, Conditioning], torch.Tensor]
+"""``denoiser(latents [B, C, h, w], timesteps (scalar or [B]), cond) -> model output [B, C, h, w]``: a model bound to
+its family's calling convention (:meth:`ddpo.models.family.ModelFamily.bind`)."""
+
+
+def unet_call(unet, latents: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
+    """``UNet2DConditionModel`` output ``[B, C, h, w]`` at ``(latents, timesteps, cond)``; SDXL's pooled embedding and
+    time ids go in as ``added_cond_kwargs`` when ``cond`` has them."""
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    return unet(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+
+
+def as_denoiser(model) -> Denoiser:
+    """``model`` as a :data:`Denoiser`: a bound denoiser is returned as is, a bare UNet module is called the
+    Stable Diffusion way (:func:`unet_call`)."""
+    if isinstance(model, torch.nn.Module):
+        return lambda latents, timesteps, cond: unet_call(model, latents, timesteps, cond)
+    return model
 
 
 def uses_cfg(guidance_scale: float) -> bool:
@@ -80,11 +123,12 @@ class Trajectories:
 
     Attributes:
         prompts: ``B`` prompt strings.
-        prompt_embeds: ``[B, L, D]`` text-encoder states of the prompts (float32).
-        negative_embeds: ``[1, L, D]`` states of the negative prompt, shared by the batch (None without CFG).
+        prompt_embeds: the prompts' :class:`Conditioning` ``[B, ...]`` (float32; a bare ``[B, L, D]`` tensor for
+            Stable Diffusion 1.x is accepted).
+        negative_embeds: the negative prompt's, ``[1, ...]``, shared by the batch (None without CFG).
         latents: ``[B, T + 1, C, h, w]`` float32: ``x_T, ..., x_0``.
         log_probs: ``[B, T]`` float32: ``log pi(x_{t-1} | x_t, c)`` of each step (0 for deterministic steps).
-        timesteps: ``[T]`` long: the scheduler timestep of each step.
+        timesteps: ``[T]``: the scheduler timestep of each step (long; float ``sigma * 1000`` for flow matching).
         images: ``[B, 3, H, W]`` float32 in ``[0, 1]``: the decoded ``x_0``.
     """
 
@@ -104,7 +148,8 @@ class Trajectories:
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """CLIP text-encoder hidden states ``[B, L, D]`` (float32) for ``prompts``, padded to the model length."""
+    """CLIP text-encoder hidden states ``[B, L, D]`` (float32) for ``prompts``, padded to the model length (Stable
+    Diffusion 1.x/2.x's conditioning; the other families encode with :meth:`~ddpo.models.family.ModelFamily.encode`)."""
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(device)
@@ -112,39 +157,45 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.de
 
 
 def guided_model_output(
-    unet,
+    denoiser,
     latents: torch.Tensor,
-    timesteps: torch.Tensor | int,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
+    timesteps: torch.Tensor | int | float,
+    prompt_embeds: torch.Tensor | Conditioning,
+    negative_embeds: torch.Tensor | Conditioning | None,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """The UNet output with classifier-free guidance as **one** batched call. Returns float32 ``[B, C, h, w]``.
+    """The denoiser output with classifier-free guidance as **one** batched call. Returns float32 ``[B, C, h, w]``.
 
     Args:
-        latents: ``x_t`` ``[B, C, h, w]`` (float32; autocast, if active, casts inside the UNet).
-        timesteps: int or ``[B]``.
-        prompt_embeds: ``[B, L, D]``; negative_embeds: ``[1, L, D]`` or ``[B, L, D]`` (None when no CFG).
+        denoiser: a :data:`Denoiser` (or a bare Stable Diffusion UNet, see :func:`as_denoiser`).
+        latents: ``x_t`` ``[B, C, h, w]`` (float32; autocast, if active, casts inside the model).
+        timesteps: a scalar or ``[B]``.
+        prompt_embeds: the prompts' :class:`Conditioning` ``[B, ...]`` (a bare ``[B, L, D]`` tensor is SD 1.x's);
+            negative_embeds: the negative prompt's, ``[1, ...]`` or ``[B, ...]`` (None: no CFG rows, e.g. FLUX,
+            whose guidance is an input of the bound denoiser).
     """
+    denoiser = as_denoiser(denoiser)
+    cond, negative = as_conditioning(prompt_embeds), as_conditioning(negative_embeds)
     batch = latents.shape[0]
-    if negative_embeds is None or not uses_cfg(guidance_scale):
-        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
+    if negative is None or not uses_cfg(guidance_scale):
+        return denoiser(latents, timesteps, cond).float()
     timesteps = torch.as_tensor(timesteps, device=latents.device)
     if timesteps.ndim == 1:
         timesteps = torch.cat([timesteps, timesteps])
-    embeds = torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds])
-    output = unet(torch.cat([latents, latents]), timesteps, encoder_hidden_states=embeds).sample.float()
-    uncond, cond = output.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    both = Conditioning.cat([negative.expand(batch) if len(negative) == 1 else negative, cond])
+    output = denoiser(torch.cat([latents, latents]), timesteps, both).float()
+    uncond, guided = output.chunk(2)
+    return uncond + guidance_scale * (guided - uncond)
 
 
 def check_schedule(scheduler, settings: SamplerSettings) -> None:
     """Raise once, before sampling, if a trainable step of the schedule would have zero variance."""
-    scheduler.set_timesteps(settings.num_steps)
+    set_timesteps(scheduler, settings)
     step = STEP_FUNCTIONS[settings.scheduler]
     probe = torch.zeros(1, 1, 1, 1)
-    for t in scheduler.timesteps.tolist():
-        step(scheduler, probe, t, probe, eta=settings.eta, noise=probe)
+    for index, t in enumerate(scheduler.timesteps.tolist()):
+        if settings.step_eta(index) > 0:
+            step(scheduler, probe, t, probe, eta=settings.step_eta(index), noise=probe)
 
 
 def consecutive_groups(prompts: list[str]) -> torch.Tensor:
@@ -157,11 +208,13 @@ def initial_noise(
     unet, scheduler, prompts: list[str], generator: torch.Generator, settings: SamplerSettings, device: torch.device
 ) -> torch.Tensor:
     """``x_T`` ``[B, C, h, w]`` float32 for ``B = len(prompts)``: the first draw of ``generator``, scaled by the
-    scheduler's ``init_noise_sigma`` (call ``set_timesteps`` first). With ``settings.share_initial_noise`` one draw per
+    scheduler's ``init_noise_sigma`` (call ``set_timesteps`` first). The shape comes from ``settings`` (``unet``'s
+    config where they leave it open; ``unet`` may be None when they set both). With ``settings.share_initial_noise`` one draw per
     run of consecutive equal prompts, shared by its samples (:func:`consecutive_groups`)."""
     size = settings.latent_size or unet.config.sample_size
+    channels = settings.latent_channels or unet.config.in_channels
     group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(len(prompts))
-    shape = (int(group.max()) + 1, unet.config.in_channels, size, size)
+    shape = (int(group.max()) + 1, channels, size, size)
     latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
     return latents * scheduler.init_noise_sigma
 
@@ -193,17 +246,19 @@ def sample_trajectories(
     device. Call :func:`check_schedule` once beforehand (the step here skips its zero-variance check).
     """
     device = prompt_embeds.device
-    scheduler.set_timesteps(settings.num_steps)
+    set_timesteps(scheduler, settings)
     step = STEP_FUNCTIONS[settings.scheduler]
-    latents = initial_noise(unet, scheduler, prompts, generator, settings, device)
+    latents = initial_noise(_module(unet), scheduler, prompts, generator, settings, device)
+    denoiser = as_denoiser(unet)
     all_latents, all_log_probs = [latents], []
     timesteps = scheduler.timesteps.tolist()
-    for t in timesteps:
+    for index, t in enumerate(timesteps):
         with autocast(device, settings.mixed_precision):
             model_output = guided_model_output(
-                unet, latents, t, prompt_embeds, negative_embeds, settings.guidance_scale
+                denoiser, latents, t, prompt_embeds, negative_embeds, settings.guidance_scale
             )
-        out = step(scheduler, model_output, t, latents, eta=settings.eta, generator=generator, check=False)
+        eta = settings.step_eta(index)
+        out = step(scheduler, model_output, t, latents, eta=eta, generator=generator, check=False)
         latents = out.prev_sample
         all_latents.append(latents)
         all_log_probs.append(out.log_prob)
@@ -214,7 +269,7 @@ def sample_trajectories(
         negative_embeds=negative_embeds,
         latents=torch.stack(all_latents, dim=1),
         log_probs=torch.stack(all_log_probs, dim=1),
-        timesteps=torch.tensor(timesteps, dtype=torch.long, device=device),
+        timesteps=torch.tensor(timesteps, dtype=scheduler.timesteps.dtype, device=device),
         images=images,
     )
 
@@ -225,7 +280,8 @@ def decode_latents(vae, latents: torch.Tensor, mixed_precision: str = "no", chun
     images = []
     for chunk in latents.split(chunk_size):
         with autocast(latents.device, mixed_precision):
-            decoded = vae.decode(chunk / vae.config.scaling_factor).sample
+            shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX VAEs shift their latents
+            decoded = vae.decode(chunk / vae.config.scaling_factor + shift).sample
         images.append((decoded.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
 
@@ -289,7 +345,8 @@ class CleanSamples:
         prompt_embeds: ``[B, L, D]`` float32 text-encoder states.
         negative_embeds: ``[1, L, D]`` (None without CFG).
         latents: ``[B, C, h, w]`` float32: the clean ``x_0`` the sampler ended at.
-        timesteps: ``[T]`` long: the sampler's timesteps (the forward-process loss re-noises at these).
+        timesteps: ``[T]``: the sampler's timesteps (the forward-process loss re-noises at these): long for a
+            DDPM-style schedule, float ``sigma * 1000`` for flow matching.
         images: ``[B, 3, H, W]`` float32 in ``[0, 1]``.
     """
 
@@ -304,6 +361,19 @@ class CleanSamples:
     def cat(items: list[CleanSamples]) -> CleanSamples:
         """Concatenate batches along the batch dimension (they share timesteps and the negative prompt)."""
         return concatenate_batches(items)
+
+
+def _module(model):
+    """The module behind ``model`` for :func:`initial_noise`'s config fallback (None for a bound denoiser)."""
+    return model if isinstance(model, torch.nn.Module) else None
+
+
+def _stored_timesteps(scheduler) -> torch.Tensor:
+    """A sampler's timesteps as :class:`CleanSamples` keeps them: indices into ``alphas_cumprod`` for a DDPM-style
+    schedule (rounded, long), a flow-matching schedule's float ``sigma * num_train_timesteps`` as they are."""
+    if hasattr(scheduler, "alphas_cumprod"):
+        return scheduler.timesteps.round().long()
+    return scheduler.timesteps.float()
 
 
 def _step_kwargs(scheduler, eta: float, generator: torch.Generator) -> dict:
@@ -333,13 +403,16 @@ def sample_clean(
     ``eta = 0``, DPM-Solver++ or Euler). ``settings.share_initial_noise`` shares ``x_T`` within prompt groups.
     """
     device = prompt_embeds.device
-    scheduler.set_timesteps(settings.num_steps, device=device)
-    latents = initial_noise(unet, scheduler, prompts, generator, settings, device)
+    set_timesteps(scheduler, settings, device)
+    latents = initial_noise(_module(unet), scheduler, prompts, generator, settings, device)
+    denoiser = as_denoiser(unet)
     extra = _step_kwargs(scheduler, settings.eta, generator)
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(latents, t)
+        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         with autocast(device, settings.mixed_precision):
-            output = guided_model_output(unet, model_input, t, prompt_embeds, negative_embeds, settings.guidance_scale)
+            output = guided_model_output(
+                denoiser, model_input, t, prompt_embeds, negative_embeds, settings.guidance_scale
+            )
         latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0].float()
     images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return CleanSamples(
@@ -347,6 +420,6 @@ def sample_clean(
         prompt_embeds=prompt_embeds,
         negative_embeds=negative_embeds,
         latents=latents,
-        timesteps=scheduler.timesteps.round().to(device=device, dtype=torch.long),
+        timesteps=_stored_timesteps(scheduler).to(device),
         images=images,
     )

@@ -10,6 +10,7 @@ on the model: two models sampled with the same prompts and seeds see the same ``
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def load_model(model: str | None = None, run: str | Path | None = None, schedule
         raise ValueError("give either a base model (--model) or a run directory (--run), not both")
     with _quiet_loading():
         if model is not None:
-            return Model(load_pipeline(model, None, scheduler), label=model)
+            return Model(load_pipeline(model, None, _inference_sampler(model, scheduler)), label=model)
         run = Path(run)
         config = read_run_config(run)
         final = run / "final"
@@ -97,12 +98,39 @@ def load_model(model: str | None = None, run: str | Path | None = None, schedule
                 f"{final} does not exist: the run has not finished (resume it with `ddpo train --resume {run}`)"
             )
         base = config["model"]
+        family = base.get("family", "auto")
+        options = {"drop_t5": base.get("drop_t5", False), "vae_path": base.get("vae_path")}
         if base.get("use_lora", True):
-            pipe = load_pipeline(base["pretrained"], base.get("revision"), scheduler)
+            sampler = _inference_sampler(base["pretrained"], scheduler, base.get("revision"), family)
+            pipe = load_pipeline(base["pretrained"], base.get("revision"), sampler, family, options)
             pipe.load_lora_weights(final)
         else:
-            pipe = load_pipeline(str(final), None, scheduler)
+            sampler = _inference_sampler(str(final), scheduler, None, family)
+            pipe = load_pipeline(str(final), None, sampler, family, options)
     return Model(pipe, label=str(run), run_config=config, sampler=dict(config.get("sample", {})))
+
+
+def _inference_sampler(pretrained: str, scheduler: str, revision: str | None = None, family: str = "auto") -> str:
+    """``scheduler`` for a diffusion model; for a flow-matching model the pipeline's own Euler ODE sampler when
+    ``scheduler`` is a DDPM-style name (as the trainer's ``flow_sde`` samples, ``ddpo sample`` uses the pipeline's
+    ``__call__``)."""
+    from ..models import FAMILIES, get_family
+    from ..models.family import family_for_class_name, pipeline_class_name
+
+    tiny = {cls.tiny_name: cls for cls in FAMILIES.values() if cls.tiny_name}
+    if family != "auto":
+        cls = get_family(family)
+    elif pretrained in tiny:
+        cls = tiny[pretrained]
+    elif pretrained in ("world", "tiny", "sd15_random"):
+        return scheduler
+    elif pretrained == "world_flow":
+        return scheduler if scheduler.startswith("flow") else "flow_euler"
+    else:
+        cls = family_for_class_name(pipeline_class_name(pretrained, revision))
+    if cls.flow_matching and not scheduler.startswith("flow"):
+        return "flow_euler"
+    return scheduler
 
 
 def sampler_from_run(model: Model, **given: Any) -> SamplerOptions:
@@ -148,6 +176,7 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], options: SamplerOp
     for first in range(0, len(prompts), options.batch_size):
         chunk = prompts[first : first + options.batch_size]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + options.batch_size]]
+        extra = {"eta": options.eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}
         with torch.no_grad():
             images = pipe(
                 chunk,
@@ -155,8 +184,8 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], options: SamplerOp
                 num_inference_steps=options.num_steps,
                 guidance_scale=options.guidance_scale,
                 negative_prompt=[options.negative_prompt] * len(chunk) if cfg else None,
-                eta=options.eta,
                 output_type="pt",
+                **extra,
             ).images
         out.append(images.float().cpu())
     return torch.cat(out)

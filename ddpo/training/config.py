@@ -30,8 +30,17 @@ DEFAULT_PRESET = "world"
 @dataclass
 class ModelConfig:
     pretrained: str = "tiny"
-    """Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), local pipeline folder, ``world`` (the embedded
-    pretrained model) or ``tiny`` (random-weight test model)."""
+    """Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), local pipeline folder, ``world`` / ``world_flow``
+    (the embedded pretrained models: UNet and flow-matching twin) or a random-weight test model: ``tiny`` (Stable
+    Diffusion), ``tiny_sdxl``, ``tiny_sd3``, ``tiny_flux``."""
+    family: str = "auto"
+    """Model family: ``sd`` (Stable Diffusion 1.x/2.x), ``sdxl``, ``sd3`` (SD3 / SD3.5), ``flux`` (FLUX.1), or
+    ``auto``: the family of the pipeline class in ``model_index.json`` (docs/model-families.md)."""
+    drop_t5: bool = False
+    """SD3: load without the T5 text encoder (``text_encoder_3=None``), as diffusers allows; saves ~9 GB of memory at
+    some cost in prompt following."""
+    vae_path: str | None = None
+    """SDXL: a replacement VAE (hub id or local folder), e.g. the fp16-fix VAE ``madebyollin/sdxl-vae-fp16-fix``."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of ``pretrained``."""
     use_lora: bool = True
@@ -77,8 +86,13 @@ class SampleConfig:
     decode_chunk_size: int = 8
     """Images decoded by the VAE per call (memory bound)."""
     resolution: int | None = None
-    """Image side in pixels (square); a multiple of the VAE's downsampling factor (8 for Stable Diffusion). Empty
-    (null): the UNet's ``sample_size`` times that factor, the model's native size (512 for SD 1.5)."""
+    """Image side in pixels (square); a multiple of the VAE's downsampling factor (8 for Stable Diffusion; 16 for
+    SD3 / FLUX, whose transformers patchify by 2). Empty (null): the model's native size (512 for SD 1.5, 1024 for
+    SDXL, SD3.5 and FLUX)."""
+    sde_window: list[int] | None = None
+    """Flow-GRPO-Fast: ``[first, end]``: only denoising steps ``first <= k < end`` are stochastic (SDE, with
+    log-probabilities, trained on); the others take the deterministic ODE step. Empty (null): every step. Only with
+    the flow samplers ``flow_sde`` / ``flow_cps``."""
 
 
 @dataclass
@@ -427,12 +441,13 @@ def validate(config: RunConfig) -> None:
         need(
             s.scheduler in STEP_FUNCTIONS,
             f"train.algorithm={t.algorithm} needs a sampler with per-step log-probabilities: sample.scheduler must be "
-            f"ddim or ddpm (got {s.scheduler!r}); the forward-process estimators train.algorithm=awm|nft take any sampler",
+            f"ddim or ddpm, or flow_sde / flow_cps for flow-matching models (got {s.scheduler!r}); the "
+            "forward-process estimators train.algorithm=awm|nft take any sampler",
         )
         need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
     need(s.num_steps >= 2, f"sample.num_steps must be >= 2; got {s.num_steps}")
     need(
-        s.eta <= 1,
+        s.eta <= 1 or s.scheduler.startswith("flow"),
         f"sample.eta must be <= 1 (above 1 the DDIM variance exceeds 1 - alpha_bar_prev and the step's direction term "
         f"would be clamped to zero); got {s.eta}",
     )
@@ -441,6 +456,17 @@ def validate(config: RunConfig) -> None:
         f"sample.resolution must be a pixel size >= 8 (or null for the model's native size); got {s.resolution}",
     )
     need(s.scheduler != "ddpm" or s.eta == 1.0, "sample.eta must be 1.0 with sample.scheduler=ddpm")
+    if s.sde_window is not None:
+        need(
+            s.scheduler in ("flow_sde", "flow_cps") and not forward,
+            f"sample.sde_window (Flow-GRPO-Fast) needs a flow SDE sampler, sample.scheduler=flow_sde or flow_cps, and "
+            f"a log-prob algorithm; got sample.scheduler={s.scheduler!r}, train.algorithm={t.algorithm}",
+        )
+        need(
+            len(s.sde_window) == 2 and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps,
+            f"sample.sde_window must be [first, end] with 0 <= first < end <= sample.num_steps ({s.num_steps}); "
+            f"got {s.sde_window}",
+        )
     need(s.guidance_scale >= 1.0, f"sample.guidance_scale must be >= 1 (1 disables CFG); got {s.guidance_scale}")
     for key in ("batch_size", "num_batches_per_epoch", "samples_per_prompt", "decode_chunk_size"):
         need(getattr(s, key) >= 1, f"sample.{key} must be >= 1; got {getattr(s, key)}")
@@ -532,15 +558,34 @@ def train_steps_per_trajectory(config: RunConfig) -> int:
 
 
 def train_window_steps(config: RunConfig) -> int:
-    """The first ``round(timestep_window * stochastic steps)`` (>= 1) denoising steps, the ones training draws from."""
+    """The first ``round(timestep_window * stochastic steps)`` (>= 1) denoising steps, the ones training draws from
+    (counted from ``sample.sde_window``'s first step when it is set, see :func:`train_step_offset`)."""
     from ..policy.schedulers import trainable_steps
 
-    stochastic = trainable_steps(config.sample.scheduler, config.sample.num_steps)
+    s = config.sample
+    if s.sde_window is not None:
+        stochastic = min(s.sde_window[1], trainable_steps(s.scheduler, s.num_steps)) - s.sde_window[0]
+    else:
+        stochastic = trainable_steps(s.scheduler, s.num_steps)
     return max(1, round(config.train.timestep_window * stochastic))
 
 
+def train_step_offset(config: RunConfig) -> int:
+    """Index of the first step training may draw: ``sample.sde_window``'s first step, else 0."""
+    return config.sample.sde_window[0] if config.sample.sde_window is not None else 0
+
+
+def model_options(config: RunConfig) -> dict[str, Any]:
+    """The ``model.*`` settings a model family reads while loading (:func:`ddpo.models.load_model`)."""
+    return {"drop_t5": config.model.drop_t5, "vae_path": config.model.vae_path}
+
+
 def sampler_settings(
-    config: RunConfig, share_initial_noise: bool | None = None, latent_size: int | None = None
+    config: RunConfig,
+    share_initial_noise: bool | None = None,
+    latent_size: int | None = None,
+    latent_channels: int | None = None,
+    schedule_kwargs: tuple = (),
 ) -> SamplerSettings:
     """The :class:`~ddpo.policy.sampling.SamplerSettings` of a run (sampling and training-time recomputation).
 
@@ -560,4 +605,7 @@ def sampler_settings(
         decode_chunk_size=s.decode_chunk_size,
         share_initial_noise=s.share_initial_noise if share_initial_noise is None else share_initial_noise,
         latent_size=latent_size,
+        latent_channels=latent_channels,
+        schedule_kwargs=schedule_kwargs,
+        sde_window=tuple(s.sde_window) if s.sde_window is not None else None,
     )

@@ -31,7 +31,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from rewards import RewardError, check_reward_output, get_reward
 
-from ..models import add_lora, latent_size, load_code, load_pipeline, lora_state_dict, vae_scale_factor
+from ..models import add_lora, latent_size, load_code, load_model, lora_state_dict
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.forward import (
     FORWARD_ALGORITHMS,
@@ -39,6 +39,9 @@ from ..policy.forward import (
     alpha_bar,
     awm_loss,
     ema_update,
+    flow_add_noise,
+    flow_predictions,
+    flow_sigmas,
     nft_loss,
     old_policy_decay,
     prediction_kl,
@@ -49,10 +52,10 @@ from ..policy.pairs import training_pairs
 from ..policy.sampling import (
     AUTOCAST_DTYPES,
     CleanSamples,
+    SamplerSettings,
     Trajectories,
     autocast,
     check_schedule,
-    encode_prompts,
     recompute_pairs,
     sample_clean,
     sample_trajectories,
@@ -64,9 +67,11 @@ from .config import (
     ConfigError,
     RunConfig,
     build_config,
+    model_options,
     recomputes_old_log_probs,
     sampler_settings,
     to_dict,
+    train_step_offset,
     train_steps_per_trajectory,
     train_window_steps,
 )
@@ -118,19 +123,22 @@ class Trainer:
         self.reward = get_reward(c.reward.name, **c.reward.options)
         optimizer_class = get_optimizer_class(t.optimizer)
 
-        pipe = load_pipeline(c.model.pretrained, c.model.revision, s.scheduler)
+        pipe, self.family = load_model(
+            c.model.pretrained, c.model.revision, s.scheduler, c.model.family, model_options(c)
+        )
         self.pipe = pipe
         self.scheduler = pipe.scheduler
-        self.latent_size = latent_size(pipe, s.resolution)
-        self.vae_factor = vae_scale_factor(pipe.vae)
-        self.settings = sampler_settings(c, latent_size=self.latent_size)
+        self.latent_size = latent_size(self.family, s.resolution)
+        self.vae_factor = self.family.vae_scale_factor()
+        self.settings = self.sampler_settings()
         self.forward_process = t.algorithm in FORWARD_ALGORITHMS  # awm / nft: clean samples, no log-probs
         if not self.forward_process:
             check_schedule(self.scheduler, self.settings)
         device = acc.device
         pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        unet = pipe.unet
+        for encoder in self.family.text_encoders():
+            encoder.requires_grad_(False)
+        unet = self.family.denoiser()  # the UNet or the transformer: "unet" below names the trained denoiser
         if c.model.use_lora:
             add_lora(unet, c.model.lora_rank, c.model.lora_alpha, c.model.lora_target_modules)
         else:
@@ -152,9 +160,11 @@ class Trainer:
 
             unet.to(dtype=autocast_dtype)
             cast_training_params(unet, dtype=torch.float32)
-            pipe.vae.to(dtype=autocast_dtype)
+            if not self.family.vae_force_upcast:  # SDXL's VAE overflows in fp16: it stays float32
+                pipe.vae.to(dtype=autocast_dtype)
         pipe.vae.to(device)
-        pipe.text_encoder.to(device)
+        for encoder in self.family.text_encoders():
+            encoder.to(device)
         unet.to(device)
         self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
         params = [p for p in unet.parameters() if p.requires_grad]
@@ -173,8 +183,8 @@ class Trainer:
         # A stateful advantage scheme (per-prompt statistics) is saved in checkpoints.
         self.tracker = self.advantage if hasattr(self.advantage, "state_dict") else None
         self.negative_embeds = None
-        if uses_cfg(s.guidance_scale):
-            self.negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.negative_prompt], device)
+        if uses_cfg(s.guidance_scale) and not self.family.guidance_embedded:
+            self.negative_embeds = self.family.encode([s.negative_prompt], device, self.latent_size)
         self.start_epoch = 0
         self.global_step = 0
         self.progress: EpochProgress | None = None
@@ -345,7 +355,7 @@ class Trainer:
         m = self.config.model
         final = self.run_dir / "final"
         lines.append(f"  weights:     {final.resolve()}; load them with their base model ({m.pretrained}):")
-        code = load_code(m.pretrained, final, m.use_lora, m.revision)
+        code = load_code(m.pretrained, final, m.use_lora, m.revision, self.family.name)
         lines += ["", *(f"    {line}" if line else "" for line in code.splitlines()), ""]
         lines.append(
             f"  or sample and compare: ddpo sample --run {self.run_dir} --prompt '...'; ddpo eval {self.run_dir}"
@@ -509,11 +519,24 @@ class Trainer:
         (``share_initial_noise``: one ``x_T`` per group of consecutive equal prompts, for training batches). The
         forward-process estimators get :class:`~ddpo.policy.sampling.CleanSamples` from any sampler instead."""
         device = self.accelerator.device
-        embeds = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device)
-        settings = sampler_settings(self.config, share_initial_noise=share_initial_noise, latent_size=self.latent_size)
+        embeds = self.family.encode(prompts, device, self.latent_size)
+        settings = self.sampler_settings(share_initial_noise=share_initial_noise)
         generator = torch.Generator(device=device).manual_seed(seed)
         sample = sample_clean if self.forward_process else sample_trajectories
-        return sample(unet, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings)
+        denoiser = self.family.bind(unet, settings.guidance_scale)
+        return sample(
+            denoiser, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings
+        )
+
+    def sampler_settings(self, share_initial_noise: bool | None = None) -> SamplerSettings:
+        """The run's :class:`~ddpo.policy.sampling.SamplerSettings` with this family's latent shape and schedule."""
+        return sampler_settings(
+            self.config,
+            share_initial_noise=share_initial_noise,
+            latent_size=self.latent_size,
+            latent_channels=self.family.latent_channels(),
+            schedule_kwargs=tuple(self.family.schedule_kwargs(self.config.sample.num_steps, self.latent_size).items()),
+        )
 
     def score(
         self, images: torch.Tensor, prompts: list[str], where: str = ""
@@ -639,7 +662,7 @@ class Trainer:
         trajs, steps = training_pairs(
             num_samples, self.steps_per_trajectory, train_window_steps(c), torch.Generator().manual_seed(seed)
         )
-        return trajs.to(acc.device), steps.to(acc.device)
+        return trajs.to(acc.device), (steps + train_step_offset(c)).to(acc.device)
 
     def minibatch_loss(
         self, samples: Trajectories, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
@@ -669,9 +692,13 @@ class Trainer:
         t = self.config.train
         x0 = samples.latents[i]
         timesteps = samples.timesteps[j]
-        abar = alpha_bar(self.scheduler.alphas_cumprod, timesteps)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
-        x_t = add_noise(x0, noise, abar)
+        if self.family.flow_matching:  # x_t = (1 - sigma) x0 + sigma eps
+            abar = flow_sigmas(self.scheduler, timesteps)
+            x_t = flow_add_noise(x0, noise, abar)
+        else:  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+            abar = alpha_bar(self.scheduler.alphas_cumprod, timesteps)
+            x_t = add_noise(x0, noise, abar)
         embeds = samples.prompt_embeds[i]
         if t.algorithm == "nft":  # before the policy's call: swapping weights after it would corrupt its graph
             with torch.no_grad(), self.old_policy_weights():
@@ -691,12 +718,16 @@ class Trainer:
         return loss, info
 
     def denoise(
-        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, abar: torch.Tensor
+        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds, abar: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0_hat, eps_hat)`` float32 of ``model`` at ``(x_t, t, c)`` (the conditional model, no CFG), under the
-        run's autocast, whatever the model's prediction type."""
+        run's autocast, whatever the model's prediction type (``abar``: ``alpha_bar_t``, or ``sigma`` for a
+        flow-matching model, whose output is the velocity)."""
+        denoiser = self.family.bind(model, self.settings.guidance_scale)
         with autocast(x_t.device, self.config.mixed_precision):
-            output = model(x_t, timesteps, encoder_hidden_states=embeds).sample
+            output = denoiser(x_t, timesteps, embeds)
+        if self.family.flow_matching:
+            return flow_predictions(output, x_t, abar)
         return predictions(output, x_t, abar, self.scheduler.config.prediction_type)
 
     @contextlib.contextmanager
@@ -723,7 +754,8 @@ class Trainer:
 
     def recompute(self, model, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> StepOutput:
         """The policy step of ``model`` at stored pairs ``(i, j)``, exactly as sampled (same CFG, autocast, eta)."""
-        return recompute_pairs(model, self.scheduler, samples, i, j, self.settings)
+        denoiser = self.family.bind(model, self.settings.guidance_scale)
+        return recompute_pairs(denoiser, self.scheduler, samples, i, j, self.settings)
 
     @torch.no_grad()
     def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -887,11 +919,9 @@ class Trainer:
             tmp = self.run_dir / f".final-tmp-{os.getpid()}"
             unet = acc.unwrap_model(self.unet)
             if self.config.model.use_lora:
-                from diffusers import StableDiffusionPipeline
-
-                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet))
+                self.family.save_lora(tmp, lora_state_dict(unet))
             else:
-                self.pipe.unet = unet
+                self.family.set_denoiser(unet)
                 self.pipe.save_pretrained(tmp, safe_serialization=True)
             kill_point("final_payload")
             checkpoint.replace_dir(tmp, final)
