@@ -40,6 +40,8 @@ class ModelFamily:
         guidance_embedded: True where guidance is an input of the denoiser (FLUX.1-dev) instead of CFG rows.
         lora_layers_argument: the keyword of ``Pipeline.save_lora_weights`` for the denoiser's LoRA layers.
         tiny_name: the ``model.pretrained`` value that builds the family's tiny random-weight pipeline.
+        vae_force_upcast: True where the VAE must decode in float32 (SDXL: it overflows in float16); the trainer
+            must then not cast the VAE to a half-precision dtype.
     """
 
     name: ClassVar[str] = ""
@@ -50,6 +52,7 @@ class ModelFamily:
     guidance_embedded: ClassVar[bool] = False
     lora_layers_argument: ClassVar[str] = "unet_lora_layers"
     tiny_name: ClassVar[str] = ""
+    vae_force_upcast: ClassVar[bool] = False
 
     def __init__(self, pipe):
         self.pipe = pipe
