@@ -37,7 +37,8 @@ class ModelFamily:
         guidance_embedded: True where guidance is an input of the denoiser (FLUX.1-dev) instead of CFG rows.
         lora_layers_argument: the keyword of ``Pipeline.save_lora_weights`` for the denoiser's LoRA layers.
         tiny_name: the ``model.pretrained`` value that builds the family's tiny random-weight pipeline.
-        vae_force_upcast: the VAE stays float32 under mixed precision (SDXL's overflows in fp16).
+        vae_force_upcast: True where the VAE must decode in float32 (SDXL: it overflows in float16); the trainer
+            must then not cast the VAE to a half-precision dtype.
     """
 
     name: ClassVar[str] = ""
