@@ -8,7 +8,7 @@ from __future__ import annotations
 from world import build_clip_tokenizer
 
 from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family
-from .lora import add_lora, lora_state_dict
+from .lora import add_lora, lora_metadata, lora_state_dict
 from .sdxl import TINY_SDXL, StableDiffusionXLFamily, build_tiny_sdxl_pipeline
 from .stable_diffusion import (
     SD15_RANDOM,
@@ -47,6 +47,7 @@ __all__ = [
     "latent_size",
     "load_code",
     "load_pipeline",
+    "lora_metadata",
     "lora_state_dict",
     "vae_scale_factor",
 ]

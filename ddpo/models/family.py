@@ -124,9 +124,16 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ outputs
 
-    def save_lora(self, folder: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
-        """Write LoRA weights (diffusers format) that ``Pipeline.load_lora_weights(folder)`` reads."""
-        self.pipeline_class().save_lora_weights(str(folder), **{self.lora_layers_argument: state_dict})
+    def save_lora(
+        self, folder: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Write LoRA weights (diffusers format) that ``Pipeline.load_lora_weights(folder)`` reads. ``metadata``: the
+        adapter's peft config (:func:`~ddpo.models.lora.lora_metadata`), stored so that the loader scales the adapter
+        by ``lora_alpha / rank`` as trained (without it diffusers assumes ``lora_alpha == rank``)."""
+        kwargs = {self.lora_layers_argument: state_dict}
+        if metadata is not None:
+            kwargs[self.lora_layers_argument.replace("_layers", "_adapter_metadata")] = metadata
+        self.pipeline_class().save_lora_weights(str(folder), **kwargs)
 
     def default_lora_targets(self) -> list[str]:
         """Module names of the denoiser's attention projections (the usual LoRA targets)."""

@@ -27,3 +27,10 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def lora_metadata(model) -> dict:
+    """The peft adapter config of ``model`` (rank, ``lora_alpha``, targets) as ``save_lora_weights`` stores it beside
+    the weights: without it ``load_lora_weights`` assumes ``lora_alpha == rank`` and scales the adapter wrongly
+    whenever they differ."""
+    return model.peft_config["default"].to_dict()

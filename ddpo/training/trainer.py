@@ -31,7 +31,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from rewards import RewardError, check_reward_output, get_reward
 
-from ..models import add_lora, latent_size, load_code, load_model, lora_state_dict
+from ..models import add_lora, latent_size, load_code, load_model, lora_metadata, lora_state_dict
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.forward import (
     FORWARD_ALGORITHMS,
@@ -919,7 +919,7 @@ class Trainer:
             tmp = self.run_dir / f".final-tmp-{os.getpid()}"
             unet = acc.unwrap_model(self.unet)
             if self.config.model.use_lora:
-                self.family.save_lora(tmp, lora_state_dict(unet))
+                self.family.save_lora(tmp, lora_state_dict(unet), lora_metadata(unet))
             else:
                 self.family.set_denoiser(unet)
                 self.pipe.save_pretrained(tmp, safe_serialization=True)
