@@ -12,13 +12,15 @@ Every timestep argument may be a Python int or a ``LongTensor [B]`` (one timeste
 call can train on (trajectory, timestep) pairs of different timesteps.
 
 The Gaussian primitives (:class:`StepOutput`, :func:`gaussian_log_prob`, the sample-or-score rule) live in
-:mod:`.gaussian` and are re-exported here; :data:`STEP_FUNCTIONS` lists every step by its ``sample.scheduler`` name.
+:mod:`.gaussian` and the flow-matching steps (Flow-GRPO's SDE and CPS steps) in :mod:`.flow`; they are re-exported
+here, and :data:`STEP_FUNCTIONS` lists every step by its ``sample.scheduler`` name.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .flow import flow_cps_step_with_logprob, flow_sde_step_with_logprob
 from .gaussian import StepOutput, finish_step, gaussian_log_prob
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "StepOutput",
     "ddim_step_with_logprob",
     "ddpm_step_with_logprob",
+    "flow_cps_step_with_logprob",
+    "flow_sde_step_with_logprob",
     "gaussian_log_prob",
     "predict_x0_eps",
     "previous_timestep",
@@ -199,9 +203,19 @@ def ddpm_step_with_logprob(
 
 
 def trainable_steps(scheduler_name: str, num_steps: int) -> int:
-    """How many of the ``num_steps`` steps are stochastic (policy) steps: all for DDIM, all but the last for DDPM."""
-    return num_steps - 1 if scheduler_name == "ddpm" else num_steps
+    """How many of the ``num_steps`` steps are stochastic (policy) steps.
+
+    All for DDIM and for the flow SDE step (its last step, to ``sigma' = 0``, has ``std = eta sqrt(sigma / (1 -
+    sigma)) sqrt(sigma) > 0``); all but the last for DDPM (to ``abar = 1``) and for the flow CPS step (``std =
+    sigma' sin(eta pi / 2) = 0`` at ``sigma' = 0``), whose last step is deterministic.
+    """
+    return num_steps - 1 if scheduler_name in ("ddpm", "flow_cps") else num_steps
 
 
-STEP_FUNCTIONS = {"ddim": ddim_step_with_logprob, "ddpm": ddpm_step_with_logprob}
+STEP_FUNCTIONS = {
+    "ddim": ddim_step_with_logprob,
+    "ddpm": ddpm_step_with_logprob,
+    "flow_sde": flow_sde_step_with_logprob,
+    "flow_cps": flow_cps_step_with_logprob,
+}
 """Every log-prob step by its ``sample.scheduler`` name; all share ``ddim_step_with_logprob``'s signature."""
