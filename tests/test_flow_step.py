@@ -9,6 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ddpo.policy.flow import flow_cps_step_with_logprob, flow_sde_step_with_logprob
+from ddpo.policy.forward import flow_add_noise, flow_predictions, flow_sigmas
 from ddpo.policy.losses import kl_to_reference
 from ddpo.policy.schedulers import STEP_FUNCTIONS, trainable_steps
 
@@ -252,3 +253,19 @@ def test_trainable_steps_counts_the_stochastic_steps(name):
         int((STEP_FUNCTIONS[name](scheduler, v, float(t), x, eta=0.7).std > 0).all()) for t in scheduler.timesteps
     )
     assert trainable_steps(name, STEPS) == stochastic == {"flow_sde": STEPS, "flow_cps": STEPS - 1}[name]
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_forward_maths_matches_diffusers_and_round_trips(shift):
+    scheduler = make_scheduler(shift)
+    x0, noise, _ = random_state(15)
+    timesteps = scheduler.timesteps[[0, 5, 9]]
+    sigma = flow_sigmas(scheduler, timesteps)
+    assert torch.equal(sigma, scheduler.sigmas[[0, 5, 9]])
+    x_t = flow_add_noise(x0, noise, sigma)
+    torch.testing.assert_close(x_t, scheduler.scale_noise(x0, timesteps, noise))
+    x0_hat, eps_hat = flow_predictions(noise - x0, x_t, sigma)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps_hat, noise, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not all in the scheduler's schedule"):
+        flow_sigmas(scheduler, timesteps + 0.5)
