@@ -17,6 +17,11 @@ For a fixed ``x_t`` these maps are affine and invertible, so two models that mak
 the same ``eps`` prediction and every loss below is the same for epsilon- and v-prediction models that are
 equivalent. (For flow matching, ``x_t = (1 - t) x0 + t eps`` and ``x0_hat = x_t - t v_hat``, the papers' setting.)
 
+Flow matching (a ``FlowMatchEulerDiscreteScheduler`` model predicting the velocity ``v = eps - x0``) has its own
+pure functions: :func:`flow_sigmas` (``sigma`` of each schedule timestep), :func:`flow_add_noise`
+(``x_t = (1 - sigma) x0 + sigma eps``) and :func:`flow_predictions` (``x0_hat = x_t - sigma v``,
+``eps_hat = x_t + (1 - sigma) v``); the losses below take their ``x0_hat`` / ``eps_hat`` unchanged.
+
 Losses (each returns ``(loss, info)`` with detached diagnostics; per-sample tensors are ``[N]``, latents
 ``[N, C, h, w]``, means are over the latent dimensions as for the log-probs):
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from .flow import flow_step_index
 from .schedulers import predict_x0_eps
 
 FORWARD_ALGORITHMS = ("awm", "nft")
@@ -56,6 +62,41 @@ def predictions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x0_hat, eps_hat)`` float32 from a denoiser's output of any prediction type (see the module docstring)."""
     return predict_x0_eps(model_output, x_t, abar, prediction_type)
+
+
+def flow_sigmas(scheduler, timesteps: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``sigma`` ``[N]`` float32 of each timestep of a flow-matching schedule.
+
+    Args:
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps``.
+        timesteps: float ``[N]``, entries of ``scheduler.timesteps`` (looked up by exact equality).
+        check: raise ``ValueError`` if a value is not in the schedule (a host-device sync).
+    Returns:
+        ``scheduler.sigmas[index]`` ``[N]`` float32 on ``timesteps``' device.
+    """
+    index = flow_step_index(scheduler, timesteps, check=check)
+    return scheduler.sigmas.to(device=timesteps.device, dtype=torch.float32)[index]
+
+
+def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - sigma) x0 + sigma noise``: ``[N, C, h, w]``, ``[N, C, h, w]``, ``[N]`` -> float32."""
+    s = sigma.float().view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0.float() + s * noise.float()
+
+
+def flow_predictions(v: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, eps_hat)`` float32 from a velocity prediction ``v = eps - x0``.
+
+    Args:
+        v: ``[N, C, h, w]``, the model output (any dtype).
+        x_t: ``[N, C, h, w]``, ``(1 - sigma) x0 + sigma eps``.
+        sigma: ``[N]``.
+    Returns:
+        ``x0_hat = x_t - sigma v`` and ``eps_hat = x_t + (1 - sigma) v``, each ``[N, C, h, w]``.
+    """
+    s = sigma.float().view(-1, *([1] * (x_t.ndim - 1)))
+    v, x_t = v.float(), x_t.float()
+    return x_t - s * v, x_t + (1 - s) * v
 
 
 def _mean_over_latents(values: torch.Tensor) -> torch.Tensor:

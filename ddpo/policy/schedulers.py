@@ -10,41 +10,31 @@ summed log-prob is ``log_prob * C * H * W``; the ratio would change by the same 
 
 Every timestep argument may be a Python int or a ``LongTensor [B]`` (one timestep per sample), so that one UNet
 call can train on (trajectory, timestep) pairs of different timesteps.
+
+The Gaussian primitives (:class:`StepOutput`, :func:`gaussian_log_prob`, the sample-or-score rule) live in
+:mod:`.gaussian` and the flow-matching steps (Flow-GRPO's SDE and CPS steps) in :mod:`.flow`; they are re-exported
+here, and :data:`STEP_FUNCTIONS` lists every step by its ``sample.scheduler`` name.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+from .flow import flow_cps_step_with_logprob, flow_sde_step_with_logprob
+from .gaussian import StepOutput, finish_step, gaussian_log_prob
 
-
-@dataclass
-class StepOutput:
-    """Result of one step. All tensors float32; ``prev_sample``/``mean`` ``[B, C, H, W]``; ``std``/``log_prob`` ``[B]``."""
-
-    prev_sample: torch.Tensor
-    log_prob: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dims of the log-density of ``N(mean, std^2 I)`` at ``x``, in float32.
-
-    Args:
-        x, mean: ``[B, ...]``.
-        std: ``[B]`` (one standard deviation per sample), strictly positive.
-    Returns:
-        ``[B]`` float32.
-    """
-    x, mean, std = x.float(), mean.float(), std.float()
-    std = std.view(-1, *([1] * (x.ndim - 1)))
-    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
-    return log_density.mean(dim=tuple(range(1, x.ndim)))
+__all__ = [
+    "STEP_FUNCTIONS",
+    "StepOutput",
+    "ddim_step_with_logprob",
+    "ddpm_step_with_logprob",
+    "flow_cps_step_with_logprob",
+    "flow_sde_step_with_logprob",
+    "gaussian_log_prob",
+    "predict_x0_eps",
+    "previous_timestep",
+    "trainable_steps",
+]
 
 
 def _per_sample(values: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
@@ -118,30 +108,6 @@ def _check_scheduler(scheduler) -> None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
 
 
-def _finish(
-    mean, std, prev_sample, noise, generator, deterministic: torch.Tensor | None = None, check: bool = True
-) -> StepOutput:
-    """Sample (or take) ``x_{t-1}`` and score it. Rows flagged ``deterministic`` (std 0 by construction) return
-    ``prev_sample = mean`` and ``log_prob = 0``: they are dynamics, not policy, and are never trained on.
-    ``check=False`` skips the zero-variance check (a host-device sync) once the schedule was checked up front."""
-    deterministic = torch.zeros_like(std, dtype=torch.bool) if deterministic is None else deterministic
-    if check and bool(((std <= 0) & ~deterministic).any()):
-        raise ValueError(
-            "a step has zero variance (eta=0, or set_alpha_to_one=True at the last step), so it has no log-probability; "
-            "use sample.eta > 0 and a scheduler with set_alpha_to_one=False"
-        )
-    safe_std = torch.where(deterministic, torch.ones_like(std), std)
-    if prev_sample is None:
-        if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-        scale = torch.where(deterministic, torch.zeros_like(std), std)
-        prev_sample = mean + scale.view(-1, 1, 1, 1) * noise.float()
-    prev_sample = prev_sample.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, safe_std)
-    log_prob = torch.where(deterministic, torch.zeros_like(log_prob), log_prob)
-    return StepOutput(prev_sample, log_prob, mean, torch.where(deterministic, torch.zeros_like(std), std))
-
-
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
@@ -180,7 +146,7 @@ def ddim_step_with_logprob(
     std = eta * variance.clamp(min=0).sqrt()
     direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt().view(-1, 1, 1, 1) * eps
     mean = alpha_prev.sqrt().view(-1, 1, 1, 1) * x0 + direction
-    return _finish(mean, std, prev_sample, noise, generator, check=check)
+    return finish_step(mean, std, prev_sample, noise, generator, check=check)
 
 
 def ddpm_step_with_logprob(
@@ -233,12 +199,23 @@ def ddpm_step_with_logprob(
     mean = c0.view(-1, 1, 1, 1) * x0 + ct.view(-1, 1, 1, 1) * sample.float()
     std = ((1 - alpha_prev) / (1 - alpha_t) * beta_t).clamp(min=0).sqrt()
     # The final DDPM step (to abar = 1) has zero variance: it is deterministic, scored 0 and never trained on.
-    return _finish(mean, std, prev_sample, noise, generator, deterministic=is_last, check=check)
+    return finish_step(mean, std, prev_sample, noise, generator, deterministic=is_last, check=check)
 
 
 def trainable_steps(scheduler_name: str, num_steps: int) -> int:
-    """How many of the ``num_steps`` steps are stochastic (policy) steps: all for DDIM, all but the last for DDPM."""
-    return num_steps - 1 if scheduler_name == "ddpm" else num_steps
+    """How many of the ``num_steps`` steps are stochastic (policy) steps.
+
+    All for DDIM and for the flow SDE step (its last step, to ``sigma' = 0``, has ``std = eta sqrt(sigma / (1 -
+    sigma)) sqrt(sigma) > 0``); all but the last for DDPM (to ``abar = 1``) and for the flow CPS step (``std =
+    sigma' sin(eta pi / 2) = 0`` at ``sigma' = 0``), whose last step is deterministic.
+    """
+    return num_steps - 1 if scheduler_name in ("ddpm", "flow_cps") else num_steps
 
 
-STEP_FUNCTIONS = {"ddim": ddim_step_with_logprob, "ddpm": ddpm_step_with_logprob}
+STEP_FUNCTIONS = {
+    "ddim": ddim_step_with_logprob,
+    "ddpm": ddpm_step_with_logprob,
+    "flow_sde": flow_sde_step_with_logprob,
+    "flow_cps": flow_cps_step_with_logprob,
+}
+"""Every log-prob step by its ``sample.scheduler`` name; all share ``ddim_step_with_logprob``'s signature."""
