@@ -112,6 +112,8 @@ def concatenate_batches(items: list):
             values[name] = getattr(items[0], name)
         elif name == "prompts":
             values[name] = [p for item in items for p in item.prompts]
+        elif isinstance(getattr(items[0], name), Conditioning):
+            values[name] = Conditioning.cat([getattr(item, name) for item in items])
         else:
             values[name] = torch.cat([getattr(item, name) for item in items])
     return type(items[0])(**values)
