@@ -9,6 +9,7 @@ from world import build_clip_tokenizer
 
 from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family
 from .lora import add_lora, lora_state_dict
+from .sd3 import TINY_SD3, StableDiffusion3Family, build_tiny_sd3_pipeline
 from .stable_diffusion import (
     SD15_RANDOM,
     TINY,
@@ -28,11 +29,13 @@ __all__ = [
     "FAMILIES",
     "SD15_RANDOM",
     "TINY",
+    "TINY_SD3",
     "WORLD",
     "WORLD_FLOW",
     "Denoiser",
     "ModelFamily",
     "StableDiffusionFamily",
+    "StableDiffusion3Family",
     "family_for_pipeline",
     "get_family",
     "load_model",
@@ -40,6 +43,7 @@ __all__ = [
     "build_clip_tokenizer",
     "build_sd15_architecture",
     "build_tiny_pipeline",
+    "build_tiny_sd3_pipeline",
     "latent_size",
     "load_code",
     "load_pipeline",
