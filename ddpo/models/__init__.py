@@ -8,6 +8,7 @@ from __future__ import annotations
 from world import build_clip_tokenizer
 
 from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family
+from .flux import TINY_FLUX, FluxFamily, build_tiny_flux_pipeline, pack_latents, unpack_latents
 from .lora import add_lora, lora_state_dict
 from .sd3 import TINY_SD3, StableDiffusion3Family, build_tiny_sd3_pipeline
 from .stable_diffusion import (
@@ -29,6 +30,7 @@ __all__ = [
     "FAMILIES",
     "SD15_RANDOM",
     "TINY",
+    "TINY_FLUX",
     "TINY_SD3",
     "WORLD",
     "WORLD_FLOW",
@@ -36,6 +38,7 @@ __all__ = [
     "ModelFamily",
     "StableDiffusionFamily",
     "StableDiffusion3Family",
+    "FluxFamily",
     "family_for_pipeline",
     "get_family",
     "load_model",
@@ -44,6 +47,9 @@ __all__ = [
     "build_sd15_architecture",
     "build_tiny_pipeline",
     "build_tiny_sd3_pipeline",
+    "build_tiny_flux_pipeline",
+    "pack_latents",
+    "unpack_latents",
     "latent_size",
     "load_code",
     "load_pipeline",
