@@ -1,6 +1,8 @@
 """Model loading: pipelines (hub id, local folder, the embedded world model, the tiny test pipeline) and LoRA.
 
-A layer of its own below :mod:`ddpo.training`: it imports :mod:`world` (the shipped model), never the policy maths.
+A layer of its own below :mod:`ddpo.training`, above :mod:`ddpo.policy` (a family builds its conditioning and binds
+its denoiser for the policy maths) and :mod:`world` (the shipped models). One module per family: stable_diffusion,
+sdxl, sd3, flux (docs/model-families.md).
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 from world import build_clip_tokenizer
 
 from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family
+from .flux import TINY_FLUX, FluxFamily, build_tiny_flux_pipeline, pack_latents, unpack_latents
 from .lora import add_lora, lora_metadata, lora_state_dict
+from .sd3 import TINY_SD3, StableDiffusion3Family, build_tiny_sd3_pipeline
 from .sdxl import TINY_SDXL, StableDiffusionXLFamily, build_tiny_sdxl_pipeline
 from .stable_diffusion import (
     SD15_RANDOM,
@@ -30,12 +34,16 @@ __all__ = [
     "SD15_RANDOM",
     "TINY",
     "TINY_SDXL",
+    "TINY_FLUX",
+    "TINY_SD3",
     "WORLD",
     "WORLD_FLOW",
     "Denoiser",
     "ModelFamily",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
+    "StableDiffusion3Family",
+    "FluxFamily",
     "family_for_pipeline",
     "get_family",
     "load_model",
@@ -44,6 +52,10 @@ __all__ = [
     "build_sd15_architecture",
     "build_tiny_pipeline",
     "build_tiny_sdxl_pipeline",
+    "build_tiny_sd3_pipeline",
+    "build_tiny_flux_pipeline",
+    "pack_latents",
+    "unpack_latents",
     "latent_size",
     "load_code",
     "load_pipeline",

@@ -1,4 +1,5 @@
-"""LoRA on the UNet through peft, and its export in the format ``pipe.load_lora_weights`` reads."""
+"""LoRA on the denoiser (UNet or transformer) through peft, and its export in the format ``pipe.load_lora_weights``
+reads."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: list[str]) -> None:
-    """Freeze ``unet`` and add a peft LoRA adapter (B initialised to zero, so the model is unchanged at start)."""
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str]) -> None:
+    """Freeze the denoiser ``unet`` (a UNet or a transformer) and add a peft LoRA adapter (B initialised to zero, so
+    the model is unchanged at start)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
@@ -16,17 +18,24 @@ def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, target_modules
         unet.add_adapter(config)
     except ValueError as err:
         raise ValueError(
-            f"model.lora_target_modules={list(target_modules)} matched no module of the UNet ({err}); "
-            "typical values are to_q, to_k, to_v, to_out.0"
+            f"model.lora_target_modules={list(target_modules)} matched no module of the {type(unet).__name__} "
+            f"({err}); typical values are to_q, to_k, to_v, to_out.0"
         ) from err
 
 
-def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The LoRA weights in the diffusers format that ``pipe.load_lora_weights`` reads."""
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights in the diffusers format that ``pipe.load_lora_weights`` reads.
+
+    A UNet's are converted to diffusers' own key names (``to_q.lora.down``, as diffusers' UNet LoRA scripts save
+    them); a transformer's (SD3, FLUX) stay in peft's (``to_q.lora_A``), which is what their pipelines' loaders and
+    diffusers' transformer LoRA scripts use: the UNet conversion would rename only the ``to_q/k/v/out.0`` keys to
+    names those loaders do not know, and they would silently skip them.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
+    return convert_state_dict_to_diffusers(state) if isinstance(unet, UNet2DConditionModel) else state
 
 
 def lora_metadata(model) -> dict:
