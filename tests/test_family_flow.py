@@ -66,7 +66,7 @@ def test_saved_sd3_folder_is_detected_and_can_drop_t5(sd3_dir):
     assert isinstance(family, StableDiffusion3Family) and pipe.text_encoder_3 is not None
     assert len(family.text_encoders()) == 3
     assert family.native_latent_size() == 8 and latent_size(family, 32) == 16
-    with pytest.raises(ValueError, match="multiple of this model's factor 4"):
+    with pytest.raises(ValueError, match="multiple of this model's VAE factor 4"):
         latent_size(family, 30)
 
     dropped, family = load_model(str(sd3_dir), scheduler="flow_sde", options={"drop_t5": True})

@@ -110,8 +110,8 @@ def latent_size(pipe, resolution: int | None) -> int:
     if resolution % factor != 0:
         native = family.native_latent_size() * family.vae_scale_factor()
         raise ValueError(
-            f"sample.resolution={resolution} is not a multiple of this model's factor {factor} (VAE downsampling"
-            f"{' times patch size' if family.latent_multiple() > 1 else ''}); use a multiple such as "
+            f"sample.resolution={resolution} is not a multiple of this model's VAE factor {factor}"
+            f"{' (times the transformer patch size)' if family.latent_multiple() > 1 else ''}; use a multiple such as "
             f"{max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor} (native: {native})"
         )
     return resolution // family.vae_scale_factor()

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from ..policy import sampling
+from ..policy.conditioning import Conditioning
 from ..policy.losses import LOSSES
 from ..policy.sampling import AUTOCAST_DTYPES, Trajectories, autocast, encode_prompts, uses_cfg
 from ..training.config import to_dict
@@ -129,6 +130,11 @@ def reference_guided_output(
     return noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
 
+def _plain(embeds):
+    """The ``[B, L, D]`` text states of a Stable Diffusion 1.x/2.x conditioning (the reference loop's input)."""
+    return embeds.embeds if isinstance(embeds, Conditioning) else embeds
+
+
 @torch.no_grad()
 def reference_sample(
     unet,
@@ -149,6 +155,7 @@ def reference_sample(
     Returns:
         ``latents [B, T + 1, C, h, w]`` float32, ``log_probs [B, T]`` float32, ``timesteps [T]`` long.
     """
+    prompt_embeds, negative_embeds = _plain(prompt_embeds), _plain(negative_embeds)
     device, batch = prompt_embeds.device, prompt_embeds.shape[0]
     do_cfg = negative_embeds is not None and uses_cfg(guidance_scale)
     embeds = torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds]) if do_cfg else prompt_embeds
@@ -180,9 +187,9 @@ def reference_minibatch_loss(trainer, samples, weights: torch.Tensor, i: torch.T
     (No KL-to-base term: :func:`main` refuses ``train.kl_coef > 0`` in the reference mode.)"""
     c, s, t = trainer.config, trainer.config.sample, trainer.config.train
     do_cfg = trainer.negative_embeds is not None and uses_cfg(s.guidance_scale)
-    embeds = samples.prompt_embeds[i]
+    embeds = _plain(samples.prompt_embeds[i])
     if do_cfg:
-        embeds = torch.cat([trainer.negative_embeds.expand(len(i), -1, -1), embeds])
+        embeds = torch.cat([_plain(trainer.negative_embeds).expand(len(i), -1, -1), embeds])
     latents, next_latents, timesteps = samples.latents[i, j], samples.latents[i, j + 1], samples.timesteps[j]
     with autocast(latents.device, c.mixed_precision):
         noise_pred = reference_guided_output(trainer.unet, latents, timesteps, embeds, s.guidance_scale, do_cfg)
@@ -412,6 +419,11 @@ class EpochBench:
 
     def _reference(self) -> dict[str, float]:
         tr, epoch, c, s = self.trainer, self.epoch, self.config, self.config.sample
+        if tr.family.name != "sd":
+            raise ValueError(
+                f"the reference mode is ddpo-pytorch's Stable Diffusion 1.x/2.x loop; model.family={tr.family.name} "
+                "has no reference: use --mode ours"
+            )
         acc, pipe = tr.accelerator, tr.pipe
         tr.unet.eval()
         batches, seconds = [], dict.fromkeys(PHASES, 0.0)
