@@ -42,3 +42,14 @@ def fast_overrides(fast_settings, tmp_path) -> list[str]:
     """:func:`fast_settings` as CLI overrides, into ``tmp_path/runs/run``, training every step, writing grids."""
     extra = [f"output_dir={tmp_path / 'runs'}", "run_name=run", "train.timestep_fraction=1.0", "log_images=true"]
     return [f"{key}={value}" for key, value in fast_settings.items()] + extra
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: tests that switch it reset it
+    before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -108,6 +108,7 @@ def test_family_trains_resumes_exactly_and_its_final_loads_in_its_own_pipeline(p
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("fresh_accelerator_state")
 @pytest.mark.parametrize("pretrained", list(FAMILIES))
 def test_first_ratio_is_one_under_bf16_autocast(pretrained, tmp_path):
     """bf16 autocast, training minibatches of a different size than sampling (the old log-probs are recomputed in

@@ -33,14 +33,7 @@ BATCH_SENSITIVE_UNET = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change: these tests switch it."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # these tests switch the mixed precision
 
 
 @pytest.fixture(scope="module")

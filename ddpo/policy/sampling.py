@@ -218,7 +218,7 @@ def initial_noise(
     group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(len(prompts))
     shape = (int(group.max()) + 1, channels, size, size)
     latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
-    return latents * scheduler.init_noise_sigma
+    return latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: x_1 = eps
 
 
 @torch.no_grad()
