@@ -129,7 +129,11 @@ def _sampler_arguments(parser: argparse.ArgumentParser, count: int | None, out: 
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, each with every prompt")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.num_steps, else 20)")
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the run's, else 5)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (default: the run's, else 1)")
+    parser.add_argument(
+        "--eta",
+        type=float,
+        help="DDIM eta (default: the run's, else 1; flow-matching pipelines sample with their ODE and take no eta)",
+    )
     parser.add_argument("--negative-prompt", help="negative prompt (default: the run's, else empty)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     parser.add_argument("--out", help=f"output folder (default: {out})")
@@ -278,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
         "every seed; image i's noise comes from torch.Generator().manual_seed(seed).",
     )
     source = sample.add_mutually_exclusive_group()
-    source.add_argument("--model", help="base model: world, tiny, a hub id or a local pipeline folder")
+    source.add_argument(
+        "--model",
+        help="base model: world, world_flow, tiny, tiny_sdxl, tiny_sd3, tiny_flux, a hub id or a local pipeline folder",
+    )
     source.add_argument("--run", metavar="RUN_DIR", help="a finished run: its base model + final/")
     _sampler_arguments(sample, None, "RUN_DIR/generated with --run, else ./ddpo-samples")
     sample.set_defaults(func=_sample)

@@ -93,6 +93,12 @@ def test_family_trains_resumes_exactly_and_its_final_loads_in_its_own_pipeline(p
         after = fam.bind(denoiser, 3.0)(latents, t, cond)
     assert (after - before).abs().max() > 1e-4
 
+    # ddpo sample --run: the run's base model with final/ through the family's own pipeline __call__.
+    out = tmp_path / "samples"
+    sample = ["sample", "--run", str(straight), "--prompt", "a red circle", "--seeds", "0", "--steps", "2"]
+    assert main([*sample, "--out", str(out)]) == 0
+    assert (out / "grid.png").is_file()
+
     trained, trained_family = load_model(pretrained, scheduler=FAMILIES[pretrained][1])
     assert trained_family.name == family
     from ddpo.models import add_lora

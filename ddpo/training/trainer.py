@@ -98,7 +98,8 @@ def new_run_dir(config: RunConfig) -> Path:
 
 
 class Trainer:
-    """Fine-tunes a Stable Diffusion UNet with DDPO / RWR. Use :meth:`from_config` or :meth:`resume`, then :meth:`run`."""
+    """Fine-tunes the denoiser (UNet or transformer) of any model family (:mod:`ddpo.models.family`) with DDPO / RWR /
+    Flow-GRPO or the forward-process estimators. Use :meth:`from_config` or :meth:`resume`, then :meth:`run`."""
 
     def __init__(self, config: RunConfig, run_dir: Path, resume_checkpoint: Path | None = None):
         self.config = config
