@@ -26,6 +26,7 @@ from .stable_diffusion import (
     load_code,
     load_model,
     load_pipeline,
+    resolve_family,
     vae_scale_factor,
 )
 
@@ -61,5 +62,6 @@ __all__ = [
     "load_pipeline",
     "lora_metadata",
     "lora_state_dict",
+    "resolve_family",
     "vae_scale_factor",
 ]

@@ -201,43 +201,16 @@ def load_model(
     ``options`` are the ``model.*`` settings a family reads while loading (e.g. ``drop_t5`` for SD3).
     """
     options = dict(options or {})
-    tiny = {cls.tiny_name: cls for cls in FAMILIES.values() if cls.tiny_name}
-    if pretrained in tiny:
-        cls = tiny[pretrained]
-        if family not in ("auto", cls.name):
-            raise ValueError(f"model.pretrained={pretrained} is a {cls.name} pipeline, but model.family={family}")
+    cls = resolve_family(pretrained, revision, family)
+    if pretrained == cls.tiny_name:
         pipe = cls.build_tiny()
     elif pretrained == SD15_RANDOM:
-        cls, pipe = StableDiffusionFamily, build_sd15_architecture()
+        pipe = build_sd15_architecture()
     else:
-        if pretrained in EMBEDDED:
-            pretrained = str(EMBEDDED[pretrained]())
-        local = Path(pretrained).expanduser()
-        if local.exists():
-            if not (local / "model_index.json").is_file():
-                raise FileNotFoundError(
-                    f"model.pretrained={pretrained!r} is a folder without model_index.json; point it at a diffusers "
-                    "pipeline folder (saved with pipe.save_pretrained) or a hub id"
-                )
-        elif _looks_like_path(pretrained) and not _is_hub_id(pretrained):
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} does not exist; give an existing local pipeline folder or a hub id "
-                "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
-            )
-        if not local.exists():
-            _check_reachable(pretrained, revision)
-        source = str(local) if local.exists() else pretrained
         try:
-            cls = (
-                get_family(family) if family != "auto" else family_for_class_name(pipeline_class_name(source, revision))
-            )
-            pipe = cls.from_pretrained(source, revision, options)
+            pipe = cls.from_pretrained(_source(pretrained, revision), revision, options)
         except OSError as err:
-            raise OSError(
-                f"could not load the pipeline {pretrained!r}: {err}\n"
-                "If this machine is offline, download the model elsewhere (e.g. `hf download "
-                f"{pretrained} --local-dir DIR`) and set model.pretrained=DIR."
-            ) from err
+            raise _load_error(pretrained, err) from err
     if not cls.flow_matching:
         prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
         if prediction not in PREDICTION_TYPES:
@@ -249,6 +222,53 @@ def load_model(
     pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe, cls(pipe)
+
+
+def resolve_family(pretrained: str, revision: str | None = None, family: str = "auto") -> type[ModelFamily]:
+    """The family of ``model.pretrained`` without loading weights: a tiny name's, ``sd15_random``'s, else
+    ``model.family`` when given, else the one of the ``_class_name`` in the pipeline's ``model_index.json``."""
+    tiny = {cls.tiny_name: cls for cls in FAMILIES.values() if cls.tiny_name}
+    if pretrained in tiny or pretrained == SD15_RANDOM:
+        cls = tiny.get(pretrained, StableDiffusionFamily)
+        if family not in ("auto", cls.name):
+            raise ValueError(f"model.pretrained={pretrained} is a {cls.name} pipeline, but model.family={family}")
+        return cls
+    if family != "auto":
+        return get_family(family)
+    try:
+        return family_for_class_name(pipeline_class_name(_source(pretrained, revision), revision))
+    except OSError as err:
+        raise _load_error(pretrained, err) from err
+
+
+def _source(pretrained: str, revision: str | None) -> str:
+    """The folder or hub id to load ``pretrained`` from (an embedded name resolved), checked: a folder has a
+    ``model_index.json``, a path exists, a hub id is cached when offline."""
+    if pretrained in EMBEDDED:
+        pretrained = str(EMBEDDED[pretrained]())
+    local = Path(pretrained).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained!r} is a folder without model_index.json; point it at a diffusers "
+                "pipeline folder (saved with pipe.save_pretrained) or a hub id"
+            )
+        return str(local)
+    if _looks_like_path(pretrained) and not _is_hub_id(pretrained):
+        raise FileNotFoundError(
+            f"model.pretrained={pretrained!r} does not exist; give an existing local pipeline folder or a hub id "
+            "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+        )
+    _check_reachable(pretrained, revision)
+    return pretrained
+
+
+def _load_error(pretrained: str, err: OSError) -> OSError:
+    return OSError(
+        f"could not load the pipeline {pretrained!r}: {err}\n"
+        "If this machine is offline, download the model elsewhere (e.g. `hf download "
+        f"{pretrained} --local-dir DIR`) and set model.pretrained=DIR."
+    )
 
 
 def check_sampler(cls: type[ModelFamily], scheduler: str) -> None:

@@ -112,23 +112,10 @@ def load_model(model: str | None = None, run: str | Path | None = None, schedule
 
 def _inference_sampler(pretrained: str, scheduler: str, revision: str | None = None, family: str = "auto") -> str:
     """``scheduler`` for a diffusion model; for a flow-matching model the pipeline's own Euler ODE sampler when
-    ``scheduler`` is a DDPM-style name (as the trainer's ``flow_sde`` samples, ``ddpo sample`` uses the pipeline's
-    ``__call__``)."""
-    from ..models import FAMILIES, get_family
-    from ..models.family import family_for_class_name, pipeline_class_name
+    ``scheduler`` is a DDPM-style name (``ddpo sample`` uses the pipeline's ``__call__``)."""
+    from ..models import resolve_family
 
-    tiny = {cls.tiny_name: cls for cls in FAMILIES.values() if cls.tiny_name}
-    if family != "auto":
-        cls = get_family(family)
-    elif pretrained in tiny:
-        cls = tiny[pretrained]
-    elif pretrained in ("world", "tiny", "sd15_random"):
-        return scheduler
-    elif pretrained == "world_flow":
-        return scheduler if scheduler.startswith("flow") else "flow_euler"
-    else:
-        cls = family_for_class_name(pipeline_class_name(pretrained, revision))
-    if cls.flow_matching and not scheduler.startswith("flow"):
+    if resolve_family(pretrained, revision, family).flow_matching and not scheduler.startswith("flow"):
         return "flow_euler"
     return scheduler
 
