@@ -2,10 +2,13 @@
 
 How the numbers are obtained (docs/gpu-memory.md explains the model and the tables):
 
-* **Parameters are counted**: the Stable Diffusion 1.5 UNet, VAE and CLIP text encoder are built from their published
-  configs (below) on ``torch.device("meta")`` (no weights, no memory, no download) and their parameters summed;
-  LoRA parameters are counted by adding the preset's peft adapter to that UNet (``ddpo.models.lora.add_lora``).
-* **Activations are counted at full size on the meta device**: one UNet call (and one VAE decode) runs on meta
+* **Parameters are counted**: each preset's denoiser (Stable Diffusion 1.5 or SDXL base UNet, SD3.5 Medium or
+  FLUX.1-dev transformer), VAE and text encoders (CLIP ViT-L/14, OpenCLIP bigG, T5 v1.1 XXL) are built from their
+  published configs (kept in the family modules: ``SD15_UNET``, ``SDXL_BASE_UNET``, ``SD35_MEDIUM_TRANSFORMER``,
+  ``FLUX1_DEV_TRANSFORMER``, ``T5_XXL_ENCODER``, ...) on ``torch.device("meta")`` (no weights, no memory, no
+  download) and their parameters (and stored buffers: SD3's positional table) summed; LoRA parameters are counted
+  by adding the preset's peft adapter to that denoiser (``ddpo.models.lora.add_lora``).
+* **Activations are counted at full size on the meta device**: one denoiser call (and one VAE decode) runs on meta
   tensors, which carry shapes and dtypes but no data, while a dispatch mode tracks every tensor the kernels would
   allocate and when its last reference dies: the peak of live bytes is the call's activation memory (forward and
   backward for a training call, forward under ``no_grad`` for sampling and decoding). Two GPU behaviours are
@@ -14,7 +17,8 @@ How the numbers are obtained (docs/gpu-memory.md explains the model and the tabl
   (matmuls and convolutions in bf16, group/layer norm and softmax in fp32). Not counted: the CUDA context,
   cuBLAS/cuDNN workspaces and allocator fragmentation (a fixed overhead and a margin are added for those).
 
-Run: ``python scripts/memory_estimate.py`` (about a minute on 2 CPU cores); ``--json FILE`` writes every number.
+Run: ``python scripts/memory_estimate.py`` (about 4 minutes on 2 CPU cores: 3 min 39 s measured for every preset); ``--json FILE`` writes every number;
+``--presets NAME ...`` limits it to some presets.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ddpo.models.flux import FLUX1_DEV_TRANSFORMER, FLUX1_VAE
+from ddpo.models.sd3 import SD3_VAE, SD35_MEDIUM_TRANSFORMER, T5_XXL_ENCODER
+from ddpo.models.sdxl import CLIP_BIGG_TEXT_ENCODER, SDXL_BASE_UNET, SDXL_TEXT_ENCODER, SDXL_VAE
 from ddpo.models.stable_diffusion import SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE
 from world.pipeline import CLIP_TEXT_IDS
 
@@ -71,6 +78,35 @@ def build_text_encoder(config: dict, device: str = "meta"):
 
     with torch.device(device):
         return CLIPTextModel(CLIPTextConfig(**{**CLIP_TEXT_IDS, **config}))
+
+
+def build_denoiser(family: str, config: dict, device: str = "meta"):
+    """The family's denoiser: a ``UNet2DConditionModel`` (sd, sdxl), ``SD3Transformer2DModel`` or
+    ``FluxTransformer2DModel``."""
+    if family in ("sd", "sdxl"):
+        return build_unet(config, device)
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    with torch.device(device):
+        return cls(**config)
+
+
+def build_text_model(kind: str, config: dict, device: str = "meta"):
+    """A text encoder: ``clip`` (``CLIPTextModel``), ``clip_proj`` (``CLIPTextModelWithProjection``) or ``t5``
+    (``T5EncoderModel``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device(device):
+        if kind == "t5":
+            return T5EncoderModel(T5Config(**config))
+        cls = CLIPTextModelWithProjection if kind == "clip_proj" else CLIPTextModel
+        return cls(CLIPTextConfig(**{**CLIP_TEXT_IDS, **config}))
+
+
+def count_buffers(module: torch.nn.Module) -> int:
+    """Values of the floating-point buffers (SD3's positional table): on the GPU with the weights, in their dtype."""
+    return sum(b.numel() for b in module.buffers() if b.is_floating_point())
 
 
 def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -162,7 +198,9 @@ def gpu_like(low: torch.dtype | None):
 
 
 class LiveBytes(TorchDispatchMode):
-    """Tracks the bytes of every storage allocated by the ops run under it, freed when its last tensor dies."""
+    """Tracks the bytes of every storage allocated by the ops run under it, freed when its last tensor dies. Views of
+    storages that existed before (a frozen weight's ``t()`` that ``linear`` saves for backward) allocate nothing and
+    are not counted."""
 
     def __init__(self):
         super().__init__()
@@ -181,10 +219,17 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            a.untyped_storage()._cdata
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage._cdata
+                if key not in self.live and key in inputs:
+                    continue  # a view of (or in-place on) a tensor allocated before: a weight, an input; not new
                 if key not in self.live:
                     self.live[key] = [storage.nbytes(), 0]
                     self.current += storage.nbytes()
@@ -224,6 +269,52 @@ def unet_call_bytes(
     return _peak(run)
 
 
+def denoiser_call_bytes(model, arch: dict, rows: int, latent: int, dtype: torch.dtype, train: bool) -> int:
+    """Peak bytes of one call of ``arch``'s denoiser on ``rows`` rows, called as its family calls it
+    (``ddpo.models``: SDXL's pooled embedding and time ids; SD3's pooled projections; FLUX's packed 2x2 patches, its
+    guidance input and position ids). ``dtype`` and ``train`` as in :func:`unet_call_bytes`."""
+    family = arch["family"]
+    if family == "sd":
+        return unet_call_bytes(model, rows, latent, arch["context"], dtype, train, arch["tokens"])
+    low = None if dtype == torch.float32 else dtype
+
+    def run():
+        ctx = torch.empty(rows, arch["tokens"], arch["context"], device="meta")
+        pooled = torch.empty(rows, arch["pooled"], device="meta")
+        if family == "sdxl":
+            x = torch.empty(rows, 4, latent, latent, device="meta")
+            t = torch.full((rows,), 500, device="meta", dtype=torch.long)
+            extra = {"text_embeds": pooled, "time_ids": torch.empty(rows, 6, device="meta")}
+            call = lambda: model(x, t, encoder_hidden_states=ctx, added_cond_kwargs=extra).sample  # noqa: E731
+        elif family == "sd3":
+            x = torch.empty(rows, 16, latent, latent, device="meta")
+            t = torch.full((rows,), 500.0, device="meta")
+            call = lambda: model(  # noqa: E731
+                hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled, return_dict=False
+            )[0]
+        else:  # flux: packed [rows, (h/2)(w/2), 64]
+            patches = (latent // 2) ** 2
+            x = torch.empty(rows, patches, 64, device="meta")
+            t = torch.full((rows,), 0.5, device="meta")
+            call = lambda: model(  # noqa: E731
+                hidden_states=x,
+                timestep=t,
+                guidance=torch.full((rows,), 3.5, device="meta"),
+                pooled_projections=pooled,
+                encoder_hidden_states=ctx,
+                txt_ids=torch.zeros(arch["tokens"], 3, device="meta"),
+                img_ids=torch.zeros(patches, 3, device="meta"),
+                return_dict=False,
+            )[0]
+        with gpu_like(low), contextlib.nullcontext() if train else torch.no_grad():
+            out = call().float()
+            if train:
+                out.square().mean().backward()
+        del out
+
+    return _peak(run)
+
+
 def vae_decode_bytes(vae, images: int, latent: int, dtype: torch.dtype) -> int:
     low = None if dtype == torch.float32 else dtype
 
@@ -248,59 +339,134 @@ def linear_fit(measure, sizes=(1, 2)) -> tuple[float, float]:
 ARCH_CACHE: dict = {}
 
 
-def architecture(pretrained: str) -> dict:
-    """Configs of a preset's model: SD 1.5 for hub ids, the shipped world model, the tiny test model."""
+def _sd(name: str, unet: dict, vae: dict, text: dict) -> dict:
+    return {
+        "name": name,
+        "family": "sd",
+        "unet": unet,
+        "vae": vae,
+        "texts": [("clip", text)],
+        "tokens": TEXT_TOKENS,
+        "context": unet["cross_attention_dim"],
+        "pooled": 0,
+    }
+
+
+FAMILY_ARCHITECTURES: dict[str, dict] = {
+    "sdxl": {
+        "name": "sdxl_base",
+        "family": "sdxl",
+        "unet": SDXL_BASE_UNET,
+        "vae": SDXL_VAE,
+        "texts": [("clip", SDXL_TEXT_ENCODER), ("clip_proj", CLIP_BIGG_TEXT_ENCODER)],
+        "tokens": TEXT_TOKENS,
+        "context": SDXL_BASE_UNET["cross_attention_dim"],
+        "pooled": CLIP_BIGG_TEXT_ENCODER["projection_dim"],
+        "vae_fp32": True,  # SDXL's VAE is kept float32 (ModelFamily.vae_force_upcast)
+    },
+    "sd3": {
+        "name": "sd35_medium",
+        "family": "sd3",
+        "unet": SD35_MEDIUM_TRANSFORMER,
+        "vae": SD3_VAE,
+        "texts": [("clip_proj", SDXL_TEXT_ENCODER), ("clip_proj", CLIP_BIGG_TEXT_ENCODER), ("t5", T5_XXL_ENCODER)],
+        "tokens": TEXT_TOKENS + 256,  # CLIP's 77 then T5's 256 (StableDiffusion3Family.max_sequence_length)
+        "context": SD35_MEDIUM_TRANSFORMER["joint_attention_dim"],
+        "pooled": SD35_MEDIUM_TRANSFORMER["pooled_projection_dim"],
+    },
+    "flux": {
+        "name": "flux1_dev",
+        "family": "flux",
+        "unet": FLUX1_DEV_TRANSFORMER,
+        "vae": FLUX1_VAE,
+        "texts": [("clip", SDXL_TEXT_ENCODER), ("t5", T5_XXL_ENCODER)],
+        "tokens": 512,  # T5 tokens (FluxFamily.max_sequence_length)
+        "context": FLUX1_DEV_TRANSFORMER["joint_attention_dim"],
+        "pooled": FLUX1_DEV_TRANSFORMER["pooled_projection_dim"],
+        "guidance_embedded": True,
+    },
+}
+"""The published architecture each model family's presets name (SDXL base 1.0, SD3.5 Medium, FLUX.1-dev)."""
+
+
+def architecture(pretrained: str, family: str = "auto") -> dict | None:
+    """Configs of a preset's model: the shipped world model, the tiny test model, the published model of a
+    ``model.family`` (SDXL base 1.0, SD3.5 Medium, FLUX.1-dev), SD 1.5 for other hub ids; None for a model this
+    script has no configs for (the world's flow twin, the families' tiny test pipelines)."""
     if pretrained == "world":
         from world.model import WORLD_TEXT_ENCODER, WORLD_UNET, WORLD_VAE
 
-        return {"name": "world", "unet": WORLD_UNET, "vae": WORLD_VAE, "text": WORLD_TEXT_ENCODER}
+        return _sd("world", WORLD_UNET, WORLD_VAE, WORLD_TEXT_ENCODER)
     if pretrained == "tiny":
         from ddpo.models.stable_diffusion import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
 
-        return {
-            "name": "tiny",
-            "unet": {**TINY_UNET, "sample_size": 32},
-            "vae": {**TINY_VAE, "sample_size": 64},
-            "text": TINY_TEXT_ENCODER,
-        }
-    return {"name": "sd15", "unet": SD15_UNET, "vae": SD15_VAE, "text": SD15_TEXT_ENCODER}
+        return _sd("tiny", {**TINY_UNET, "sample_size": 32}, {**TINY_VAE, "sample_size": 64}, TINY_TEXT_ENCODER)
+    if pretrained.startswith(("world_", "tiny_")):
+        return None
+    if family in FAMILY_ARCHITECTURES:
+        return FAMILY_ARCHITECTURES[family]
+    return _sd("sd15", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER)
 
 
-def model_numbers(pretrained: str, rank: int, targets: list[str]) -> dict:
-    """Parameter counts and per-row activation fits of one architecture (cached per architecture and LoRA)."""
-    arch = architecture(pretrained)
-    key = (arch["name"], rank, tuple(targets))
+def native_latent(arch: dict) -> int:
+    """The latent side of the model's native resolution (FLUX has no ``sample_size``: its VAE's, over 8)."""
+    if "sample_size" in arch["unet"]:
+        return arch["unet"]["sample_size"]
+    return arch["vae"]["sample_size"] // vae_factor(arch)
+
+
+def vae_factor(arch: dict) -> int:
+    return 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+
+
+def model_numbers(arch: dict, rank: int, targets: list[str], resolution: int | None = None) -> dict:
+    """Parameter counts and per-row activation fits of one architecture at ``resolution`` pixels (None: native),
+    cached per architecture, resolution and LoRA."""
+    factor = vae_factor(arch)
+    latent = resolution // factor if resolution else native_latent(arch)
+    key = (arch["name"], latent, rank, tuple(targets))
     if key in ARCH_CACHE:
         return ARCH_CACHE[key]
-    latent = arch["unet"]["sample_size"]
-    ctx = arch["unet"]["cross_attention_dim"]
+    family = arch["family"]
+    denoiser = build_denoiser(family, arch["unet"])
+    texts = [count_params(build_text_model(kind, config)) for kind, config in arch["texts"]]
     n = {
         "architecture": arch["name"],
+        "family": family,
         "latent": latent,
-        "unet_params": count_params(build_unet(arch["unet"])),
+        "latent_channels": arch["vae"]["latent_channels"],
+        "unet_params": count_params(denoiser),
+        "unet_buffers": count_buffers(denoiser),
         "vae_params": count_params(build_vae(arch["vae"])),
-        "text_params": count_params(build_text_encoder(arch["text"])),
+        "text_params": sum(texts),
+        "text_params_each": texts,
+        "resolution": latent * factor,
+        # a sample's stored conditioning: sequence states, pooled embedding (and SDXL's 6 time ids)
+        "cond_elems": arch["tokens"] * arch["context"] + arch["pooled"] + (6 if family == "sdxl" else 0),
+        "vae_fp32": bool(arch.get("vae_fp32")),
     }
+    del denoiser
     vae = build_vae(arch["vae"])
-    vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
-    n["resolution"] = latent * vae_factor
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        unet = build_unet(arch["unet"])
+        unet = build_denoiser(family, arch["unet"])
         add_lora_adapter(unet, rank, targets)
         n["lora_params"] = count_params(unet, trainable_only=True)
         if dtype != torch.float32:  # the trainer's layout: frozen weights in bf16, LoRA in fp32
             for p in unet.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(dtype)
-            for p in vae.parameters():
-                p.data = p.data.to(dtype)
-        n[f"train_{dtype_name}"] = linear_fit(lambda r, u=unet, d=dtype: unet_call_bytes(u, r, latent, ctx, d, True))
-        n[f"sample_{dtype_name}"] = linear_fit(lambda r, u=unet, d=dtype: unet_call_bytes(u, r, latent, ctx, d, False))
+            if not arch.get("vae_fp32"):
+                for p in vae.parameters():
+                    p.data = p.data.to(dtype)
+
+        def call(r, d=dtype, train=True, u=unet):
+            return denoiser_call_bytes(u, arch, r, latent, d, train)
+
+        n[f"train_{dtype_name}"] = linear_fit(call)
+        n[f"sample_{dtype_name}"] = linear_fit(lambda r, d=dtype: call(r, d, False))
         n[f"decode_{dtype_name}"] = linear_fit(lambda r, d=dtype: vae_decode_bytes(vae, r, latent, d))
         unet.enable_gradient_checkpointing()
-        n[f"train_ckpt_{dtype_name}"] = linear_fit(
-            lambda r, u=unet, d=dtype: unet_call_bytes(u, r, latent, ctx, d, True)
-        )
+        n[f"train_ckpt_{dtype_name}"] = linear_fit(call)
     ARCH_CACHE[key] = n
     return n
 
@@ -336,24 +502,27 @@ def preset_memory(cfg: dict, n: dict) -> dict:
     lora = model.get("use_lora", True)
     wbytes = 2 if (bf16 and lora) else 4
     d = "bf16" if bf16 else "fp32"
-    cfg_rows = 2 if sample.get("guidance_scale", 5.0) > 1 else 1
+    guidance_embedded = n.get("family") == "flux"  # FLUX.1-dev: guidance is an input, no CFG rows
+    cfg_rows = 2 if sample.get("guidance_scale", 5.0) > 1 and not guidance_embedded else 1
     opt_bytes = 2 if train.get("optimizer", "adamw") == "adamw8bit" else 8
     trainable = n["lora_params"] if lora else n["unet_params"]
-    frozen_unet = n["unet_params"] - (0 if lora else n["unet_params"])
+    frozen_unet = n["unet_params"] - (0 if lora else n["unet_params"]) + n.get("unet_buffers", 0)
     ckpt = train.get("gradient_checkpointing", False)
     fit = n[f"train_ckpt_{d}" if ckpt else f"train_{d}"]
     sfit, dfit = n[f"sample_{d}"], n[f"decode_{d}"]
     reward_desc, reward_p, reward_b = reward_model(cfg.get("reward", {}))
     samples = sample["batch_size"] * sample["num_batches_per_epoch"]
-    latent_elems = 4 * n["latent"] ** 2
+    latent_elems = n.get("latent_channels", 4) * n["latent"] ** 2
     steps = sample["num_steps"]
-    trajectories = samples * ((steps + 1) * latent_elems * 4 + steps * 4 * 2 + TEXT_TOKENS * 768 * 4)
+    cond = n.get("cond_elems", TEXT_TOKENS * 768)
+    trajectories = samples * ((steps + 1) * latent_elems * 4 + steps * 4 * 2 + cond * 4)
+    vae_bytes = 4 if n.get("vae_fp32") else wbytes
     parts = {
         "unet_frozen": frozen_unet * wbytes,
         "trainable_weights": trainable * 4,
         "gradients": trainable * 4,
         "optimizer_state": trainable * opt_bytes,
-        "vae": n["vae_params"] * wbytes,
+        "vae": n["vae_params"] * vae_bytes,
         "text_encoder": n["text_params"] * 4,
         "reward_model": reward_p * reward_b,
         "trajectories": trajectories,
@@ -452,7 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         cfg = merged_preset(name)
         m = cfg["model"]
-        n = model_numbers(m["pretrained"], m["lora_rank"], m["lora_target_modules"])
+        arch = architecture(m["pretrained"], m.get("family", "auto"))
+        if arch is None:
+            print(f"\n== {name}: not estimated (model.pretrained={m['pretrained']}: no published config here)")
+            report["presets"][name] = {"not estimated": m["pretrained"]}
+            continue
+        n = model_numbers(arch, m["lora_rank"], m["lora_target_modules"], cfg["sample"].get("resolution"))
         report["architectures"][n["architecture"]] = {
             k: (v / GIB if isinstance(v, (int, float)) and k.startswith(("train", "sample", "decode")) else v)
             for k, v in n.items()
@@ -474,7 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         for card, c in cards.items():
             print(f"   {card:>3s} GB: {c['total_gib']:6.2f} GiB with {c['changes'] or 'as configured'}")
     for arch, n in report["architectures"].items():
-        print(f"\n{arch}: UNet {n['unet_params']:,}, VAE {n['vae_params']:,}, text {n['text_params']:,} params")
+        print(
+            f"\n{arch}: denoiser {n['unet_params']:,} params (+{n['unet_buffers']:,} buffer values), "
+            f"VAE {n['vae_params']:,}, text {n['text_params']:,} ({' + '.join(f'{t:,}' for t in n['text_params_each'])})"
+        )
         for k in (
             "train_fp32",
             "train_bf16",

@@ -94,3 +94,27 @@ def test_activation_fit_is_linear_in_rows(me):
     # checkpointing keeps less
     unet.enable_gradient_checkpointing()
     assert me.unet_call_bytes(unet, 4, 8, 32, torch.bfloat16, True) < a + 4 * b
+
+
+def test_family_counts_are_the_published_ones(me):
+    """SDXL base 1.0, SD3.5 Medium, FLUX.1-dev and their text encoders, built on meta from the published configs kept
+    in the family modules: the exact counts (docs/model-families.md) and the published round figures."""
+    from ddpo.models.flux import FLUX1_DEV_TRANSFORMER, FLUX1_VAE
+    from ddpo.models.sd3 import SD3_VAE, SD35_MEDIUM_TRANSFORMER, T5_XXL_ENCODER
+    from ddpo.models.sdxl import CLIP_BIGG_TEXT_ENCODER, SDXL_BASE_UNET, SDXL_TEXT_ENCODER, SDXL_VAE
+
+    sdxl = me.count_params(me.build_denoiser("sdxl", SDXL_BASE_UNET))
+    assert sdxl == 2_567_463_684  # SDXL base UNet: "2.6B" (2.57B)
+    assert me.count_params(me.build_vae(SDXL_VAE)) == 83_653_863
+    sd35 = me.build_denoiser("sd3", SD35_MEDIUM_TRANSFORMER)
+    assert me.count_params(sd35) == 2_243_171_520
+    # + the stored sin-cos positional table (384 x 384 x 1536): Stability AI's "2.5 billion" for SD3.5 Medium
+    assert me.count_buffers(sd35) == 384 * 384 * 1536
+    assert round((me.count_params(sd35) + me.count_buffers(sd35)) / 1e8) == 25
+    flux = me.count_params(me.build_denoiser("flux", FLUX1_DEV_TRANSFORMER))
+    assert flux == 11_901_408_320  # FLUX.1-dev: "12B" (11.9B)
+    assert me.count_params(me.build_vae(SD3_VAE)) == me.count_params(me.build_vae(FLUX1_VAE)) == 83_819_683
+    assert me.count_params(me.build_text_model("t5", T5_XXL_ENCODER)) == 4_762_310_656  # T5-XXL encoder: 4.76B
+    assert me.count_params(me.build_text_model("clip_proj", CLIP_BIGG_TEXT_ENCODER)) == 694_659_840  # CLIP-G: 695M
+    assert me.count_params(me.build_text_model("clip", SDXL_TEXT_ENCODER)) == 123_060_480  # CLIP-L, as SD 1.5
+    assert me.count_params(me.build_text_model("clip_proj", SDXL_TEXT_ENCODER)) == 123_060_480 + 768 * 768
