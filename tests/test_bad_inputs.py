@@ -348,6 +348,39 @@ CASES = [
         "raised KeyError: 'no score for this prompt' (epoch 0, batch 0: samples 0-1 of process 0)",
         False,
     ),
+    (
+        "flow sampler on a diffusion model",
+        lambda t, f, m: (["train", *T, *f, "sample.scheduler=flow_sde", "sample.eta=0.7"], {}),
+        "is a flow-matching sampler but model.family=sd is a diffusion model: use ddim or ddpm",
+        True,
+    ),
+    (
+        "DDPM-style sampler on a flow model",
+        lambda t, f, m: (["train", *T, *f, "model.pretrained=tiny_sd3", "sample.scheduler=ddim"], {}),
+        "model.family=sd3 is a flow-matching model; sample.scheduler='ddim' is a DDPM-style sampler",
+        True,
+    ),
+    (
+        "unknown model family",
+        lambda t, f, m: (["train", *T, *f, "model.family=sdxxl"], {}),
+        "model.family='sdxxl' is not a model family; use one of sd, sdxl, flux, sd3 (or auto)",
+        True,
+    ),
+    (
+        "SDE window without a flow SDE sampler",
+        lambda t, f, m: (["train", *T, *f, "sample.sde_window=[0,2]"], {}),
+        "sample.sde_window (Flow-GRPO-Fast) needs a flow SDE sampler",
+        True,
+    ),
+    (
+        "SDE window out of range",
+        lambda t, f, m: (
+            ["train", *T, *f, "model.pretrained=tiny_sd3", "sample.scheduler=flow_sde", "sample.sde_window=[3,2]"],
+            {},
+        ),
+        "sample.sde_window must be [first, end] with 0 <= first < end <= sample.num_steps (4); got [3, 2]",
+        True,
+    ),
 ]
 
 

@@ -150,9 +150,18 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
     return cls
 
 
+def family_names() -> list[str]:
+    """The registered ``model.family`` names in a fixed order: the diffusion families, then the flow-matching ones."""
+    return sorted(FAMILIES, key=lambda name: (FAMILIES[name].flow_matching, name))
+
+
+def unknown_family_message(name: str) -> str:
+    return f"model.family={name!r} is not a model family; use one of {', '.join(family_names())} (or auto)"
+
+
 def get_family(name: str) -> type[ModelFamily]:
     if name not in FAMILIES:
-        raise ValueError(f"model.family={name!r} is not a model family; use one of {', '.join(FAMILIES)} (or auto)")
+        raise ValueError(unknown_family_message(name))
     return FAMILIES[name]
 
 

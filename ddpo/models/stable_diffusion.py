@@ -202,6 +202,7 @@ def load_model(
     """
     options = dict(options or {})
     cls = resolve_family(pretrained, revision, family)
+    check_sampler(cls, scheduler)  # before any weight is read: the family comes from model_index.json
     if pretrained == cls.tiny_name:
         pipe = cls.build_tiny()
     elif pretrained == SD15_RANDOM:
@@ -218,7 +219,6 @@ def load_model(
                 f"model.pretrained={pretrained!r}: its scheduler's prediction_type {prediction!r} is not supported; "
                 f"ddpo trains {', '.join(PREDICTION_TYPES)} models"
             )
-    check_sampler(cls, scheduler)
     pipe.scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe, cls(pipe)

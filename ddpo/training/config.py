@@ -535,6 +535,9 @@ def validate(config: RunConfig) -> None:
     need(config.eval_samples >= 1, f"eval_samples must be >= 1; got {config.eval_samples}")
     need(config.eval_every >= 0, f"eval_every must be >= 0 (0: before and after the run only); got {config.eval_every}")
     need(config.model.lora_rank >= 1, f"model.lora_rank must be >= 1; got {config.model.lora_rank}")
+    from ..models.family import FAMILIES, unknown_family_message
+
+    need(config.model.family == "auto" or config.model.family in FAMILIES, unknown_family_message(config.model.family))
     trackers = [name.strip() for name in config.log_with.split(",")]
     need(
         trackers == ["none"] or (all(name in ("tensorboard", "wandb") for name in trackers) and trackers),
