@@ -25,10 +25,12 @@ them equals attention over one of them with its logit raised by ``log 256``. Tra
 token and an additive attention bias, :class:`CollapsedJointAttnProcessor`): 142 tokens a sample instead of 397, the
 same function up to float rounding (checked at start-up against the uncollapsed forward).
 
-Usage (the shipped twin)::
+Usage (the shipped twin: 1100 steps, then resumed to 1700 with a fresh cosine tail, as the UNet model was)::
 
-    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases transformer
-    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases tune,eval
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases transformer --steps 1100
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases transformer --steps 1700
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases tune
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases eval --guidance 2.0
 
 Checkpoints go to ``--work`` every ``--save-every`` steps; rerunning the same command resumes. A run short of time is
 finished from its latest checkpoint by rerunning with ``--steps`` at most the checkpoint's step (the loop is skipped
@@ -410,7 +412,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the train / held-out caption split")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1700)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -423,9 +425,9 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--guidance", type=float, default=2.0, help="of eval (the shipped twin's: tune's best)")
     parser.add_argument("--tune-samples", type=int, default=64)
-    parser.add_argument("--tune-guidance", type=lambda s: [float(x) for x in s.split(",")], default=[2.5, 4.5, 7.0])
+    parser.add_argument("--tune-guidance", type=lambda s: [float(x) for x in s.split(",")], default=[2.0, 4.5, 7.0])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
