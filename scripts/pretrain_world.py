@@ -44,7 +44,9 @@ import torch.nn.functional as F
 
 import world
 
-PHASE_IDS = {"vae": 1, "unet": 2, "clip": 3, "eval": 4, "decoder": 5}
+PHASE_IDS = {"vae": 1, "unet": 2, "clip": 3, "eval": 4, "decoder": 5, "transformer": 6, "tune": 7}
+"""Phase ids of :func:`step_seed` (``transformer`` and ``tune`` are scripts/pretrain_world_flow.py's; its ``eval`` reuses
+the UNet model's evaluation prompts and noise seeds)."""
 
 
 def step_seed(seed: int, phase: str, step: int) -> int:

@@ -30,6 +30,12 @@ def world_model_path() -> Path:
     return ASSETS / "world_model"
 
 
+def world_flow_model_path() -> Path:
+    """Folder of the shipped flow-matching twin (``StableDiffusion3Pipeline.from_pretrained(path,
+    text_encoder_3=None, tokenizer_3=None)`` loads it; :func:`load_world_flow_pipeline`)."""
+    return ASSETS / "world_flow"
+
+
 def world_clip_paths() -> tuple[Path, Path]:
     """``(config_json, weights_safetensors)`` of the shipped tiny open_clip model."""
     directory = ASSETS / "world_clip"
@@ -87,6 +93,43 @@ def load_world_pipeline(path: str | Path | None = None):
 
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path or world_model_path()), dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+WORLD_FLOW_TRANSFORMER: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE // 4,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 6,
+    "attention_head_dim": 24,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 96,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": None,
+    "qk_norm": "rms_norm",
+}
+"""``SD3Transformer2DModel`` of the flow-matching twin: 8x8 patches of 2x2 on the 16x16x4 latents, width 96 (4 heads of
+24), 6 joint blocks. ``joint_attention_dim`` 64 is the two CLIP encoders' hidden states side by side (32 + 32, so the
+SD3 pipeline pads nothing; its dropped-T5 part is 256 zero tokens of this width), ``pooled_projection_dim`` 64 their
+two 32-wide projections."""
+WORLD_FLOW_PROJECTION_DIM = 32
+"""``projection_dim`` of each of the twin's two ``CLIPTextModelWithProjection`` text encoders."""
+WORLD_FLOW_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
+"""``FlowMatchEulerDiscreteScheduler`` of the twin. SD3 uses shift 3.0 for 128x128 latents; the shift that keeps the
+signal-to-noise ratio of a resolution comparable grows with the square root of the latent size, and 16x16 latents are
+below SD3's shift-1 base resolution (32x32), so the plain linear schedule (shift 1.0) is used."""
+
+
+def load_world_flow_pipeline(path: str | Path | None = None):
+    """Load the shipped flow-matching twin (float32, CPU, progress bar off) with plain diffusers, without T5."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(path or world_flow_model_path()), text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

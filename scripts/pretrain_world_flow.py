@@ -1,0 +1,453 @@
+"""Pretrain the flow-matching twin of the embedded world model (``world/assets/world_flow/``), on the CPU.
+
+A ``StableDiffusion3Pipeline`` without T5: the shipped world VAE (weights copied, ``shift_factor`` 0), two
+``CLIPTextModelWithProjection`` text encoders initialised from the world CLIP text encoder (new projections), the
+world CLIP tokenizer, a small ``SD3Transformer2DModel`` (``world.WORLD_FLOW_TRANSFORMER``) and a
+``FlowMatchEulerDiscreteScheduler`` (``world.WORLD_FLOW_SCHEDULER``).
+
+Phases (seeded per step like scripts/pretrain_world.py, whose helpers this imports: the data and noise of step ``k``
+are a pure function of ``(seed, phase, k)``, so a resumed phase sees exactly the batches an uninterrupted one would):
+
+1. ``transformer`` — the transformer and both text encoders trained jointly with the rectified-flow loss on VAE
+   latents of renders of the *train* captions: ``x_s = (1 - s) x0 + s eps``, target ``v = eps - x0``, ``s``
+   logit-normal (SD3's ``m = 0, s = 1``: most samples at mid noise, where layout and colour are decided), the
+   transformer's timestep ``1000 s`` as the pipeline feeds it; 10% of captions dropped to "" so classifier-free
+   guidance works; the saved weights are an EMA of the trained ones. Writes ``OUT/world_flow``.
+2. ``tune`` — guidance scales (``--tune-guidance``) compared on 64 samples over *train* captions (never the held-out
+   ones); writes ``WORK/tune.json``.
+3. ``eval`` — the saved folder, reloaded with plain diffusers, samples 256 images over the held-out captions (the
+   UNet model's evaluation prompts and noise seeds; 20 Euler steps, ``--guidance``), scored by the ``world``
+   reward; writes ``WORK/eval.json`` and a grid.
+
+The pipeline conditions the transformer on 77 CLIP tokens followed by 256 identical zero "T5" tokens. SD3 has no
+positional embedding on the context tokens, so the 256 stay identical through every block, and joint attention over
+them equals attention over one of them with its logit raised by ``log 256``. Training does exactly that (one zero
+token and an additive attention bias, :class:`CollapsedJointAttnProcessor`): 142 tokens a sample instead of 397, the
+same function up to float rounding (checked at start-up against the uncollapsed forward).
+
+Usage (the shipped twin: 1100 steps, then resumed to 1700 with a fresh cosine tail, as the UNet model was)::
+
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases transformer --steps 1100
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases transformer --steps 1700
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases tune
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases eval --guidance 2.0
+
+Checkpoints go to ``--work`` every ``--save-every`` steps; rerunning the same command resumes. A run short of time is
+finished from its latest checkpoint by rerunning with ``--steps`` at most the checkpoint's step (the loop is skipped
+and the EMA weights are saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_world import cosine_lr, load_ckpt, log, save_ckpt, save_grid, step_seed  # noqa: E402
+
+import world  # noqa: E402
+
+T5_TOKENS = 256
+"""Zero "T5" tokens the SD3 pipeline appends when ``text_encoder_3`` is None (its default ``max_sequence_length``)."""
+
+
+class CollapsedJointAttnProcessor:
+    """diffusers' ``JointAttnProcessor2_0`` with ``attention_mask`` added to the attention logits (a float bias over
+    the keys, ``[1, 1, 1, L]``); with the bias ``log 256`` on one zero context token it computes what the pipeline's
+    256 identical zero tokens do."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, n = hidden_states.shape[:2]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        cq = heads(attn.add_q_proj(encoder_hidden_states))
+        ck = heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        out = F.scaled_dot_product_attention(
+            torch.cat([query, cq], 2), torch.cat([key, ck], 2), torch.cat([value, cv], 2), attn_mask=attention_mask
+        )
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1])
+        hidden_states, encoder_hidden_states = out[:, :n], out[:, n:]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return attn.to_out[1](attn.to_out[0](hidden_states)), encoder_hidden_states
+
+
+def build_flow_pipeline(seed: int, world_model: Path):
+    """The twin with the world VAE and text-encoder weights and a fresh (seeded) transformer and projections."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(world_model / "vae", dtype=torch.float32)
+    vae.register_to_config(shift_factor=0.0)  # SD3 decodes latents / scaling_factor + shift_factor
+    source = CLIPTextModel.from_pretrained(world_model / "text_encoder", dtype=torch.float32).state_dict()
+    config = CLIPTextConfig.from_pretrained(world_model / "text_encoder")
+    config.projection_dim = world.WORLD_FLOW_PROJECTION_DIM
+    state = torch.random.get_rng_state()
+    try:
+        encoders = []
+        for k in range(2):
+            torch.manual_seed(seed + k)
+            encoder = CLIPTextModelWithProjection(config)
+            encoder.text_model.load_state_dict(source)  # all but the new text_projection
+            encoders.append(encoder)
+        torch.manual_seed(seed + 2)
+        transformer = SD3Transformer2DModel(**world.WORLD_FLOW_TRANSFORMER)
+    finally:
+        torch.random.set_rng_state(state)
+    # adaLN-Zero (DiT): every block starts as the identity and the output as zero; much faster early training.
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            for norm in (block.norm1, block.norm1_context):
+                norm.linear.weight.zero_()
+                norm.linear.bias.zero_()
+        transformer.norm_out.linear.weight.zero_()
+        transformer.norm_out.linear.bias.zero_()
+        transformer.proj_out.weight.zero_()
+        transformer.proj_out.bias.zero_()
+    tokenizer = CLIPTokenizer.from_pretrained(world_model / "tokenizer")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**world.WORLD_FLOW_SCHEDULER),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode(pipe, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``StableDiffusion3Pipeline.encode_prompt`` computes without T5, but with ONE zero T5 token: ``(context
+    [B, 78, 64], pooled [B, 64])`` (the penultimate hidden states of both CLIP encoders side by side, their projections
+    side by side)."""
+    hidden, pooled = [], []
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    hidden = torch.cat(hidden, -1)
+    hidden = F.pad(hidden, (0, pipe.transformer.config.joint_attention_dim - hidden.shape[-1]))
+    return torch.cat([hidden, hidden.new_zeros(hidden.shape[0], 1, hidden.shape[-1])], 1), torch.cat(pooled, -1)
+
+
+def collapsed_bias(pipe, context_tokens: int) -> torch.Tensor:
+    """Attention bias over the keys (image patches, then the context with its one zero token last)."""
+    config = pipe.transformer.config
+    patches = (config.sample_size // config.patch_size) ** 2
+    bias = torch.zeros(1, 1, 1, patches + context_tokens)
+    bias[..., -1] = math.log(T5_TOKENS)
+    return bias
+
+
+@torch.no_grad()
+def check_collapse(pipe, tokens) -> float:
+    """Max |difference| between the collapsed forward (training's) and the pipeline's (256 zero tokens)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    # Non-zero adaLN weights, so that the check sees every path (at adaLN-Zero init the blocks are the identity).
+    saved = {k: v.clone() for k, v in transformer.state_dict().items()}
+    for p in transformer.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ids = tokens(["a red circle on a white background", ""])
+    context, pooled = encode(pipe, ids)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([300.0, 800.0])
+    bias = collapsed_bias(pipe, context.shape[1])
+    transformer.set_attn_processor(CollapsedJointAttnProcessor())
+    a = transformer(x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled,
+                    joint_attention_kwargs={"attention_mask": bias}).sample  # fmt: skip
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+    full, _, full_pooled, _ = pipe.encode_prompt(
+        ["a red circle on a white background", ""], None, None, do_classifier_free_guidance=False
+    )
+    assert torch.equal(full_pooled, pooled) and torch.equal(full[:, :77], context[:, :77])
+    b = transformer(x, timestep=t, encoder_hidden_states=full, pooled_projections=pooled).sample
+    transformer.load_state_dict(saved)
+    return (a - b).abs().max().item() / b.abs().max().item()
+
+
+def train_transformer(pipe, args) -> None:
+    transformer, vae, tokenizer = pipe.transformer, pipe.vae, pipe.tokenizer
+    train_captions, _ = world.split_captions(args.prompt_seed)
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def tokens(prompts: list[str]) -> torch.Tensor:
+        for p in set(prompts) - token_cache.keys():
+            token_cache[p] = tokenizer(
+                p, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids[0]
+        return torch.stack([token_cache[p] for p in prompts])
+
+    log(f"transformer: collapsed vs pipeline forward, max relative difference {check_collapse(pipe, tokens):.2e}")
+    transformer.set_attn_processor(CollapsedJointAttnProcessor())
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    params = list(transformer.parameters())
+    if args.train_text_encoders:
+        params += [p for e in encoders for p in e.parameters()]
+    else:
+        for e in encoders:
+            e.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    ckpt_path = args.work / "transformer.pt"
+    start = 0
+    if (ckpt := load_ckpt(ckpt_path)) is not None:
+        transformer.load_state_dict(ckpt["transformer"])
+        pipe.text_encoder.load_state_dict(ckpt["text_encoder"])
+        pipe.text_encoder_2.load_state_dict(ckpt["text_encoder_2"])
+        opt.load_state_dict(ckpt["opt"])
+        ema = ckpt["ema"]
+        start = ckpt["step"]
+        log(f"transformer: resumed at step {start}")
+    transformer.train()
+    for e in encoders:
+        e.train(args.train_text_encoders)
+    vae.requires_grad_(False)
+    bias = collapsed_bias(pipe, tokenizer.model_max_length + 1)
+    t0 = time.time()
+    running = None
+    for step in range(start, args.steps):
+        s = step_seed(args.seed, "transformer", step)
+        rng = np.random.default_rng(s)
+        scenes = [
+            world.sample_scene(rng, train_captions[i]) for i in rng.integers(len(train_captions), size=args.batch)
+        ]
+        prompts = [world.caption(sc) if rng.random() >= args.cond_drop else "" for sc in scenes]
+        generator = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            images = world.render(scenes) * 2 - 1
+            posterior = vae.encode(images).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        if args.timesteps == "logit_normal":
+            sigma = torch.sigmoid(torch.randn(args.batch, generator=generator))
+        else:
+            sigma = torch.rand(args.batch, generator=generator)
+        sig = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - sig) * latents + sig * noise
+        context, pooled = encode(pipe, tokens(prompts))
+        pred = transformer(
+            noisy,
+            timestep=sigma * 1000,
+            encoder_hidden_states=context,
+            pooled_projections=pooled,
+            joint_attention_kwargs={"attention_mask": bias},
+        ).sample
+        per_sample = (pred - (noise - latents)).pow(2).mean(dim=(1, 2, 3))
+        loss = per_sample.mean()
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.steps - 1:
+            rate = (step + 1 - start) / (time.time() - t0)
+            log(
+                f"transformer step {step} mse {running:.4f} grad {grad_norm.item():.2f} "
+                f"({time.time() - t0:.0f}s, {rate:.2f} it/s)"
+            )
+        if (step + 1) % args.save_every == 0 or step == args.steps - 1:
+            save_ckpt(
+                ckpt_path,
+                transformer=transformer.state_dict(),
+                text_encoder=pipe.text_encoder.state_dict(),
+                text_encoder_2=pipe.text_encoder_2.state_dict(),
+                opt=opt.state_dict(),
+                ema=ema,
+                step=step + 1,
+            )
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+    transformer.eval()
+    for e in encoders:
+        e.eval()
+
+
+def save_flow_pipeline(pipe, args) -> Path:
+    """``OUT/world_flow``: safetensors; the two text encoders' weights in float16 (their 49,408 x 32 token embeddings
+    are most of the folder), their configs still float32, so the pipeline loads them as float32."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = args.out / "world_flow"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    for name in ("text_encoder", "text_encoder_2"):
+        path = model_dir / name / "model.safetensors"
+        state = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(path)).items()}
+        save_file(state, str(path), metadata={"format": "pt"})
+    return model_dir
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+@torch.no_grad()
+def sample_and_score(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int):
+    from rewards import get_reward
+
+    reward = get_reward("world")
+    images, scores, infos = [], [], []
+    for i, seed in zip(range(0, len(prompts), 16), seeds):
+        batch = prompts[i : i + 16]
+        out = pipe(
+            batch,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        ).images
+        images.append(out)
+        scores.append(reward(out, batch))
+        infos.append(reward.last_info())
+    return torch.cat(images), torch.cat(scores), infos, reward
+
+
+def tune(args) -> dict:
+    """Guidance scales on 64 samples over TRAIN captions (the held-out ones are only for ``eval``)."""
+    pipe = world.load_world_flow_pipeline(args.out / "world_flow")
+    train, _ = world.split_captions(args.prompt_seed)
+    rng = np.random.default_rng(step_seed(args.seed, "tune", 0))
+    prompts = [train[i] for i in rng.integers(len(train), size=args.tune_samples)]
+    seeds = [step_seed(args.seed, "tune", i + 1) for i in range(0, len(prompts), 16)]
+    result = {}
+    for guidance in args.tune_guidance:
+        t0 = time.time()
+        _, scores, infos, _ = sample_and_score(pipe, prompts, seeds, guidance, args.eval_steps)
+        exact = float(np.mean([info["reward/world_exact_mean"] for info in infos]))
+        result[str(guidance)] = {"reward_mean": scores.mean().item(), "exact": exact, "seconds": time.time() - t0}
+        log(f"tune: guidance {guidance}: {result[str(guidance)]}")
+    return result
+
+
+def evaluate(args) -> dict:
+    """256 samples over the held-out captions: the UNet model's evaluation prompts and per-batch noise seeds
+    (scripts/pretrain_world.py's ``evaluate``), 20 Euler steps, guidance ``--guidance``."""
+    pipe = world.load_world_flow_pipeline(args.out / "world_flow")
+    _, heldout = world.split_captions(args.prompt_seed)
+    rng = np.random.default_rng(step_seed(args.seed, "eval", 0))
+    prompts = [heldout[i] for i in rng.integers(len(heldout), size=args.eval_samples)]
+    seeds = [step_seed(args.seed, "eval", i + 1) for i in range(0, len(prompts), 16)]
+    t0 = time.time()
+    images, scores, infos, reward = sample_and_score(pipe, prompts, seeds, args.guidance, args.eval_steps)
+    seconds = time.time() - t0
+    result = {k: float(np.mean([info[k] for info in infos])) for k in infos[0]}
+    reward(images, prompts[1:] + prompts[:1])  # chance: the same samples scored against other prompts
+    result.update({f"chance_shifted/{k.split('/')[1]}": v for k, v in reward.last_info().items()})
+    # Per-sample exact match (all four checks passed): the reward is the fraction of checks passed, 1.0 is exact.
+    exact = (scores >= 1.0 - 1e-6).float()
+    result.update(
+        {
+            "reward/world_mean": scores.mean().item(),
+            "reward/world_stderr": (scores.std(unbiased=True) / math.sqrt(len(scores))).item(),
+            "exact_fraction": exact.mean().item(),
+            "exact_stderr": (exact.std(unbiased=True) / math.sqrt(len(exact))).item(),
+            "samples": len(prompts),
+            "settings": f"heldout prompts, FlowMatchEuler {args.eval_steps} steps, guidance {args.guidance}, "
+            f"shift {pipe.scheduler.config.shift}, T5 dropped",
+            "seconds": seconds,
+            "seconds_per_16_samples": seconds / (len(prompts) / 16),
+            "cpu": cpu_model(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+    )
+    save_grid(images[:64], args.work / "eval_samples.png", nrow=8)
+    (args.work / "eval_prompts.txt").write_text("\n".join(prompts[:64]) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("world/assets"), help="writes world_flow/")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/world_flow"), help="checkpoints, logs, grids")
+    parser.add_argument("--world-model", type=Path, default=None, help="the UNet world model (VAE, text encoder)")
+    parser.add_argument("--phases", default="transformer,tune,eval", help="comma-separated subset, run in this order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the train / held-out caption split")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
+    parser.add_argument("--steps", type=int, default=1700)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    parser.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal")
+    parser.add_argument(
+        "--no-train-text-encoders", dest="train_text_encoders", action="store_false", help="freeze both"
+    )
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--eval-samples", type=int, default=256)
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=2.0, help="of eval (the shipped twin's: tune's best)")
+    parser.add_argument("--tune-samples", type=int, default=64)
+    parser.add_argument("--tune-guidance", type=lambda s: [float(x) for x in s.split(",")], default=[2.0, 4.5, 7.0])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    phases = args.phases.split(",")
+    t_start = time.time()
+    log(f"pretrain_world_flow: {vars(args)}")
+    if "transformer" in phases:
+        pipe = build_flow_pipeline(args.seed, args.world_model or world.world_model_path())
+        train_transformer(pipe, args)
+        model_dir = save_flow_pipeline(pipe, args)
+        log(f"saved pipeline to {model_dir}; training wall time {time.time() - t_start:.0f}s")
+    if "tune" in phases:
+        result = tune(args)
+        (args.work / "tune.json").write_text(json.dumps(result, indent=2))
+    if "eval" in phases:
+        result = evaluate(args)
+        (args.work / "eval.json").write_text(json.dumps(result, indent=2))
+        log(f"eval: {json.dumps(result)}")
+
+
+if __name__ == "__main__":
+    main()
