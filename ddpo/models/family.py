@@ -74,10 +74,14 @@ class ModelFamily:
 
     @classmethod
     def from_pretrained(cls, source: str, revision: str | None, options: dict[str, Any]):
-        """``Pipeline.from_pretrained(source)`` in float32 with :meth:`load_kwargs`."""
-        return cls.pipeline_class().from_pretrained(
-            source, revision=revision, dtype=torch.float32, **cls.load_kwargs(options)
-        )
+        """``Pipeline.from_pretrained(source)`` in float32 with :meth:`load_kwargs`. Components the folder's
+        ``model_index.json`` lists as absent (``[null, null]``, e.g. an SD3 saved without T5) are passed as None, which
+        diffusers requires for the non-optional ones."""
+        pipeline_class = cls.pipeline_class()
+        index = pipeline_class.load_config(source, revision=revision)
+        absent = {k: None for k, v in index.items() if isinstance(v, list | tuple) and list(v) == [None, None]}
+        kwargs = {**absent, **cls.load_kwargs(options)}
+        return pipeline_class.from_pretrained(source, revision=revision, dtype=torch.float32, **kwargs)
 
     # ------------------------------------------------------------------ the denoiser
 
