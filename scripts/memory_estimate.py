@@ -499,6 +499,7 @@ def preset_memory(cfg: dict, n: dict) -> dict:
     """GiB per process of one preset's settings (``cfg``: the merged preset dict) on the architecture numbers ``n``."""
     model, sample, train = cfg["model"], cfg["sample"], cfg["train"]
     bf16 = cfg.get("mixed_precision", "no") == "bf16"
+    half = cfg.get("mixed_precision", "no") in ("bf16", "fp16")  # frozen text encoders: the trainer casts them
     lora = model.get("use_lora", True)
     wbytes = 2 if (bf16 and lora) else 4
     d = "bf16" if bf16 else "fp32"
@@ -523,7 +524,7 @@ def preset_memory(cfg: dict, n: dict) -> dict:
         "gradients": trainable * 4,
         "optimizer_state": trainable * opt_bytes,
         "vae": n["vae_params"] * vae_bytes,
-        "text_encoder": n["text_params"] * 4,
+        "text_encoder": n["text_params"] * (2 if half else 4),  # the trainer casts them to the run's precision
         "reward_model": reward_p * reward_b,
         "trajectories": trajectories,
     }
