@@ -133,8 +133,23 @@ def test_first_ratio_is_one_under_bf16_autocast(pretrained, tmp_path):
         ("tiny_sd3", ("train.algorithm=awm", "sample.scheduler=flow_euler", "sample.eta=0")),
         ("tiny_flux", ("sample.scheduler=flow_cps", "sample.sde_window=[0,2]", "train.kl_coef=0.04")),
         ("tiny_sd3", ("train.kl_coef=0.04", "sample.samples_per_prompt=2", "train.advantage=group")),
+        ("tiny_sd3", ("train.algorithm=ddpo_sf", "sample.scheduler=flow_sde", "sample.sde_window=[1,3]")),
+        ("tiny_sd3", ("train.algorithm=rwr", "sample.scheduler=flow_cps")),
+        ("tiny_flux", ("train.algorithm=nft", "sample.scheduler=flow_euler", "sample.eta=0")),
+        ("tiny_sdxl", ("train.algorithm=nft", "sample.scheduler=dpmsolver++", "sample.eta=0", "train.kl_coef=0.1")),
+        ("tiny_sdxl", ("train.algorithm=rwr_sparse", "train.kl_coef=0.04")),
     ],
-    ids=["sd3-nft-kl", "sd3-awm", "flux-fast-cps-kl", "sd3-grpo-kl"],
+    ids=[
+        "sd3-nft-kl",
+        "sd3-awm",
+        "flux-fast-cps-kl",
+        "sd3-grpo-kl",
+        "sd3-sf-window",
+        "sd3-rwr-cps",
+        "flux-nft",
+        "sdxl-nft-kl",
+        "sdxl-rwr_sparse-kl",
+    ],
 )
 def test_flow_variants_train(pretrained, extra, tmp_path):
     """The forward-process estimators on the flow-matching loss, Flow-GRPO-Fast (an SDE window with CPS) and the
@@ -144,6 +159,8 @@ def test_flow_variants_train(pretrained, extra, tmp_path):
         args += ["train.batch_size=2", "train.gradient_accumulation_steps=2"]
     if any("awm" in e or "nft" in e for e in extra):
         args += ["train.batch_size=2", "train.gradient_accumulation_steps=2"]
+    if "sample.scheduler=flow_cps" in extra and not any("sde_window" in e for e in extra):
+        args += ["train.batch_size=2", "train.gradient_accumulation_steps=2"]  # CPS: the last step is deterministic
     assert main(["train", "--preset", "tiny", *args]) == 0
     (metrics,) = read_jsonl(tmp_path / "runs" / "variant" / "metrics.jsonl")
     assert torch.isfinite(torch.tensor(metrics["loss"]))
