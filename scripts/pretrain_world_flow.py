@@ -425,7 +425,12 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=2.0, help="of eval (the shipped twin's: tune's best)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=2.0,
+        help="guidance scale of the evaluation phase (the shipped twin: the best of tune)",
+    )
     parser.add_argument("--tune-samples", type=int, default=64)
     parser.add_argument("--tune-guidance", type=lambda s: [float(x) for x in s.split(",")], default=[2.0, 4.5, 7.0])
     args = parser.parse_args()

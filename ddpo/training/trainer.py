@@ -163,7 +163,7 @@ class Trainer:
             cast_training_params(unet, dtype=torch.float32)
             if not self.family.vae_force_upcast:  # SDXL's VAE overflows in fp16: it stays float32
                 pipe.vae.to(dtype=autocast_dtype)
-        if autocast_dtype is not None:
+        if autocast_dtype is not None and c.model.text_encoder_precision == "auto":
             # The frozen text encoders run once per prompt, outside the policy: in the run's half precision (as
             # diffusers' pipelines run them) they take half the memory (T5-XXL: 8.9 instead of 17.7 GiB). The
             # conditioning is stored in float32 and reused as is in training, so the PPO ratio is unaffected.
