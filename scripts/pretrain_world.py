@@ -65,6 +65,47 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 100, floor: floa
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def captioned_latents(
+    seed: int, train_captions: list[str], batch: int, cond_drop: float, vae
+) -> tuple[list[str], torch.Tensor, torch.Generator]:
+    """One denoiser-training batch, a pure function of ``seed``: scenes of ``batch`` random ``train_captions``, their
+    captions (each dropped to "" with probability ``cond_drop``, for classifier-free guidance) and VAE latents drawn
+    from the posterior, shifted and scaled as the pipeline decodes them (``(z - shift_factor) * scaling_factor``; no
+    shift for the UNet model's VAE). Returns the step's generator too, for the step's further draws."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, train_captions[i]) for i in rng.integers(len(train_captions), size=batch)]
+    prompts = [world.caption(sc) if rng.random() >= cond_drop else "" for sc in scenes]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        posterior = vae.encode(world.render(scenes) * 2 - 1).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    return prompts, latents, generator
+
+
+def ema_step(loss: torch.Tensor, opt, params: list, lr: float, ema: list, ema_decay: float, step: int) -> torch.Tensor:
+    """Set the learning rate, back-propagate ``loss``, clip the gradient norm at 1, step ``opt`` and move the EMA
+    ``ema`` of ``params`` (decay ``min(ema_decay, (1 + step) / (10 + step))``). Returns the gradient norm."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1 - decay)
+    return grad_norm
+
+
+@torch.no_grad()
+def load_ema(ema: list, params: list) -> None:
+    """Copy the EMA weights into ``params`` (in place)."""
+    for e, p in zip(ema, params):
+        p.copy_(e)
+
+
 def save_ckpt(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -226,18 +267,8 @@ def train_unet(pipe, args) -> None:
     t0 = time.time()
     running = None
     for step in range(start, args.unet_steps):
-        s = step_seed(args.seed, "unet", step)
-        rng = np.random.default_rng(s)
-        scenes = [
-            world.sample_scene(rng, train_captions[i]) for i in rng.integers(len(train_captions), size=args.batch)
-        ]
-        prompts = [world.caption(sc) if rng.random() >= args.cond_drop else "" for sc in scenes]
-        generator = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            images = world.render(scenes) * 2 - 1
-            posterior = vae.encode(images).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-            latents = latents * vae.config.scaling_factor
+        seed = step_seed(args.seed, "unet", step)
+        prompts, latents, generator = captioned_latents(seed, train_captions, args.batch, args.cond_drop, vae)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -245,16 +276,8 @@ def train_unet(pipe, args) -> None:
         pred = unet(noisy, timesteps, hidden).sample
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weight[timesteps]).mean()
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.unet_steps, args.unet_lr, warmup=200)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        lr = cosine_lr(step, args.unet_steps, args.unet_lr, warmup=200)
+        grad_norm = ema_step(loss, opt, params, lr, ema, args.ema_decay, step)
         running = per_sample.mean().item() if running is None else 0.98 * running + 0.02 * per_sample.mean().item()
         if step % 50 == 0 or step == args.unet_steps - 1:
             rate = (step + 1 - start) / (time.time() - t0)
@@ -270,9 +293,7 @@ def train_unet(pipe, args) -> None:
                 ema=ema,
                 step=step + 1,
             )
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+    load_ema(ema, params)
     unet.eval()
     text_encoder.eval()
 
@@ -280,10 +301,7 @@ def train_unet(pipe, args) -> None:
 def load_unet_ema(pipe, work: Path) -> None:
     """Put the EMA weights of the latest UNet checkpoint into ``pipe`` (to look at samples mid-training)."""
     ckpt = load_ckpt(work / "unet.pt")
-    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-    with torch.no_grad():
-        for e, p in zip(ckpt["ema"], params):
-            p.copy_(e)
+    load_ema(ckpt["ema"], list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters()))
 
 
 # --------------------------------------------------------------------------------------------------------------------

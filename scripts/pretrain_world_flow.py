@@ -52,7 +52,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_world import cosine_lr, load_ckpt, log, save_ckpt, save_grid, step_seed  # noqa: E402
+from pretrain_world import (  # noqa: E402
+    captioned_latents,
+    cosine_lr,
+    ema_step,
+    load_ckpt,
+    load_ema,
+    log,
+    save_ckpt,
+    save_grid,
+    step_seed,
+)
 
 import world  # noqa: E402
 
@@ -239,18 +249,8 @@ def train_transformer(pipe, args) -> None:
     t0 = time.time()
     running = None
     for step in range(start, args.steps):
-        s = step_seed(args.seed, "transformer", step)
-        rng = np.random.default_rng(s)
-        scenes = [
-            world.sample_scene(rng, train_captions[i]) for i in rng.integers(len(train_captions), size=args.batch)
-        ]
-        prompts = [world.caption(sc) if rng.random() >= args.cond_drop else "" for sc in scenes]
-        generator = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            images = world.render(scenes) * 2 - 1
-            posterior = vae.encode(images).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        seed = step_seed(args.seed, "transformer", step)
+        prompts, latents, generator = captioned_latents(seed, train_captions, args.batch, args.cond_drop, vae)
         noise = torch.randn(latents.shape, generator=generator)
         if args.timesteps == "logit_normal":
             sigma = torch.sigmoid(torch.randn(args.batch, generator=generator))
@@ -268,16 +268,8 @@ def train_transformer(pipe, args) -> None:
         ).sample
         per_sample = (pred - (noise - latents)).pow(2).mean(dim=(1, 2, 3))
         loss = per_sample.mean()
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        lr = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
+        grad_norm = ema_step(loss, opt, params, lr, ema, args.ema_decay, step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
             rate = (step + 1 - start) / (time.time() - t0)
@@ -295,9 +287,7 @@ def train_transformer(pipe, args) -> None:
                 ema=ema,
                 step=step + 1,
             )
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+    load_ema(ema, params)
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     transformer.set_attn_processor(JointAttnProcessor2_0())
