@@ -59,7 +59,7 @@ import math
 
 import torch
 
-from .gaussian import StepOutput, finish_step
+from .gaussian import StepOutput, finish_step, host_schedule_index, schedule_index
 
 
 def _check_flow_scheduler(scheduler) -> None:
@@ -70,21 +70,9 @@ def _check_flow_scheduler(scheduler) -> None:
 
 
 def flow_step_index(scheduler, timestep: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """The index of each timestep in ``scheduler.timesteps``, looked up by exact equality.
-
-    Args:
-        scheduler: a ``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps``.
-        timestep: float tensor, 0-d or ``[B]``, whose values are entries of ``scheduler.timesteps``.
-        check: raise ``ValueError`` naming the schedule if a value is not in it (a host-device sync); without it
-            such a value silently gets index 0.
-    Returns:
-        long tensor of ``timestep``'s shape, on its device.
-    """
-    schedule = scheduler.timesteps.to(device=timestep.device, dtype=torch.float32)
-    matches = timestep.to(torch.float32).reshape(-1, 1) == schedule.reshape(1, -1)
-    if check and not bool(matches.any(dim=1).all()):
-        raise ValueError(f"timesteps {timestep.tolist()} are not all in the scheduler's schedule {schedule.tolist()}")
-    return matches.int().argmax(dim=1).reshape(timestep.shape)
+    """The index of each timestep (float, 0-d or ``[B]``) in a set ``FlowMatchEulerDiscreteScheduler``'s
+    ``timesteps``, compared in float32 (:func:`~ddpo.policy.gaussian.schedule_index`)."""
+    return schedule_index(scheduler.timesteps.to(torch.float32), timestep, check)
 
 
 def _flow_sigmas(
@@ -94,10 +82,7 @@ def _flow_sigmas(
     sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
     num_steps = len(scheduler.timesteps)
     if isinstance(timestep, (int, float)):  # the sampling loop: looked up on the host, no device sync
-        schedule = scheduler.timesteps.tolist()
-        if timestep not in schedule:
-            raise ValueError(f"timestep {timestep} is not in the scheduler's schedule {schedule}")
-        index = schedule.index(timestep)
+        index = host_schedule_index(scheduler.timesteps.tolist(), timestep)
         sigma, sigma_next = sigmas[index].expand(batch), sigmas[index + 1].expand(batch)
         is_last = torch.full((batch,), index + 1 == num_steps, dtype=torch.bool, device=device)
         return sigma, sigma_next, is_last

@@ -1,4 +1,5 @@
-"""The Gaussian policy of one denoising step: its result, its log-density and the sample-or-score rule.
+"""The Gaussian policy of one denoising step: its result, its log-density, the sample-or-score rule, and the lookup
+of a step in its schedule.
 
 Every log-prob step (:mod:`.schedulers` for DDIM/DDPM, :mod:`.flow` for flow matching) computes a mean and a
 standard deviation and hands them to :func:`finish_step`, which samples ``x_{t-1}`` (or takes a given one) and
@@ -84,3 +85,29 @@ def finish_step(
     log_prob = gaussian_log_prob(prev_sample, mean, safe_std)
     log_prob = torch.where(deterministic, torch.zeros_like(log_prob), log_prob)
     return StepOutput(prev_sample, log_prob, mean, torch.where(deterministic, torch.zeros_like(std), std))
+
+
+def schedule_index(schedule: torch.Tensor, timestep: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """The index of each timestep in ``schedule`` (``[T]``, a scheduler's ``timesteps`` in the dtype to compare in),
+    by exact equality.
+
+    Args:
+        timestep: 0-d or ``[B]`` tensor whose values are entries of ``schedule``.
+        check: raise ``ValueError`` naming the schedule if a value is not in it (a host-device sync); without it such
+            a value silently gets index 0.
+    Returns:
+        long tensor of ``timestep``'s shape, on its device.
+    """
+    schedule = schedule.to(device=timestep.device)
+    matches = timestep.to(schedule.dtype).reshape(-1, 1) == schedule.reshape(1, -1)
+    if check and not bool(matches.any(dim=1).all()):
+        raise ValueError(f"timesteps {timestep.tolist()} are not all in the scheduler's schedule {schedule.tolist()}")
+    return matches.int().argmax(dim=1).reshape(timestep.shape)
+
+
+def host_schedule_index(schedule: list, timestep: float) -> int:
+    """:func:`schedule_index` of one Python number in ``scheduler.timesteps.tolist()``, on the host (the sampling
+    loop's lookup: no device sync). Always checked."""
+    if timestep not in schedule:
+        raise ValueError(f"timestep {timestep} is not in the scheduler's schedule {schedule}")
+    return schedule.index(timestep)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .flow import flow_cps_step_with_logprob, flow_sde_step_with_logprob
-from .gaussian import StepOutput, finish_step, gaussian_log_prob
+from .gaussian import StepOutput, finish_step, gaussian_log_prob, host_schedule_index, schedule_index
 
 __all__ = [
     "STEP_FUNCTIONS",
@@ -62,10 +62,7 @@ def previous_timestep(scheduler, timestep: torch.Tensor, check: bool = True) -> 
     """
     schedule = scheduler.timesteps.to(device=timestep.device, dtype=torch.long)
     following = torch.cat([schedule[1:], schedule.new_full((1,), -1)])
-    matches = timestep.reshape(-1, 1) == schedule.reshape(1, -1)
-    if check and not bool(matches.any(dim=1).all()):
-        raise ValueError(f"timesteps {timestep.tolist()} are not all in the scheduler's schedule {schedule.tolist()}")
-    return following[matches.int().argmax(dim=1)].reshape(timestep.shape)
+    return following[schedule_index(schedule, timestep, check)]
 
 
 def _alphas(scheduler, timestep, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,9 +174,7 @@ def ddpm_step_with_logprob(
     timestep_t = torch.as_tensor(timestep, device=sample.device).long()
     if isinstance(timestep, int):  # the sampling loop: looked up on the host, no device sync
         schedule = scheduler.timesteps.tolist()
-        if timestep not in schedule:
-            raise ValueError(f"timestep {timestep} is not in the scheduler's schedule {schedule}")
-        index = schedule.index(timestep)
+        index = host_schedule_index(schedule, timestep)
         prev_t = torch.tensor(schedule[index + 1] if index + 1 < len(schedule) else -1, device=sample.device)
     else:
         prev_t = previous_timestep(scheduler, timestep_t, check=check)
