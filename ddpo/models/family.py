@@ -144,6 +144,9 @@ class ModelFamily:
         return ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+LOAD_OPTIONS = ("drop_t5", "vae_path")
+"""The ``model.*`` keys a family reads while loading (:meth:`ModelFamily.load_kwargs`'s ``options``)."""
+
 FAMILIES: dict[str, type[ModelFamily]] = {}
 """``model.family`` name -> family class (filled by the family modules)."""
 

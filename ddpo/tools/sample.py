@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import yaml
 
-from ..models import load_pipeline
+from ..models import load_pipeline, resolve_family
+from ..models.family import LOAD_OPTIONS
 from ..training.config import SampleConfig
 from ..training.evaluation import eval_prompt_list, paired_change
 from ..training.prompts import load_prompts
@@ -89,7 +90,7 @@ def load_model(model: str | None = None, run: str | Path | None = None, schedule
         raise ValueError("give either a base model (--model) or a run directory (--run), not both")
     with _quiet_loading():
         if model is not None:
-            return Model(load_pipeline(model, None, _inference_sampler(model, scheduler)), label=model)
+            return Model(_load(model, None, scheduler), label=model)
         run = Path(run)
         config = read_run_config(run)
         final = run / "final"
@@ -99,25 +100,23 @@ def load_model(model: str | None = None, run: str | Path | None = None, schedule
             )
         base = config["model"]
         family = base.get("family", "auto")
-        options = {"drop_t5": base.get("drop_t5", False), "vae_path": base.get("vae_path")}
+        options = {key: base.get(key) for key in LOAD_OPTIONS}
         if base.get("use_lora", True):
-            sampler = _inference_sampler(base["pretrained"], scheduler, base.get("revision"), family)
-            pipe = load_pipeline(base["pretrained"], base.get("revision"), sampler, family, options)
+            pipe = _load(base["pretrained"], base.get("revision"), scheduler, family, options)
             pipe.load_lora_weights(final)
         else:
-            sampler = _inference_sampler(str(final), scheduler, None, family)
-            pipe = load_pipeline(str(final), None, sampler, family, options)
+            pipe = _load(str(final), None, scheduler, family, options)
     return Model(pipe, label=str(run), run_config=config, sampler=dict(config.get("sample", {})))
 
 
-def _inference_sampler(pretrained: str, scheduler: str, revision: str | None = None, family: str = "auto") -> str:
-    """``scheduler`` for a diffusion model; for a flow-matching model the pipeline's own Euler ODE sampler when
-    ``scheduler`` is a DDPM-style name (``ddpo sample`` uses the pipeline's ``__call__``)."""
-    from ..models import resolve_family
-
-    if resolve_family(pretrained, revision, family).flow_matching and not scheduler.startswith("flow"):
-        return "flow_euler"
-    return scheduler
+def _load(pretrained: str, revision: str | None, scheduler: str, family: str = "auto", options: dict | None = None):
+    """:func:`ddpo.models.load_pipeline` with ``scheduler`` for a diffusion model; a flow-matching model gets the
+    pipeline's own Euler ODE sampler when ``scheduler`` is a DDPM-style name (``ddpo sample`` uses the pipeline's
+    ``__call__``). The family is resolved once and passed on."""
+    cls = resolve_family(pretrained, revision, family)
+    if cls.flow_matching and not scheduler.startswith("flow"):
+        scheduler = "flow_euler"
+    return load_pipeline(pretrained, revision, scheduler, cls.name, options)
 
 
 def sampler_from_run(model: Model, **given: Any) -> SamplerOptions:

@@ -589,7 +589,9 @@ def train_step_offset(config: RunConfig) -> int:
 
 def model_options(config: RunConfig) -> dict[str, Any]:
     """The ``model.*`` settings a model family reads while loading (:func:`ddpo.models.load_model`)."""
-    return {"drop_t5": config.model.drop_t5, "vae_path": config.model.vae_path}
+    from ..models.family import LOAD_OPTIONS
+
+    return {key: getattr(config.model, key) for key in LOAD_OPTIONS}
 
 
 def sampler_settings(
