@@ -52,7 +52,6 @@ from ..policy.pairs import training_pairs
 from ..policy.sampling import (
     AUTOCAST_DTYPES,
     CleanSamples,
-    SamplerSettings,
     Trajectories,
     autocast,
     check_schedule,
@@ -131,7 +130,13 @@ class Trainer:
         self.scheduler = pipe.scheduler
         self.latent_size = latent_size(self.family, s.resolution)
         self.vae_factor = self.family.vae_scale_factor()
-        self.settings = self.sampler_settings()
+        # The run's sampler settings with this family's latent shape and schedule arguments (computed once).
+        self.settings = sampler_settings(
+            c,
+            latent_size=self.latent_size,
+            latent_channels=self.family.latent_channels(),
+            schedule_kwargs=tuple(self.family.schedule_kwargs(s.num_steps, self.latent_size).items()),
+        )
         self.forward_process = t.algorithm in FORWARD_ALGORITHMS  # awm / nft: clean samples, no log-probs
         if not self.forward_process:
             check_schedule(self.scheduler, self.settings)
@@ -527,22 +532,12 @@ class Trainer:
         forward-process estimators get :class:`~ddpo.policy.sampling.CleanSamples` from any sampler instead."""
         device = self.accelerator.device
         embeds = self.family.encode(prompts, device, self.latent_size)
-        settings = self.sampler_settings(share_initial_noise=share_initial_noise)
+        settings = dataclasses.replace(self.settings, share_initial_noise=share_initial_noise)
         generator = torch.Generator(device=device).manual_seed(seed)
         sample = sample_clean if self.forward_process else sample_trajectories
         denoiser = self.family.bind(unet, settings.guidance_scale)
         return sample(
             denoiser, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings
-        )
-
-    def sampler_settings(self, share_initial_noise: bool | None = None) -> SamplerSettings:
-        """The run's :class:`~ddpo.policy.sampling.SamplerSettings` with this family's latent shape and schedule."""
-        return sampler_settings(
-            self.config,
-            share_initial_noise=share_initial_noise,
-            latent_size=self.latent_size,
-            latent_channels=self.family.latent_channels(),
-            schedule_kwargs=tuple(self.family.schedule_kwargs(self.config.sample.num_steps, self.latent_size).items()),
         )
 
     def score(
