@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from world import build_clip_tokenizer
 
-from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family
+from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family, vae_scale_factor
 from .flux import TINY_FLUX, FluxFamily, build_tiny_flux_pipeline, pack_latents, unpack_latents
 from .lora import add_lora, lora_metadata, lora_state_dict
 from .sd3 import TINY_SD3, StableDiffusion3Family, build_tiny_sd3_pipeline
@@ -27,7 +27,6 @@ from .stable_diffusion import (
     load_model,
     load_pipeline,
     resolve_family,
-    vae_scale_factor,
 )
 
 __all__ = [

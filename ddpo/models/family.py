@@ -25,6 +25,11 @@ from ..policy.conditioning import Conditioning
 from ..policy.sampling import Denoiser
 
 
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent pixel of ``vae``: ``2 ** (levels - 1)`` (8 for the published models, 2 for the tiny VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 class ModelFamily:
     """Base class of the families. Subclasses set the class attributes and override what differs.
 
@@ -115,8 +120,8 @@ class ModelFamily:
         return int(self.denoiser().config.sample_size)
 
     def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel: ``2 ** (levels - 1)`` (8 for the published models, 2 for the tiny VAE)."""
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        """Pixels per latent pixel of the pipeline's VAE (:func:`vae_scale_factor`)."""
+        return vae_scale_factor(self.pipe.vae)
 
     def latent_multiple(self) -> int:
         """The latent side must be a multiple of this (2 for patchified transformers)."""

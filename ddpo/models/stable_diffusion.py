@@ -91,11 +91,6 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusion
     )
 
 
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent pixel of ``vae``: ``2 ** (levels - 1)`` (8 for Stable Diffusion, 2 for the tiny VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def latent_size(pipe, resolution: int | None) -> int:
     """The latent side ``h = w`` for images of ``resolution`` pixels (None: the denoiser's native size).
 
