@@ -43,3 +43,19 @@ def test_load_world_flow_pipeline_mirrors_load_world_pipeline():
     pipe = world.load_world_flow_pipeline()
     assert pipe.transformer.dtype == torch.float32 and pipe.text_encoder_3 is None
     assert pipe.scheduler.config.shift == world.WORLD_FLOW_SCHEDULER["shift"]
+
+
+def test_load_code_passes_the_twins_absent_t5_to_plain_diffusers():
+    """The code printed at the end of a run names the components the run loaded as None (the twin has no T5), so a
+    full-fine-tuning final/ saved without them loads in plain diffusers."""
+    from ddpo.models import absent_components, load_code, load_model
+
+    pipe, family = load_model("world_flow", scheduler="flow_sde")
+    absent = absent_components(pipe)
+    assert absent == ("text_encoder_3", "tokenizer_3")
+    code = load_code(
+        "world_flow", world.world_flow_model_path(), use_lora=False, family=family.name, none_components=absent
+    )
+    scope: dict = {}
+    exec(code, scope)
+    assert type(scope["pipe"]).__name__ == "StableDiffusion3Pipeline" and scope["pipe"].text_encoder_3 is None

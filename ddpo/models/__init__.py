@@ -20,6 +20,7 @@ from .stable_diffusion import (
     WORLD,
     WORLD_FLOW,
     StableDiffusionFamily,
+    absent_components,
     build_sd15_architecture,
     build_tiny_pipeline,
     latent_size,
@@ -30,6 +31,7 @@ from .stable_diffusion import (
 )
 
 __all__ = [
+    "absent_components",
     "FAMILIES",
     "SD15_RANDOM",
     "TINY",

@@ -318,16 +318,17 @@ def load_code(
     use_lora: bool = True,
     revision: str | None = None,
     family: str = "sd",
+    none_components: tuple[str, ...] = (),
 ) -> str:
     """The Python code that loads a run's result with plain diffusers: its base model (``model.pretrained``; a
     shipped world model by its folder, a local folder by its absolute path) in the ``family``'s pipeline class, and
     ``final/``. Printed at the end of a run; it runs as is (a tiny random-weight pipeline is rebuilt with its
-    family's ``build_tiny``)."""
+    family's ``build_tiny``). ``none_components``: the pipeline's required components the run loaded as None (e.g.
+    SD3 without T5: :func:`absent_components`), passed as None, as ``from_pretrained`` requires."""
     cls = get_family(family)
     name = cls.pipeline_class_name
     load_extra = ", safety_checker=None" if cls is StableDiffusionFamily else ""
-    if cls.name == "sd3":
-        load_extra = ", text_encoder_3=None, tokenizer_3=None" if pretrained == WORLD_FLOW else ""
+    load_extra += "".join(f", {component}=None" for component in none_components)
     final = str(Path(final).resolve())
     if not use_lora:
         return f"from diffusers import {name}\n\npipe = {name}.from_pretrained({final!r}{load_extra})"
@@ -346,6 +347,13 @@ def load_code(
         lines = [f"from diffusers import {name}", "", f"pipe = {name}.from_pretrained({base!r}{extra}{load_extra})"]
     lines.append(f"pipe.load_lora_weights({final!r})")
     return "\n".join(lines)
+
+
+def absent_components(pipe) -> tuple[str, ...]:
+    """The components ``pipe`` holds as None that its class does not list as optional (an SD3 pipeline without T5:
+    ``text_encoder_3``, ``tokenizer_3``): ``from_pretrained`` must be given them as None."""
+    optional = set(getattr(type(pipe), "_optional_components", ()))
+    return tuple(k for k, v in pipe.components.items() if v is None and k not in optional)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from rewards import RewardError, check_reward_output, get_reward
 
-from ..models import add_lora, latent_size, load_code, load_model, lora_metadata, lora_state_dict
+from ..models import absent_components, add_lora, latent_size, load_code, load_model, lora_metadata, lora_state_dict
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.forward import (
     FORWARD_ALGORITHMS,
@@ -367,7 +367,7 @@ class Trainer:
         m = self.config.model
         final = self.run_dir / "final"
         lines.append(f"  weights:     {final.resolve()}; load them with their base model ({m.pretrained}):")
-        code = load_code(m.pretrained, final, m.use_lora, m.revision, self.family.name)
+        code = load_code(m.pretrained, final, m.use_lora, m.revision, self.family.name, absent_components(self.pipe))
         lines += ["", *(f"    {line}" if line else "" for line in code.splitlines()), ""]
         lines.append(
             f"  or sample and compare: ddpo sample --run {self.run_dir} --prompt '...'; ddpo eval {self.run_dir}"
