@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from world import build_sd_pipeline, world_model_path
 
 from ..policy.conditioning import Conditioning
-from ..policy.sampling import unet_call
+from ..policy.sampling import encode_prompts, unet_call
 from .family import (
     FAMILIES,
     ModelFamily,
@@ -356,15 +356,6 @@ def absent_components(pipe) -> tuple[str, ...]:
     return tuple(k for k, v in pipe.components.items() if v is None and k not in optional)
 
 
-@torch.no_grad()
-def clip_hidden_states(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """CLIP text-encoder last hidden states ``[B, L, D]`` (float32) for ``prompts``, padded to the model length."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return text_encoder(ids)[0].float()
-
-
 @register_family
 class StableDiffusionFamily(ModelFamily):
     """Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``): one CLIP text encoder, a UNet predicting epsilon,
@@ -386,4 +377,4 @@ class StableDiffusionFamily(ModelFamily):
         return lambda latents, timesteps, cond: unet_call(model, latents, timesteps, cond)
 
     def encode(self, prompts: list[str], device: torch.device, latent_size: int) -> Conditioning:
-        return Conditioning(clip_hidden_states(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device))
+        return Conditioning(encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device))
