@@ -15,6 +15,9 @@ from ddpo.policy.forward import (
     alpha_bar,
     awm_loss,
     ema_update,
+    flow_add_noise,
+    flow_predictions,
+    matching_target,
     nft_loss,
     old_policy_decay,
     prediction_kl,
@@ -85,9 +88,11 @@ def test_nft_gradient_at_the_old_policy_is_the_advantage_weighted_denoising_grad
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_epsilon_and_v_prediction_models_that_agree_give_the_same_losses():
+def test_epsilon_and_v_prediction_models_that_agree_give_nft_the_same_loss_and_awm_their_own():
     """A v-prediction model built from an epsilon model (v = alpha eps_hat - sigma x0_hat at every input) is the
-    same denoiser: every forward-process loss must agree, although the raw outputs differ."""
+    same denoiser: NFT's x0-space loss agrees. AWM and the KL are each model's pretraining loss, in its own output
+    space: since eps_hat - eps = alpha (v_hat - v) at a fixed x_t, the v-space mean squared error is the eps-space one
+    divided by alpha_bar, per pair."""
     torch.manual_seed(2)
     x0, eps = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
     abar = alpha_bar(torch.linspace(0.999, 0.01, 1000), torch.tensor([10, 500, 990]))
@@ -99,19 +104,77 @@ def test_epsilon_and_v_prediction_models_that_agree_give_the_same_losses():
     def as_v(e):
         return a * e - s * (x_t - s * e) / a
 
-    advantages = torch.tensor([1.0, -2.0, 0.5])
-    losses = {}
+    ones = torch.ones(3)
+    mse, nft, kl = {}, {}, {}
     for kind, out, old in (("epsilon", eps_model, old_eps), ("v_prediction", as_v(eps_model), as_v(old_eps))):
         assert kind == "epsilon" or not torch.allclose(out, eps_model)
-        x0_hat, eps_hat = predictions(out, x_t, abar, kind)
-        x0_old, eps_old = predictions(old, x_t, abar, kind)
-        losses[kind] = (
-            awm_loss(eps_hat, eps, advantages)[0],
-            nft_loss(x0_hat, x0_old, x0, advantages, 1.0, 5.0)[0],
-            prediction_kl(eps_hat, eps_old).mean(),
-        )
-    for ours, theirs in zip(losses["epsilon"], losses["v_prediction"]):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        x0_hat, _ = predictions(out, x_t, abar, kind)
+        x0_old, _ = predictions(old, x_t, abar, kind)
+        target = matching_target(x0, eps, abar, kind)
+        mse[kind] = torch.stack([awm_loss(out[k : k + 1], target[k : k + 1], ones[:1])[0] for k in range(3)])
+        nft[kind] = nft_loss(x0_hat, x0_old, x0, torch.tensor([1.0, -2.0, 0.5]), 1.0, 5.0)[0]
+        kl[kind] = prediction_kl(out, old)
+    torch.testing.assert_close(nft["epsilon"], nft["v_prediction"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mse["v_prediction"], mse["epsilon"] / abar, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(kl["v_prediction"], kl["epsilon"] / abar, rtol=1e-4, atol=1e-6)
+
+
+def test_matching_targets_by_hand():
+    x0 = torch.tensor([[[[1.0, -2.0]]]])
+    noise = torch.tensor([[[[0.5, 3.0]]]])
+    abar = torch.tensor([0.64])  # alpha 0.8, sigma 0.6
+    torch.testing.assert_close(matching_target(x0, noise, abar, "flow"), torch.tensor([[[[-0.5, 5.0]]]]))
+    torch.testing.assert_close(matching_target(x0, noise, abar, "epsilon"), noise)
+    torch.testing.assert_close(matching_target(x0, noise, abar, "sample"), x0)
+    v = torch.tensor([[[[0.8 * 0.5 - 0.6 * 1.0, 0.8 * 3.0 + 0.6 * 2.0]]]])
+    torch.testing.assert_close(matching_target(x0, noise, abar, "v_prediction"), v)
+    with pytest.raises(ValueError, match="unknown prediction space"):
+        matching_target(x0, noise, abar, "velocity")
+
+
+def test_awm_on_a_flow_model_is_the_velocity_loss_with_gradient_at_sigma_one():
+    """On a flow-matching model AWM regresses the velocity ``eps - x0`` (the papers' loss). The epsilon-space loss it
+    replaces is ``(1 - sigma)^2`` times it, by hand: eps_hat - eps = (1 - sigma)(v_hat - v); at sigma = 1 that is
+    zero, while the velocity loss still has a gradient."""
+    torch.manual_seed(3)
+    x0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    sigma = torch.tensor([0.2, 0.7, 1.0])
+    x_t = flow_add_noise(x0, eps, sigma)
+    v_hat = (eps - x0 + 0.5 * torch.randn(3, 4, 2, 2)).requires_grad_(True)
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    loss, info = awm_loss(v_hat, matching_target(x0, eps, sigma, "flow"), advantages)
+    by_hand = (advantages * ((v_hat.detach() - (eps - x0)) ** 2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss.detach(), by_hand)
+    _, eps_hat = flow_predictions(v_hat.detach(), x_t, sigma)
+    eps_space = ((eps_hat - eps) ** 2).mean(dim=(1, 2, 3))
+    v_space = ((v_hat.detach() - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(eps_space, (1 - sigma) ** 2 * v_space, rtol=1e-4, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, v_hat)
+    assert grad[2].abs().sum() > 0  # sigma = 1: the velocity loss still trains this pair
+
+
+def test_awm_proximal_term_by_hand_and_bounded_below_when_it_outweighs_the_advantage():
+    """``awm_loss(..., prediction_old, ema_kl)`` adds ``c * mean |pred - pred_old|^2``. With ``c > -A`` a pair's loss
+    ``A |p - y|^2 + c |p - o|^2`` is a convex quadratic in ``p`` with its minimum at ``(A y + c o) / (A + c)``; below
+    that (a negative advantage alone) the loss has no minimum and falls without bound as ``p`` moves away."""
+    pred = torch.tensor([[[[1.0, 2.0]]]], requires_grad=True)
+    target = torch.tensor([[[[0.0, 0.0]]]])
+    old = torch.tensor([[[[1.0, 1.0]]]])
+    advantage = torch.tensor([-2.0])
+    loss, info = awm_loss(pred, target, advantage, old, ema_kl=3.0)
+    # mse (1 + 4) / 2 = 2.5, proximal (0 + 1) / 2 = 0.5: -2 * 2.5 + 3 * 0.5 = -3.5
+    assert loss.item() == pytest.approx(-3.5)
+    assert info["ema_kl"].item() == pytest.approx(0.5)
+    minimum = (advantage * target + 3.0 * old) / (advantage + 3.0)  # (3, 3)
+    at_min = minimum.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(awm_loss(at_min, target, advantage, old, ema_kl=3.0)[0], at_min)
+    torch.testing.assert_close(grad, torch.zeros_like(grad))
+    far = [awm_loss(old * scale, target, advantage, old, ema_kl=1.0)[0].item() for scale in (10.0, 100.0)]
+    assert far[1] < far[0] < 0  # c = 1 < -A = 2: unbounded below
+    far = [awm_loss(old * scale, target, advantage, old, ema_kl=3.0)[0].item() for scale in (10.0, 100.0)]
+    assert far[1] > far[0] > 0  # c = 3 > 2: the proximal term wins
+    with pytest.raises(ValueError, match="prediction_old"):
+        awm_loss(pred, target, advantage, None, ema_kl=1.0)
 
 
 def test_old_policy_decay_schedule_and_ema_update():
@@ -176,3 +239,48 @@ def test_forward_estimators_train_and_resume_exactly(fast_overrides, tmp_path, e
 
     assert metrics("straight") == metrics("resumed")
     assert "denoising_mse" in metrics("straight")[0] or "nft_r_mean" in metrics("straight")[0]
+
+
+def test_nft_samples_with_the_old_policy_unless_told_otherwise(fast_overrides, tmp_path):
+    """DiffusionNFT's training batches come from the old policy, as in the reference implementation: with the old
+    policy set to the base model (LoRA B = 0) and the trained adapter perturbed, the epoch's samples equal the base
+    model's own (sampled with the adapters off) and differ from the trained weights'; ``nft_sample_policy=current``
+    samples with the trained weights."""
+    from ddpo.training.trainer import Trainer
+
+    overrides = [*fast_overrides, "train.algorithm=nft", "sample.scheduler=euler", "overlap_scoring=false"]
+    trainer = Trainer.from_config(build_config(preset="tiny", overrides=overrides), tmp_path / "run")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param, old in zip(trainer.trainable_names, trainer.params, trainer.old_params, strict=True):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+                old.zero_()
+    assert trainer.samples_with_old_policy
+    with_old = trainer.sample_and_score(0)[0].latents
+    trainer.config.train.nft_sample_policy = "current"
+    assert not trainer.samples_with_old_policy
+    with_current = trainer.sample_and_score(0)[0].latents
+    with trainer.base_model():
+        base = trainer.sample_and_score(0)[0].latents
+    assert torch.equal(with_old, base)
+    assert not torch.allclose(with_current, base)
+    assert any(p.abs().sum() > 0 for n, p in zip(trainer.trainable_names, trainer.params) if "lora_B" in n)  # restored
+    with pytest.raises(ConfigError, match="nft_sample_policy must be old or current"):
+        build_config(preset="tiny", overrides=["train.nft_sample_policy=ema"])
+
+
+def test_awm_with_its_proximal_term_keeps_an_old_policy_and_resumes_exactly(fast_overrides, tmp_path):
+    extra = ["train.algorithm=awm", "sample.scheduler=euler", "train.awm_ema_kl=5.0", "train.old_policy_uprate=0.2"]
+    assert _run(fast_overrides, tmp_path, "straight", "num_epochs=2", *extra) == 0
+    assert _run(fast_overrides, tmp_path, "resumed", "num_epochs=1", *extra) == 0
+    assert _run(fast_overrides, tmp_path, "resumed", "num_epochs=2", resume=True) == 0
+    runs = tmp_path / "runs"
+    files = [runs / r / "checkpoints" / "checkpoint_000002" for r in ("straight", "resumed")]
+    for name in ("trainable.safetensors", "extra.safetensors"):
+        a, b = (load_file(str(f / name)) for f in files)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (runs / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["ema_kl"] >= 0 and rows[1]["old_policy_decay"] > 0
+    with pytest.raises(ConfigError, match="awm_ema_kl must be >= 0"):
+        build_config(preset="tiny", overrides=["train.algorithm=awm", "train.awm_ema_kl=-1"])

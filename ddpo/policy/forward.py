@@ -25,14 +25,23 @@ pure functions: :func:`flow_sigmas` (``sigma`` of each schedule timestep), :func
 Losses (each returns ``(loss, info)`` with detached diagnostics; per-sample tensors are ``[N]``, latents
 ``[N, C, h, w]``, means are over the latent dimensions as for the log-probs):
 
-* :func:`awm_loss`, Advantage Weighted Matching (Xue et al. 2025, arXiv 2509.25050): the pretraining loss
-  ``|eps_hat - eps|^2`` weighted by the advantage, ``mean_i A_i |eps_hat_i - eps_i|^2``. It is the PPO surrogate of
-  the paper with the log-likelihood replaced by ``-|eps_hat - eps|^2`` at ratio 1 (one update per batch of pairs).
+* :func:`awm_loss`, Advantage Weighted Matching (Xue et al. 2025, arXiv 2509.25050): the model's own pretraining loss
+  weighted by the advantage, ``mean_i A_i |pred_i - target_i|^2``, in the space the model was pretrained in
+  (:func:`matching_target`): the velocity ``eps - x0`` of a flow-matching model (the paper's flow-matching loss;
+  in epsilon space it would be weighted by ``(1 - sigma)^2`` and vanish at ``sigma = 1``), the noise of an
+  epsilon-prediction UNet (DDPM's ``L_simple``), ``v`` of a v-prediction UNet, ``x0`` of a sample-prediction one. It
+  is the paper's surrogate at ratio 1 (one update per batch of pairs). Its stabiliser is an optional proximal term to
+  the old (EMA) policy, ``train.awm_ema_kl * mean |pred - pred_old|^2`` in the same space (Flow-Factory's
+  ``ema_kl_beta``): with ``awm_ema_kl >= adv_clip_max`` every pair's loss ``A |pred - target|^2 + c |pred -
+  pred_old|^2`` is a convex quadratic in the prediction (``A + c > 0``), so a negative advantage can no longer push
+  the prediction away without bound.
 * :func:`nft_loss`, DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117): implicit positive and negative policies
   ``x0+ = b x0_theta + (1 - b) x0_old`` and ``x0- = (1 + b) x0_old - b x0_theta`` (the old policy an EMA of the
-  trained weights), ``r = clip(A, -A_max, A_max) / (2 A_max) + 1/2``, adaptive weights ``w = mean|x0_hat - x0|``
-  (detached), loss ``A_max * mean_i [r |x0+ - x0|^2 / w+ + (1 - r) |x0- - x0|^2 / w-] / b``.
-* :func:`prediction_kl`: ``mean |eps_theta - eps_ref|^2``, the KL to the base model as DiffusionNFT regularises it.
+  trained weights, which also collects the samples, as in the reference implementation),
+  ``r = clip(A, -A_max, A_max) / (2 A_max) + 1/2``, adaptive weights ``w = mean|x0_hat - x0|`` (detached), loss
+  ``A_max * mean_i [r |x0+ - x0|^2 / w+ + (1 - r) |x0- - x0|^2 / w-] / b``.
+* :func:`prediction_kl`: ``mean |pred - pred_ref|^2`` in the model's pretraining space (velocity for flow matching,
+  noise for an epsilon UNet), the KL to the base model as DiffusionNFT regularises it (up to a per-timestep constant).
 """
 
 from __future__ import annotations
@@ -103,19 +112,58 @@ def _mean_over_latents(values: torch.Tensor) -> torch.Tensor:
     return values.mean(dim=tuple(range(1, values.ndim)))
 
 
-def awm_loss(
-    eps_pred: torch.Tensor, eps: torch.Tensor, advantages: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Advantage Weighted Matching: ``mean_i A_i * mean_latents (eps_pred_i - eps_i)^2``.
+def matching_target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, space: str) -> torch.Tensor:
+    """The regression target of a model's pretraining loss at ``x_t`` made from ``x0`` and ``noise``, float32.
 
     Args:
-        eps_pred: the policy's noise prediction ``[N, C, h, w]`` (differentiable).
-        eps: the noise that made ``x_t`` ``[N, C, h, w]``.
-        advantages: ``[N]``, the (clipped) advantage of each pair's sample.
+        x0: clean latents ``[N, C, h, w]``.
+        noise: the noise that made ``x_t`` ``[N, C, h, w]``.
+        abar: ``[N]``: ``alpha_bar_t`` of a DDPM-style schedule, or ``sigma`` of a flow-matching one.
+        space: ``flow`` (target ``noise - x0``, the velocity), ``epsilon`` (``noise``), ``v_prediction``
+            (``sqrt(abar) noise - sqrt(1 - abar) x0``) or ``sample`` (``x0``): the model's prediction type.
     """
-    mse = _mean_over_latents((eps_pred.float() - eps.float()) ** 2)
+    x0, noise = x0.float(), noise.float()
+    if space == "flow":
+        return noise - x0
+    if space == "epsilon":
+        return noise
+    if space == "sample":
+        return x0
+    if space == "v_prediction":
+        a = abar.float().view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unknown prediction space {space!r}: expected flow, epsilon, v_prediction or sample")
+
+
+def awm_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    advantages: torch.Tensor,
+    prediction_old: torch.Tensor | None = None,
+    ema_kl: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantage Weighted Matching: ``mean_i A_i * mean_latents (pred_i - target_i)^2``, plus the proximal term
+    ``ema_kl * mean_i mean_latents (pred_i - pred_old_i)^2`` when ``ema_kl > 0``.
+
+    Args:
+        prediction: the policy's raw output ``[N, C, h, w]`` (differentiable): velocity, noise, v or x0.
+        target: its pretraining target at the same ``x_t`` (:func:`matching_target`) ``[N, C, h, w]``.
+        advantages: ``[N]``, the (clipped) advantage of each pair's sample.
+        prediction_old: the old (EMA) policy's output at the same input (no gradient taken); needed when
+            ``ema_kl > 0``.
+        ema_kl: weight of the proximal term (``train.awm_ema_kl``; 0 disables it).
+    """
+    prediction = prediction.float()
+    mse = _mean_over_latents((prediction - target.float()) ** 2)
     loss = (advantages.float() * mse).mean()
-    return loss, {"denoising_mse": mse.detach().mean(), "weight_mean": advantages.detach().float().mean()}
+    info = {"denoising_mse": mse.detach().mean(), "weight_mean": advantages.detach().float().mean()}
+    if ema_kl > 0:
+        if prediction_old is None:
+            raise ValueError("awm_loss: ema_kl > 0 needs the old policy's prediction (prediction_old)")
+        proximal = _mean_over_latents((prediction - prediction_old.detach().float()) ** 2).mean()
+        loss = loss + ema_kl * proximal
+        info["ema_kl"] = proximal.detach()
+    return loss, info
 
 
 def nft_loss(
@@ -154,10 +202,11 @@ def nft_loss(
     return loss, {"nft_r_mean": r.mean().detach(), "old_deviation": old_deviation}
 
 
-def prediction_kl(eps_pred: torch.Tensor, eps_ref: torch.Tensor) -> torch.Tensor:
-    """``[N]``: ``mean_latents (eps_pred - eps_ref)^2``, the squared distance of the policy's noise prediction to the
-    base model's at the same input (DiffusionNFT's KL term up to a per-timestep constant)."""
-    return _mean_over_latents((eps_pred.float() - eps_ref.detach().float()) ** 2)
+def prediction_kl(prediction: torch.Tensor, prediction_ref: torch.Tensor) -> torch.Tensor:
+    """``[N]``: ``mean_latents (pred - pred_ref)^2``, the squared distance of the policy's raw output to the base
+    model's at the same input, in the model's pretraining space (velocity for flow matching, noise for an epsilon
+    UNet): DiffusionNFT's KL term up to a per-timestep constant."""
+    return _mean_over_latents((prediction.float() - prediction_ref.detach().float()) ** 2)
 
 
 def old_policy_decay(step: int, flat: int, uprate: float, uphold: float) -> float:

@@ -148,11 +148,21 @@ class TrainConfig:
     """Sparse RWR: weight 1 for advantages at or above this batch quantile, else 0."""
     kl_coef: float = 0.0
     """Weight of the per-step KL to the frozen base model (0 disables; for LoRA the base is the adapter-off UNet).
-    For ``awm`` / ``nft`` the KL term is the mean squared distance of the noise predictions."""
+    For ``awm`` / ``nft`` the KL term is the mean squared distance of the model outputs in its pretraining space:
+    velocities for a flow-matching model, noise predictions for an epsilon UNet (v for a v-prediction one)."""
+    awm_ema_kl: float = 0.0
+    """AWM's stabiliser: weight of the proximal term ``mean |pred - pred_old|^2`` to the old (EMA) policy, in the
+    model's pretraining space (0 disables it). The old policy follows ``old_policy_*``. At ``awm_ema_kl >=
+    adv_clip_max`` each pair's loss is a convex quadratic in the prediction, so negative advantages cannot drive the
+    model away without bound (:mod:`ddpo.policy.forward`)."""
     nft_beta: float = 1.0
     """DiffusionNFT: how far the implicit positive and negative policies sit from the old one (``b``; > 0)."""
+    nft_sample_policy: str = "old"
+    """DiffusionNFT: which weights collect the training samples: ``old`` (the old EMA policy its implicit policies
+    are built around, as the reference implementation does) or ``current`` (the trained weights)."""
     old_policy_flat: int = 0
-    """DiffusionNFT: optimiser steps during which the old policy is the current one (EMA decay 0)."""
+    """DiffusionNFT (and AWM's ``awm_ema_kl``): optimiser steps during which the old policy is the current one (EMA
+    decay 0)."""
     old_policy_uprate: float = 0.001
     """DiffusionNFT: the old policy's EMA decay grows by this per optimiser step after ``old_policy_flat``."""
     old_policy_uphold: float = 0.5
@@ -510,6 +520,11 @@ def validate(config: RunConfig) -> None:
     need(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0; got {t.adv_clip_max}")
     need(t.kl_coef >= 0, f"train.kl_coef must be >= 0; got {t.kl_coef}")
     need(t.nft_beta > 0, f"train.nft_beta must be > 0; got {t.nft_beta}")
+    need(t.awm_ema_kl >= 0, f"train.awm_ema_kl must be >= 0; got {t.awm_ema_kl}")
+    need(
+        t.nft_sample_policy in ("old", "current"),
+        f"train.nft_sample_policy must be old or current; got {t.nft_sample_policy!r}",
+    )
     need(t.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0; got {t.old_policy_flat}")
     need(t.old_policy_uprate >= 0, f"train.old_policy_uprate must be >= 0; got {t.old_policy_uprate}")
     need(0 <= t.old_policy_uphold < 1, f"train.old_policy_uphold must be in [0, 1); got {t.old_policy_uphold}")

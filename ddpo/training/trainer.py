@@ -42,6 +42,7 @@ from ..policy.forward import (
     flow_add_noise,
     flow_predictions,
     flow_sigmas,
+    matching_target,
     nft_loss,
     old_policy_decay,
     prediction_kl,
@@ -202,8 +203,10 @@ class Trainer:
         self.progress: EpochProgress | None = None
         self.samples_per_epoch = s.batch_size * s.num_batches_per_epoch * acc.num_processes
         self.steps_per_trajectory = train_steps_per_trajectory(c)
-        # DiffusionNFT's old policy: an EMA of the trained weights, updated once per epoch (saved in checkpoints).
-        self.old_params = [p.detach().clone() for p in params] if t.algorithm == "nft" else None
+        # The old policy of DiffusionNFT (and of AWM's proximal term): an EMA of the trained weights, updated once
+        # per epoch (saved in checkpoints).
+        uses_old = t.algorithm == "nft" or (t.algorithm == "awm" and t.awm_ema_kl > 0)
+        self.old_params = [p.detach().clone() for p in params] if uses_old else None
         if resume_checkpoint is not None:
             self._load_checkpoint(resume_checkpoint)
         self._write_run_files()
@@ -490,16 +493,20 @@ class Trainer:
         overlap = self.overlaps_scoring()
         sampling_start = time.perf_counter()
         self._phase("sampling")
+        # DiffusionNFT collects its samples with the old policy its implicit policies are built around, as the
+        # reference implementation does (train.nft_sample_policy=current: with the trained weights).
+        sampling_policy = self.old_policy_weights if self.samples_with_old_policy else contextlib.nullcontext
         for b in range(s.num_batches_per_epoch):
             prompts = draw_prompts(
                 self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
             )
-            trajectories = self.sample(
-                unet,
-                prompts,
-                derive_seed(c.seed, SAMPLING_NOISE_STREAM, epoch, b, acc.process_index),
-                share_initial_noise=s.share_initial_noise,
-            )
+            with sampling_policy():
+                trajectories = self.sample(
+                    unet,
+                    prompts,
+                    derive_seed(c.seed, SAMPLING_NOISE_STREAM, epoch, b, acc.process_index),
+                    share_initial_noise=s.share_initial_noise,
+                )
             batches.append(trajectories)
             kill_point("sample")
             first = b * s.batch_size
@@ -702,35 +709,44 @@ class Trainer:
             abar = alpha_bar(self.scheduler.alphas_cumprod, timesteps)
             x_t = add_noise(x0, noise, abar)
         embeds = samples.prompt_embeds[i]
-        if t.algorithm == "nft":  # before the policy's call: swapping weights after it would corrupt its graph
+        needs_old = t.algorithm == "nft" or t.awm_ema_kl > 0
+        if needs_old:  # before the policy's call: swapping weights after it would corrupt its graph
             with torch.no_grad(), self.old_policy_weights():
-                x0_old, _ = self.denoise(self.unet, x_t, timesteps, embeds, abar)
-        x0_pred, eps_pred = self.denoise(self.unet, x_t, timesteps, embeds, abar)
+                x0_old, raw_old = self.denoise(self.unet, x_t, timesteps, embeds, abar)
+        x0_pred, raw = self.denoise(self.unet, x_t, timesteps, embeds, abar)
         if t.algorithm == "awm":
-            loss, info = awm_loss(eps_pred, noise, weights[i])
+            target = matching_target(x0, noise, abar, self.prediction_space)
+            loss, info = awm_loss(raw, target, weights[i], raw_old if needs_old else None, t.awm_ema_kl)
         else:
             loss, info = nft_loss(x0_pred, x0_old, x0, weights[i], t.nft_beta, t.adv_clip_max)
         if t.kl_coef > 0:
             with torch.no_grad(), self.base_model() as base:
-                _, eps_ref = self.denoise(base, x_t, timesteps, embeds, abar)
-            kl = prediction_kl(eps_pred, eps_ref).mean()
+                _, raw_ref = self.denoise(base, x_t, timesteps, embeds, abar)
+            kl = prediction_kl(raw, raw_ref).mean()
             loss = loss + t.kl_coef * kl
             info["kl"] = kl.detach()
         info["loss"] = loss.detach()
         return loss, info
 
+    @property
+    def prediction_space(self) -> str:
+        """The space of the model's pretraining loss (:func:`~ddpo.policy.forward.matching_target`): ``flow`` for a
+        flow-matching model, else the scheduler's ``prediction_type``."""
+        return "flow" if self.family.flow_matching else self.scheduler.config.prediction_type
+
     def denoise(
         self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds, abar: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0_hat, eps_hat)`` float32 of ``model`` at ``(x_t, t, c)`` (the conditional model, no CFG), under the
-        run's autocast, whatever the model's prediction type (``abar``: ``alpha_bar_t``, or ``sigma`` for a
-        flow-matching model, whose output is the velocity)."""
+        """``(x0_hat, output)`` float32 of ``model`` at ``(x_t, t, c)`` (the conditional model, no CFG), under the
+        run's autocast: its ``x0`` prediction whatever the model's prediction type, and its raw output (the velocity
+        of a flow-matching model, else noise, v or x0 as the scheduler's ``prediction_type`` says; ``abar``:
+        ``alpha_bar_t``, or ``sigma`` for a flow-matching model)."""
         denoiser = self.family.bind(model, self.settings.guidance_scale)
         with autocast(x_t.device, self.config.mixed_precision):
             output = denoiser(x_t, timesteps, embeds)
         if self.family.flow_matching:
-            return flow_predictions(output, x_t, abar)
-        return predictions(output, x_t, abar, self.scheduler.config.prediction_type)
+            return flow_predictions(output, x_t, abar)[0], output.float()
+        return predictions(output, x_t, abar, self.scheduler.config.prediction_type)[0], output.float()
 
     @contextlib.contextmanager
     def old_policy_weights(self):
@@ -745,6 +761,12 @@ class Trainer:
             with torch.no_grad():
                 for param, value in zip(self.params, current, strict=True):
                     param.copy_(value)
+
+    @property
+    def samples_with_old_policy(self) -> bool:
+        """Whether training batches are sampled with the old policy's weights (DiffusionNFT, as its reference does)."""
+        t = self.config.train
+        return t.algorithm == "nft" and t.nft_sample_policy == "old"
 
     def update_old_policy(self) -> float:
         """DiffusionNFT's once-per-epoch update ``old = d * old + (1 - d) * current`` with ``d`` from the global step
@@ -821,7 +843,7 @@ class Trainer:
             os.replace(tmp, path)
 
     def old_policy_state(self) -> dict[str, torch.Tensor] | None:
-        """DiffusionNFT's old-policy weights by trainable-parameter name (``old_policy.<name>``), or None."""
+        """The old policy's weights (DiffusionNFT, AWM with train.awm_ema_kl) by trainable-parameter name (``old_policy.<name>``), or None."""
         if self.old_params is None:
             return None
         return {f"old_policy.{name}": p for name, p in zip(self.trainable_names, self.old_params, strict=True)}
@@ -896,7 +918,10 @@ class Trainer:
             old = data["extra"] or {}
             missing = [name for name in self.trainable_names if f"old_policy.{name}" not in old]
             if missing:
-                raise ValueError(f"{path} has no DiffusionNFT old-policy weights for {missing[:3]}; was it an nft run?")
+                raise ValueError(
+                    f"{path} has no old-policy weights for {missing[:3]}; was it a run of train.algorithm=nft, or awm "
+                    "with train.awm_ema_kl > 0?"
+                )
             with torch.no_grad():
                 for name, param in zip(self.trainable_names, self.old_params, strict=True):
                     param.copy_(old[f"old_policy.{name}"].to(param.device, param.dtype))
