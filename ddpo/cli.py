@@ -117,16 +117,27 @@ def _ablate(args: argparse.Namespace) -> int:
     return ablate.main(args.grid, parallel=args.parallel, output_dir=args.output_dir, dry_run=args.dry_run)
 
 
-def _sampler_arguments(parser: argparse.ArgumentParser, count: int | None, out: str) -> None:
+def _sampler_arguments(
+    parser: argparse.ArgumentParser, count: int | None, out: str, seeds: tuple[int, ...] | None = (0,)
+) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts", metavar="SET_OR_FILE", help="a shipped prompt set or a text file, one per line")
     parser.add_argument(
         "--count",
         type=int,
         default=count,
-        help=f"prompts drawn from the set (the fixed draw of the trainer's held-out evaluation; default: {count or 'all'})",
+        help="prompts drawn from the set (the fixed draw of the trainer's held-out evaluation; default: "
+        + (str(count) if count else "all" if seeds is not None else "64, all with --pass-at")
+        + ")",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, each with every prompt")
+    seed_default = "0" if seeds is not None else "0; with --pass-at K: max(K) seeds from 1000"
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None if seeds is None else list(seeds),
+        help=f"noise seeds, each with every prompt (default {seed_default})",
+    )
     parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.num_steps, else 20)")
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the run's, else 5)")
     parser.add_argument(
@@ -170,10 +181,34 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_reward(args: argparse.Namespace, config: dict | None):
+    """The reward of ``ddpo eval``: ``--reward`` (with ``--reward-options``), else the run's own, else (a base model
+    alone) ``world`` for the shipped world models."""
+    import rewards
+
+    if args.reward:
+        options = yaml.safe_load(args.reward_options) if args.reward_options else {}
+        if not isinstance(options, dict):
+            raise ValueError(
+                f"--reward-options must be a YAML mapping like '{{quality: 80}}'; got {args.reward_options!r}"
+            )
+        return rewards.get_reward(args.reward, **options)
+    if args.reward_options:
+        raise ValueError("--reward-options needs --reward NAME (without it the run's own reward and options are used)")
+    if config is not None:
+        return rewards.get_reward(config["reward"]["name"], **config["reward"].get("options", {}))
+    if args.model in WORLD_MODELS:
+        return rewards.get_reward("world")
+    raise ValueError(f"ddpo eval --model {args.model}: name the reward to score it with (--reward NAME)")
+
+
+WORLD_MODELS = ("world", "world_flow")
+"""The shipped world models: ``ddpo eval --model`` defaults to the ``world`` reward, the ``world_heldout`` prompts and
+the sampler of the preset of the same name for them."""
+
+
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
-
-    import rewards
 
     from .tools import sample
 
@@ -181,38 +216,72 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("ddpo eval: give one run (base vs run) or two runs (run vs run)")
     if args.base and len(args.runs) == 2:
         raise ValueError("ddpo eval: --base compares a model with ONE run; with two runs give no --base")
-    after_dir = Path(args.runs[-1])
-    config = sample.read_run_config(after_dir)
-    if args.reward:
-        options = yaml.safe_load(args.reward_options) if args.reward_options else {}
-        if not isinstance(options, dict):
-            raise ValueError(
-                f"--reward-options must be a YAML mapping like '{{quality: 80}}'; got {args.reward_options!r}"
-            )
-        reward = rewards.get_reward(args.reward, **options)
+    if args.model and (args.runs or args.base):
+        raise ValueError("ddpo eval: --model evaluates one base model alone; give it without RUN_DIR and --base")
+    if not args.model and not args.runs:
+        raise ValueError("ddpo eval: give a run (RUN_DIR), two runs, or a base model (--model NAME --pass-at K ...)")
+    if args.model and not args.pass_at:
+        raise ValueError(
+            "ddpo eval --model needs --pass-at K ... (a base model alone has nothing to be compared with); "
+            "to compare a base with a run give the run and --base MODEL"
+        )
+    config = sample.read_run_config(args.runs[-1]) if args.runs else None
+    reward = _eval_reward(args, config)
+    if args.pass_at and not _has_checks(reward):
+        raise ValueError(
+            f"--pass-at needs a reward with pass/fail checks (one that defines pass_fail, like world); "
+            f"{reward.name!r} has none"
+        )
+    if config is not None:
+        default_set = config.get("eval_prompts") or config.get("prompts")
     else:
-        if args.reward_options:
-            raise ValueError(
-                "--reward-options needs --reward NAME (without it the run's own reward and options are used)"
-            )
-        reward = rewards.get_reward(config["reward"]["name"], **config["reward"].get("options", {}))
-    default_set = config.get("eval_prompts") or config.get("prompts")
-    prompts = sample.resolve_prompts(args.prompt, args.prompts, args.count, default_set)
-    after = sample.load_model(run=after_dir)
-    if len(args.runs) == 2:
-        before = sample.load_model(run=args.runs[0])
+        default_set = "world_heldout" if args.model in WORLD_MODELS else None
+    # pass@k is over the whole prompt set unless --count says otherwise; the paired evaluation draws 64 by default.
+    count = args.count if args.count is not None else (None if args.pass_at else 64)
+    prompts = sample.resolve_prompts(args.prompt, args.prompts, count, default_set)
+    seeds = sample.pass_at_seeds(args.pass_at, args.seeds) if args.pass_at else (args.seeds or [0])
+    if args.model:
+        models = [sample.load_model(model=args.model)]
+        models[0].sampler = _preset_sampler(args.model)
     else:
-        base = args.base or config["model"]["pretrained"]
-        before = sample.load_model(model=base)
-        if not args.base:
-            before.label = f"base {base}"
-    options = _sampler_options(args, after)
-    result = sample.evaluate(before, after, reward, prompts, args.seeds, options)
-    out = Path(args.out) if args.out else after_dir / "eval"
+        after = sample.load_model(run=args.runs[-1])
+        if len(args.runs) == 2:
+            before = sample.load_model(run=args.runs[0])
+        else:
+            base = args.base or config["model"]["pretrained"]
+            before = sample.load_model(model=base)
+            if not args.base:
+                before.label = f"base {base}"
+        models = [before, after]
+    options = _sampler_options(args, models[-1])
+    out = Path(args.out) if args.out else (Path(args.runs[-1]) / "eval" if args.runs else Path("ddpo-eval"))
+    if args.pass_at:
+        results = [sample.pass_at_k_eval(m, reward, prompts, seeds, args.pass_at, options) for m in models]
+        path = sample.write_pass_at_k(results, out)
+        print(sample.format_pass_at_k(results))
+        print(f"  per-image checks: {path.with_suffix('.csv')}; tables: {path}")
+        return 0
+    result = sample.evaluate(models[0], models[1], reward, prompts, seeds, options)
     paths = sample.write_eval(result, out)
     print(sample.format_summary(result.summary()))
     print(f"  per-image scores: {paths['scores']}; before/after grid: {paths['grid']}")
     return 0
+
+
+def _has_checks(reward) -> bool:
+    """Whether ``reward`` reports pass/fail checks (:meth:`rewards.Reward.pass_fail` overridden)."""
+    import rewards
+
+    method = getattr(type(reward), "pass_fail", None)
+    return method is not None and method is not rewards.Reward.pass_fail
+
+
+def _preset_sampler(model: str) -> dict:
+    """The ``sample:`` settings of the preset named like a shipped world model (``world``, ``world_flow``), the
+    defaults of ``ddpo eval --model`` for it; empty for any other model."""
+    from .training.config import preset_data, preset_names
+
+    return dict(preset_data(model).get("sample", {})) if model in WORLD_MODELS and model in preset_names() else {}
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
@@ -297,11 +366,25 @@ def build_parser() -> argparse.ArgumentParser:
         "scores (scores.csv), means, the paired change and its standard error, per-component means, and a "
         "before/after grid. One run: its base model vs the run; two runs: the first vs the second.",
     )
-    evaluate.add_argument("runs", nargs="+", metavar="RUN_DIR", help="one run (base vs run) or two (run vs run)")
+    evaluate.add_argument("runs", nargs="*", metavar="RUN_DIR", help="one run (base vs run) or two (run vs run)")
     evaluate.add_argument("--base", help="compare this base model (not the run's own) with the run")
+    evaluate.add_argument(
+        "--model",
+        help="a base model alone (world, world_flow, a hub id or folder), with --pass-at; for world and world_flow "
+        "the reward, prompts (world_heldout) and sampler default to those of the preset of the same name",
+    )
+    evaluate.add_argument(
+        "--pass-at",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="pass@k of each check and of all checks together (unbiased estimator over max(K) samples a prompt, "
+        "noise seeds 1000.. unless --seeds), over every prompt of the set unless --count; for a run, of its base "
+        "and of the run",
+    )
     evaluate.add_argument("--reward", help="reward name or import path (default: the run's reward and options)")
     evaluate.add_argument("--reward-options", metavar="YAML", help="options of --reward, e.g. '{quality: 80}'")
-    _sampler_arguments(evaluate, 64, "RUN_DIR/eval of the (last) run")
+    _sampler_arguments(evaluate, None, "RUN_DIR/eval of the (last) run, ./ddpo-eval with --model", seeds=None)
     evaluate.set_defaults(func=_eval)
 
     serve = sub.add_parser(

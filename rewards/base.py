@@ -47,6 +47,11 @@ class Reward:
         """Scalars describing the last call (e.g. ``{"reward/brightness_mean": 0.4}``)."""
         return {}
 
+    def pass_fail(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor] | None:
+        """Whether each sample passes each of the reward's pass/fail checks: bool ``[B]`` per check name, plus
+        ``all`` (every check passed), for ``ddpo eval --pass-at``. None (the default) for a reward without checks."""
+        return None
+
     def update(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         """Learn from the epoch's fresh samples (only online rewards do anything). Returns scalars to log."""
         return {}

@@ -254,3 +254,13 @@ class WorldReward(Reward):
 
     def last_info(self) -> dict[str, float]:
         return dict(self._info)
+
+    def pass_fail(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per sample, bool ``[B]``: each check passed for every object of the caption (``colour``, ``shape``,
+        ``count``, ``background``), and ``all`` of them (the ``exact`` of :meth:`last_info`). A caption outside the
+        grammar passes nothing."""
+        details = self.details(images, prompts)
+        valid = details["valid"] == 1
+        out = {check: (details[check] == 1) & valid for check in CHECKS}
+        out["all"] = (details["all"] == 1) & valid
+        return out

@@ -23,19 +23,24 @@ import yaml
 from ..models import load_pipeline, resolve_family
 from ..models.family import LOAD_OPTIONS
 from ..training.config import SampleConfig
-from ..training.evaluation import eval_prompt_list, paired_change
+from ..training.evaluation import eval_prompt_list, mean_and_se, paired_change, pass_at_k
 from ..training.prompts import load_prompts
 from ..training.visualize import image_grid
 
 __all__ = [
+    "PASS_AT_SEED_BASE",
     "EvalResult",
     "Model",
+    "PassAtK",
     "SamplerOptions",
     "evaluate",
     "load_model",
+    "pass_at_k_eval",
+    "pass_at_seeds",
     "resolve_prompts",
     "sample_images",
     "write_eval",
+    "write_pass_at_k",
     "write_samples",
 ]
 
@@ -344,3 +349,137 @@ def format_summary(summary: dict[str, Any]) -> str:
         if key.startswith(("component/", "info/")):
             lines.append(f"  {key.split('/', 1)[1]}: {value['before']:.4g} -> {value['after']:.4g}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ddpo eval --pass-at
+# ---------------------------------------------------------------------------------------------------------------------
+
+PASS_AT_SEED_BASE = 1000
+"""``ddpo eval --pass-at K ...`` draws sample ``j`` of every prompt from noise seed ``PASS_AT_SEED_BASE + j`` unless
+``--seeds`` is given: seeds that no preset, test or tuning run of the package uses (the trainer's evaluation draws its
+noise from the run's own streams, ``ddpo eval`` defaults to seed 0, and the all-prompt checks use seeds 10 and 11)."""
+
+
+def pass_at_seeds(ks: list[int], seeds: list[int] | None) -> list[int]:
+    """The noise seeds of a pass@k evaluation: ``seeds`` if given (at least ``max(ks)`` distinct ones), else
+    ``max(ks)`` seeds from :data:`PASS_AT_SEED_BASE`."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--pass-at takes one or more k >= 1, e.g. --pass-at 1 4 16; got {ks}")
+    if seeds is None:
+        return list(range(PASS_AT_SEED_BASE, PASS_AT_SEED_BASE + max(ks)))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct for --pass-at (each is one sample of every prompt); got {seeds}")
+    if len(seeds) < max(ks):
+        raise ValueError(
+            f"--pass-at {max(ks)} needs at least {max(ks)} samples per prompt, but --seeds gives {len(seeds)}: "
+            f"give {max(ks)} seeds or leave --seeds out ({max(ks)} seeds from {PASS_AT_SEED_BASE})"
+        )
+    return list(seeds)
+
+
+@dataclass
+class PassAtK:
+    """pass@k of one model over ``prompts`` (distinct), each sampled once per seed.
+
+    ``passed[check]`` is bool ``[P, n]`` (prompt ``p``, seed ``j``) for each check of the reward and ``all``;
+    ``rewards`` the reward ``[P, n]``."""
+
+    label: str
+    prompts: list[str]
+    seeds: list[int]
+    ks: list[int]
+    passed: dict[str, torch.Tensor]
+    rewards: torch.Tensor
+
+    def table(self) -> dict[str, Any]:
+        """``{"reward_mean": (mean, se), "checks": {check: {k: (mean, se)}}}``; standard errors over prompts."""
+        per_prompt_reward = self.rewards.to(torch.float64).mean(1)
+        checks = {
+            check: {k: mean_and_se(pass_at_k(passed, k)) for k in self.ks} for check, passed in self.passed.items()
+        }
+        return {"reward_mean": mean_and_se(per_prompt_reward), "checks": checks}
+
+
+def pass_at_k_eval(
+    model: Model, reward, prompts: list[str], seeds: list[int], ks: list[int], options: SamplerOptions
+) -> PassAtK:
+    """Sample every prompt with every seed (same noise per seed for every model) and record which checks pass."""
+    prompts = list(dict.fromkeys(prompts))  # pass@k is per prompt: each prompt once
+    image_prompts, image_seeds = expand(prompts, seeds)
+    images = sample_images(model.pipe, image_prompts, image_seeds, options)
+    passed: dict[str, list[torch.Tensor]] = {}
+    values: list[torch.Tensor] = []
+    from rewards import check_reward_output
+
+    for first in range(0, len(image_prompts), options.batch_size):
+        chunk, chunk_prompts = (
+            images[first : first + options.batch_size],
+            image_prompts[first : first + options.batch_size],
+        )
+        with torch.no_grad():
+            values.append(check_reward_output(reward(chunk, chunk_prompts), len(chunk_prompts), reward.name).cpu())
+            checks = reward.pass_fail(chunk, chunk_prompts)
+        for name, value in checks.items():
+            passed.setdefault(name, []).append(value.bool().cpu())
+    shape = (len(prompts), len(seeds))
+    return PassAtK(
+        label=model.label,
+        prompts=prompts,
+        seeds=list(seeds),
+        ks=list(ks),
+        passed={name: torch.cat(parts).view(shape) for name, parts in passed.items()},
+        rewards=torch.cat(values).view(shape),
+    )
+
+
+def format_pass_at_k(results: list[PassAtK]) -> str:
+    """One table per model: pass@k per check and for all checks together, mean ± standard error over prompts."""
+    first = results[0]
+    lines = [
+        f"ddpo eval --pass-at: {len(first.prompts)} prompts x {len(first.seeds)} noise seeds "
+        f"({first.seeds[0]}..{first.seeds[-1]}); mean +- standard error over prompts"
+    ]
+    for result in results:
+        table = result.table()
+        mean, se = table["reward_mean"]
+        lines.append(f"  {result.label}: mean reward {mean:.4f} +- {se:.3f}")
+        lines.append("    " + f"{'check':<12}" + "".join(f"{'pass@' + str(k):>18}" for k in result.ks))
+        for check, row in table["checks"].items():
+            cells = "".join(f"{f'{m:.3f} +- {s:.3f}':>18}" for m, s in row.values())
+            lines.append("    " + f"{check:<12}" + cells)
+    return "\n".join(lines)
+
+
+def write_pass_at_k(results: list[PassAtK], out: str | Path) -> Path:
+    """``out/pass_at_k.json`` (every model's table, prompts and seeds) and ``out/pass_at_k.csv`` (one row per model,
+    prompt and seed: the reward and each check)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for result in results:
+        table = result.table()
+        summary.append(
+            {
+                "model": result.label,
+                "prompts": len(result.prompts),
+                "seeds": result.seeds,
+                "reward_mean": table["reward_mean"][0],
+                "reward_mean_se": table["reward_mean"][1],
+                "pass_at": {
+                    check: {str(k): {"mean": m, "se": s} for k, (m, s) in row.items()}
+                    for check, row in table["checks"].items()
+                },
+            }
+        )
+    (out / "pass_at_k.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out / "pass_at_k.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        checks = list(results[0].passed)
+        writer.writerow(["model", "prompt", "seed", "reward", *checks])
+        for result in results:
+            for p, prompt in enumerate(result.prompts):
+                for j, seed in enumerate(result.seeds):
+                    row = [result.label, prompt, seed, f"{result.rewards[p, j].item():.8g}"]
+                    writer.writerow(row + [int(result.passed[c][p, j]) for c in checks])
+    return out / "pass_at_k.json"
