@@ -228,6 +228,18 @@ def test_report_cli_writes_figures_and_html_for_a_run_and_an_ablation(finished_g
     assert "<img src='before_after.png'>" in (tmp_path / "run" / "index.html").read_text()
     evals = load_run(run).evals  # plotted on rewards.png next to the batch means
     assert evals.epoch.tolist() == [0, 2] and evals.samples.tolist() == [2, 2]
+    # The page's table of reward against samples seen: one row per epoch, the held-out reward where one was taken.
+    metrics = load_run(run).metrics
+    page = (tmp_path / "run" / "index.html").read_text()
+    table = page.split("<h2>Reward against samples seen</h2>", 1)[1].split("</table>", 1)[0]
+    rows = table.split("<tr>")[2:]  # after the header row
+    assert len(rows) == 1 + len(metrics)
+    assert rows[0].startswith(f"<td>0</td><td>0</td><td></td><td>{evals.reward_mean[0]:.4g}</td>")
+    last = metrics.iloc[-1]
+    assert rows[-1].startswith(
+        f"<td>{int(last.samples):,}</td><td>{int(last.epoch) + 1}</td><td>{last.reward_mean:.4g}</td>"
+        f"<td>{evals.reward_mean[1]:.4g}</td>"
+    )
 
     assert main(["report", str(finished_grid.output_dir), "--out", str(tmp_path / "ablation")]) == 0
     page = (tmp_path / "ablation" / "index.html").read_text()

@@ -123,3 +123,18 @@ def test_presets_prints_whole_descriptions(capsys):
             comment.append(line.lstrip("#"))
         words = " ".join(" ".join(comment).split())
         assert f"{name} {words}" in printed, name
+
+
+def test_reward_against_samples_merges_evaluations_into_their_epochs():
+    from ddpo.training.runlog import reward_against_samples
+
+    metrics = [{"epoch": e, "samples": 64 * (e + 1), "reward_mean": 0.1 * e} for e in range(3)]
+    evals = [{"epoch": 0, "reward_mean": 0.30}, {"epoch": 2, "reward_mean": 0.35}, {"epoch": 3, "reward_mean": 0.4}]
+    rows = reward_against_samples(metrics, evals)
+    assert [(r["samples_seen"], r["epoch"], r["train_reward"], r["heldout_reward"]) for r in rows] == [
+        (0, 0, None, 0.30),
+        (64, 1, 0.0, None),
+        (128, 2, 0.1, 0.35),
+        (192, 3, 0.2, 0.4),
+    ]
+    assert reward_against_samples([], []) == []

@@ -124,6 +124,11 @@ def test_held_out_evaluation_is_paired_across_runs_and_reported(fast_overrides, 
     mean = sum(diff) / 4
     se = (sum((d - mean) ** 2 for d in diff) / 3) ** 0.5 / 2
     assert f"paired change {mean:+.4f} +- {se:.2g} (standard error over the 4 images" in out
+    # Held-out reward against samples seen: 4 samples an epoch (2 batches of 2), evaluations after 0 and 2 epochs.
+    assert (
+        f"held-out reward against samples seen: 0 -> {evals[1][0]['reward_mean']:.4g}, "
+        f"8 -> {evals[1][1]['reward_mean']:.4g}"
+    ) in out
     # The prompts are a fixed draw of the set (distinct while the set is large enough); the grid shows chunk 0.
     prompts = eval_prompt_list(load_prompts("simple_animals"), 4)
     assert len(set(prompts)) == 4 and set(prompts) <= set(load_prompts("simple_animals"))

@@ -29,7 +29,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..training.runlog import read_jsonl
+from ..training.runlog import read_jsonl, reward_against_samples
 from .plots import axes_grid, plot_reward_vs_queries, save_figure
 
 __all__ = [
@@ -365,6 +365,19 @@ def write_run_report(
     for name, (heading, fig) in figures.items():
         save_figure(fig, out / name)
         body.append(f"<h2>{html.escape(heading)}</h2>\n<img src='{name}'>")
+    seen = reward_against_samples(read_jsonl(run.path / "metrics.jsonl"), read_jsonl(run.path / "eval.jsonl"))
+    if seen:
+
+        def cell(value: float | None) -> str:
+            return "" if value is None else f"{value:.4g}"
+
+        rows = "".join(
+            f"<tr><td>{r['samples_seen']:,}</td><td>{r['epoch']}</td><td>{cell(r['train_reward'])}</td>"
+            f"<td>{cell(r['heldout_reward'])}</td></tr>"
+            for r in seen
+        )
+        header = "<tr><th>samples seen</th><th>epochs</th><th>training batch reward</th><th>held-out reward</th></tr>"
+        body.append(f"<h2>Reward against samples seen</h2>\n<table class='seen'>{header}{rows}</table>")
     last = run.metrics.iloc[-1].to_dict() if len(run.metrics) else {}
     table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{v:.6g}</td></tr>" for k, v in last.items())
     body.insert(0, f"<p>Run directory: <code>{html.escape(str(run.path.resolve()))}</code></p>")

@@ -79,7 +79,7 @@ from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
 from .killpoints import kill_point
 from .progress import EpochProgress, describe_batch_sizes
 from .prompts import derive_seed, draw_prompts, load_prompts
-from .runlog import append_jsonl, read_jsonl
+from .runlog import append_jsonl, read_jsonl, reward_against_samples
 from .visualize import save_image_grid
 
 # Stream identifiers for derive_seed: each random stream of the run gets its own (4 and 5: held-out evaluation).
@@ -363,6 +363,12 @@ class Trainer:
             ]
             if parts:
                 lines.append("    " + ", ".join(parts))
+            seen = [r for r in reward_against_samples(metrics, evals) if r["heldout_reward"] is not None]
+            if seen:
+                lines.append(
+                    "    held-out reward against samples seen: "
+                    + ", ".join(f"{r['samples_seen']:,} -> {r['heldout_reward']:.4g}" for r in seen)
+                )
             grids = sorted((self.run_dir / "samples").glob("eval_epoch_*.png"))
             if grids:
                 lines.append(f"  held-out grids (same prompts and noise): {grids[0].resolve()} vs {grids[-1].name}")
