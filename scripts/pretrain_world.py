@@ -176,6 +176,24 @@ def train_vae(pipe, args) -> None:
         f"held-out recon MSE {F.mse_loss(recon, images).item():.5f}"
     )
     save_grid(torch.cat([images[:16], recon[:16]]).add(1).div(2), args.work / "vae_recon.png", nrow=16)
+    check = reconstruction_check(vae, args)
+    (args.work / "vae_check.json").write_text(json.dumps(check, indent=2))
+    log(f"vae: world checks on reconstructions of held-out renders {json.dumps(check)}")
+
+
+@torch.no_grad()
+def reconstruction_check(vae, args, count: int = 256) -> dict[str, float]:
+    """The ``world`` reward's checks on VAE reconstructions of renders of held-out captions (the most any denoiser on
+    this latent space can reach): per-check pass rates and ``exact`` (all checks passed)."""
+    from rewards.world import WorldReward
+
+    _, heldout = world.split_captions(args.prompt_seed)
+    rng = np.random.default_rng(step_seed(args.seed, "vae", 10**6 + 1))
+    prompts = [heldout[i] for i in rng.integers(len(heldout), size=count)]
+    images = world.render([world.sample_scene(rng, p) for p in prompts]) * 2 - 1
+    recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in images.split(128)])
+    checks = WorldReward().pass_fail(recon.add(1).div(2).clamp(0, 1), prompts)
+    return {name: value.float().mean().item() for name, value in checks.items()}
 
 
 def train_decoder(pipe, args) -> None:
@@ -216,6 +234,9 @@ def train_decoder(pipe, args) -> None:
         images = world.render(world.sample_scenes(args.scale_images, step_seed(args.seed, "vae", 10**6))) * 2 - 1
         recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in images.split(128)])
     log(f"decoder: held-out recon MSE {F.mse_loss(recon, images).item():.5f}")
+    check = reconstruction_check(vae, args)
+    (args.work / "decoder_check.json").write_text(json.dumps(check, indent=2))
+    log(f"decoder: world checks on reconstructions of held-out renders {json.dumps(check)}")
     save_grid(torch.cat([images[:16], recon[:16]]).add(1).div(2), args.work / "decoder_recon.png", nrow=16)
 
 
@@ -270,6 +291,11 @@ def train_unet(pipe, args) -> None:
         seed = step_seed(args.seed, "unet", step)
         prompts, latents, generator = captioned_latents(seed, train_captions, args.batch, args.cond_drop, vae)
         noise = torch.randn(latents.shape, generator=generator)
+        if args.offset_noise > 0:
+            # Offset noise (Guttenberg 2023): a per-sample, per-channel constant in the noise, so that the model learns
+            # to move an image's mean colour; without it the SD schedule's last steps leave the mean of x_T in the
+            # image and black backgrounds come out grey.
+            noise = noise + args.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(tokens(prompts))[0]
@@ -432,7 +458,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared 2-core box)"
     )
-    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
@@ -446,12 +472,15 @@ def main() -> None:
     parser.add_argument("--decoder-steps", type=int, default=800)
     parser.add_argument("--decoder-batch", type=int, default=16)
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--min-snr-gamma", type=float, default=5.0)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    parser.add_argument(
+        "--offset-noise", type=float, default=0.1, help="std of a per-channel constant added to the UNet's noise"
+    )
     parser.add_argument("--clip-steps", type=int, default=200)
     parser.add_argument("--clip-batch", type=int, default=64)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
@@ -477,6 +506,9 @@ def main() -> None:
     if "decoder" in phases:
         train_decoder(pipe, args)
         torch.save(pipe.vae.state_dict(), args.work / "vae_final.pt")
+        # The trained VAE beside the (seeded, untrained) text encoder, tokenizer and UNet: what
+        # scripts/pretrain_world_flow.py builds the flow twin from (--world-model), so that it can train beside the UNet.
+        pipe.save_pretrained(args.work / "world_model_vae", safe_serialization=True)
     if "clip" in phases:
         train_clip(args)
     if "unet" in phases:  # last, so that a run short of time can be finished from its latest checkpoint
