@@ -4,24 +4,23 @@ Phases (each reproducible from ``--seed``: the data and noise of step ``k`` are 
 ``(seed, phase, k)``, so a resumed phase sees exactly the batches an uninterrupted one would):
 
 1. ``vae``  — AutoencoderKL, 64 px RGB <-> 16x16x4 latents, L1 + MSE reconstruction and a small KL term; the
-   latent ``scaling_factor`` is then set to ``1 / std`` of the latents of fresh renders.
+   latent ``scaling_factor`` is then set to ``1 / std`` of the latents of fresh renders, and the ``world`` reward's
+   checks on reconstructions of held-out renders are written to ``WORK/vae_check.json`` (the ceiling of any denoiser
+   on this latent space).
 2. ``decoder`` — the VAE decoder alone fine-tuned on full images (encoder frozen: the latent space is unchanged,
    so this phase and ``unet`` are independent and may run as two processes at once).
 3. ``clip`` — a tiny open_clip model trained contrastively on (render, caption) pairs of the whole world.
 4. ``unet`` — UNet2DConditionModel and the CLIP text encoder trained jointly with the DDPM epsilon loss (min-SNR-5
-   weighting) on VAE latents of renders of the *train* captions; 10% of captions are dropped to "" so
-   classifier-free guidance works; the saved weights are an EMA of the trained ones.
+   weighting, offset noise ``--offset-noise``) on VAE latents of renders of the *train* captions; 10% of captions are
+   dropped to "" so classifier-free guidance works; the saved weights are an EMA of the trained ones.
 5. ``eval`` — the saved pipeline (reloaded with plain diffusers) samples 256 images over the held-out prompts
    (20 DDIM steps, eta 1, guidance 5) and the ``world`` reward scores them; writes ``eval.json`` and a grid.
 
-Usage (the shipped model: 1000 UNet steps, then resumed to 1600 with a fresh cosine tail)::
+Usage (the shipped model: the defaults; ``bash scripts/pretrain_world_all.sh [OUT [WORK]]`` runs the phases on both
+cores of a 2-core machine beside the flow twin's and rebuilt both shipped models in 67 min: docs/world.md, "How it was
+trained")::
 
     python scripts/pretrain_world.py --out world/assets --work /tmp/world_pretrain
-    python scripts/pretrain_world.py --out world/assets --work /tmp/world_pretrain --phases unet,eval --unet-steps 1600
-
-``bash scripts/pretrain_world_all.sh [OUT [WORK]]`` runs these phases with both cores of a 2-core machine (decoder
-and CLIP beside UNet steps 0-1000) and rebuilds the shipped files bit for bit in about 22 minutes (docs/world.md, "How it
-was trained").
 
 Single-threaded processes (``--threads 1``): on a shared 2-core machine two threads per process oversubscribe the
 cores and run several times slower.

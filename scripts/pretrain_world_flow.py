@@ -25,12 +25,11 @@ them equals attention over one of them with its logit raised by ``log 256``. Tra
 token and an additive attention bias, :class:`CollapsedJointAttnProcessor`): 142 tokens a sample instead of 397, the
 same function up to float rounding (checked at start-up against the uncollapsed forward).
 
-Usage (the shipped twin: 1100 steps, then resumed to 1700 with a fresh cosine tail, as the UNet model was)::
+Usage (the shipped twin: the defaults, 3500 steps, built by ``bash scripts/pretrain_world_all.sh`` beside the UNet
+model from the VAE its decoder phase saves in ``WORK/world_model_vae``)::
 
-    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases transformer --steps 1100
-    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases transformer --steps 1700
+    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --world-model WORK/world_model_vae
     python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases tune
-    python scripts/pretrain_world_flow.py --out world/assets --work /tmp/world_flow --phases eval --guidance 2.0
 
 Checkpoints go to ``--work`` every ``--save-every`` steps; rerunning the same command resumes. A run short of time is
 finished from its latest checkpoint by rerunning with ``--steps`` at most the checkpoint's step (the loop is skipped
