@@ -284,3 +284,5 @@ def test_awm_with_its_proximal_term_keeps_an_old_policy_and_resumes_exactly(fast
     assert rows[0]["ema_kl"] >= 0 and rows[1]["old_policy_decay"] > 0
     with pytest.raises(ConfigError, match="awm_ema_kl must be >= 0"):
         build_config(preset="tiny", overrides=["train.algorithm=awm", "train.awm_ema_kl=-1"])
+    with pytest.raises(ConfigError, match="does nothing with train.algorithm=nft"):
+        build_config(preset="tiny", overrides=["train.algorithm=nft", "train.awm_ema_kl=1"])

@@ -1,6 +1,6 @@
 """The PPO ratio is exactly 1 at an epoch's first optimiser step in every precision and batch layout (issue 18).
 
-On this CPU the tiny and the world pipelines give the same bf16 outputs for a row at any batch size, but a UNet with
+On the CPU these tests were written on (a 2-core Intel Xeon with AMX-BF16) the tiny and the world pipelines give the same bf16 outputs for a row at any batch size, but a UNet with
 a 768-d cross-attention (Stable Diffusion 1.5's) does not: its key/value projections of 77 tokens pick another bf16
 kernel for one prompt than for several, up to 1e-2 in a step's log-prob. :data:`BATCH_SENSITIVE_UNET` is the
 smallest config found that shows it (96/192 channels, 8x8 latents, a 32 -> 768 text projection so the text encoder
@@ -81,9 +81,13 @@ def test_ratio_is_one_at_the_first_step(sensitive_model, tmp_path, precision, tr
 
 
 def test_sampled_log_probs_differ_in_other_shapes_under_bf16(sensitive_model, tmp_path):
-    """The effect the recomputation removes is real here: forced to the log-probs recorded while sampling (as
-    before the fix), the first step's ratio is not 1 and the recomputation changes the log-probs."""
-    info = _first_epoch(sensitive_model, tmp_path, "bf16", 2, 2, mode="recompute")
-    assert info["old_log_prob_change_max"] > 1e-3
+    """The effect the recomputation removes is real where the CPU's bf16 kernels depend on the batch layout (the
+    2-core Intel Xeon with AMX-BF16 these tests were written on): the recomputation changes the log-probs recorded
+    while sampling. Where every layout gives the same bf16 rows (measured on a 2-core AMD EPYC: a change of exactly 0)
+    there is no effect to show, and the test says so instead of passing."""
     with pytest.raises(ConfigError, match="train.old_log_probs=sampled needs train.batch_size == sample.batch_size"):
         _first_epoch(sensitive_model, tmp_path, "bf16", 2, 2, mode="sampled")
+    info = _first_epoch(sensitive_model, tmp_path, "bf16", 2, 2, mode="recompute")
+    if info["old_log_prob_change_max"] == 0.0:
+        pytest.skip("this CPU's bf16 kernels give the same rows at every batch size: no layout effect to demonstrate")
+    assert info["old_log_prob_change_max"] > 1e-3

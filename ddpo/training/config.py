@@ -522,6 +522,11 @@ def validate(config: RunConfig) -> None:
     need(t.nft_beta > 0, f"train.nft_beta must be > 0; got {t.nft_beta}")
     need(t.awm_ema_kl >= 0, f"train.awm_ema_kl must be >= 0; got {t.awm_ema_kl}")
     need(
+        t.awm_ema_kl == 0 or t.algorithm == "awm",
+        f"train.awm_ema_kl is AWM's stabiliser and does nothing with train.algorithm={t.algorithm}: set it back to 0 "
+        "or use train.algorithm=awm",
+    )
+    need(
         t.nft_sample_policy in ("old", "current"),
         f"train.nft_sample_policy must be old or current; got {t.nft_sample_policy!r}",
     )

@@ -715,7 +715,7 @@ class Trainer:
             abar = alpha_bar(self.scheduler.alphas_cumprod, timesteps)
             x_t = add_noise(x0, noise, abar)
         embeds = samples.prompt_embeds[i]
-        needs_old = t.algorithm == "nft" or t.awm_ema_kl > 0
+        needs_old = self.old_params is not None  # NFT, or AWM with its proximal term
         if needs_old:  # before the policy's call: swapping weights after it would corrupt its graph
             with torch.no_grad(), self.old_policy_weights():
                 x0_old, raw_old = self.denoise(self.unet, x_t, timesteps, embeds, abar)
