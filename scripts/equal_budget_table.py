@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from pathlib import Path
 
+import torch
+
+from ddpo.training.evaluation import mean_and_se
 from ddpo.training.runlog import read_jsonl
 
 RUN_NAME = re.compile(r"^(?P<estimator>.+)_(?P<budget>\d+k)__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
@@ -83,13 +85,7 @@ def table(rows: list[dict]) -> tuple[str, dict]:
             if not runs:
                 out.append("not run")
                 continue
-            changes = [r["change"] for r in runs]
-            mean = sum(changes) / len(changes)
-            se = (
-                math.sqrt(sum((c - mean) ** 2 for c in changes) / (len(changes) - 1) / len(changes))
-                if len(changes) > 1
-                else float("nan")
-            )
+            mean, se = mean_and_se(torch.tensor([r["change"] for r in runs], dtype=torch.float64))
             stats[(estimator, budget)] = (mean, se, len(runs))
             seeds = ", ".join(f"{r['change']:+.3f} ± {r['change_se']:.3f}" for r in runs)
             minutes = sum(r["minutes"] for r in runs) / len(runs)

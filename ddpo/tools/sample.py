@@ -408,18 +408,12 @@ def pass_at_k_eval(
     prompts = list(dict.fromkeys(prompts))  # pass@k is per prompt: each prompt once
     image_prompts, image_seeds = expand(prompts, seeds)
     images = sample_images(model.pipe, image_prompts, image_seeds, options)
+    values, _, _ = score(reward, images, image_prompts, options.batch_size)
     passed: dict[str, list[torch.Tensor]] = {}
-    values: list[torch.Tensor] = []
-    from rewards import check_reward_output
-
     for first in range(0, len(image_prompts), options.batch_size):
-        chunk, chunk_prompts = (
-            images[first : first + options.batch_size],
-            image_prompts[first : first + options.batch_size],
-        )
+        chunk = images[first : first + options.batch_size]
         with torch.no_grad():
-            values.append(check_reward_output(reward(chunk, chunk_prompts), len(chunk_prompts), reward.name).cpu())
-            checks = reward.pass_fail(chunk, chunk_prompts)
+            checks = reward.pass_fail(chunk, image_prompts[first : first + options.batch_size])
         for name, value in checks.items():
             passed.setdefault(name, []).append(value.bool().cpu())
     shape = (len(prompts), len(seeds))
@@ -429,7 +423,7 @@ def pass_at_k_eval(
         seeds=list(seeds),
         ks=list(ks),
         passed={name: torch.cat(parts).view(shape) for name, parts in passed.items()},
-        rewards=torch.cat(values).view(shape),
+        rewards=torch.tensor(values).view(shape),
     )
 
 

@@ -15,8 +15,7 @@ def paired_change(before: list[float] | None, after: list[float] | None) -> tupl
     inputs); None when either is missing, their lengths differ or there are fewer than 2 pairs."""
     if not before or not after or len(before) != len(after) or len(before) < 2:
         return None
-    diff = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
-    return diff.mean().item(), (diff.std() / len(diff) ** 0.5).item()
+    return mean_and_se(torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64))
 
 
 def eval_prompt_list(prompts: list[str], count: int) -> list[str]:
