@@ -365,7 +365,7 @@ def write_run_report(
     for name, (heading, fig) in figures.items():
         save_figure(fig, out / name)
         body.append(f"<h2>{html.escape(heading)}</h2>\n<img src='{name}'>")
-    seen = reward_against_samples(read_jsonl(run.path / "metrics.jsonl"), read_jsonl(run.path / "eval.jsonl"))
+    seen = reward_against_samples(run.metrics.to_dict("records"), run.evals.to_dict("records"))
     if seen:
 
         def cell(value: float | None) -> str:
