@@ -118,8 +118,15 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _sampler_arguments(
-    parser: argparse.ArgumentParser, count: int | None, out: str, seeds: tuple[int, ...] | None = (0,)
+    parser: argparse.ArgumentParser,
+    count: int | None,
+    out: str,
+    seeds: tuple[int, ...] | None = (0,),
+    count_default: str | None = None,
+    seeds_default: str | None = None,
 ) -> None:
+    """The prompt, seed and sampler options of ``ddpo sample`` / ``eval``; ``count_default`` / ``seeds_default`` word
+    the help's defaults where the command resolves them itself (``count`` / ``seeds`` None)."""
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts", metavar="SET_OR_FILE", help="a shipped prompt set or a text file, one per line")
     parser.add_argument(
@@ -127,16 +134,14 @@ def _sampler_arguments(
         type=int,
         default=count,
         help="prompts drawn from the set (the fixed draw of the trainer's held-out evaluation; default: "
-        + (str(count) if count else "all" if seeds is not None else "64, all with --pass-at")
-        + ")",
+        f"{count_default or count or 'all'})",
     )
-    seed_default = "0" if seeds is not None else "0; with --pass-at K: max(K) seeds from 1000"
     parser.add_argument(
         "--seeds",
         type=int,
         nargs="+",
         default=None if seeds is None else list(seeds),
-        help=f"noise seeds, each with every prompt (default {seed_default})",
+        help=f"noise seeds, each with every prompt (default {seeds_default or ' '.join(map(str, seeds or ()))})",
     )
     parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.num_steps, else 20)")
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the run's, else 5)")
@@ -384,7 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--reward", help="reward name or import path (default: the run's reward and options)")
     evaluate.add_argument("--reward-options", metavar="YAML", help="options of --reward, e.g. '{quality: 80}'")
-    _sampler_arguments(evaluate, None, "RUN_DIR/eval of the (last) run, ./ddpo-eval with --model", seeds=None)
+    _sampler_arguments(
+        evaluate,
+        None,
+        "RUN_DIR/eval of the (last) run, ./ddpo-eval with --model",
+        seeds=None,
+        count_default="64, all with --pass-at",
+        seeds_default="0; with --pass-at K: max(K) seeds from 1000",
+    )
     evaluate.set_defaults(func=_eval)
 
     serve = sub.add_parser(
