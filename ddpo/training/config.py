@@ -108,6 +108,10 @@ class TrainConfig:
     forward process of clean samples (see :mod:`ddpo.policy.forward`)."""
     learning_rate: float = 3e-4
     """AdamW learning rate."""
+    lr_warmup_steps: int = 0
+    """Optimiser steps of linear learning-rate warm-up from ``learning_rate / lr_warmup_steps`` (0: none). Adam's
+    first update moves every coordinate by the full learning rate whatever the gradient's noise
+    (:func:`ddpo.training.optim.learning_rate_at`)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
@@ -503,6 +507,7 @@ def validate(config: RunConfig) -> None:
         "If you trust it, opt in with reward.trust_import_path=true (or `ddpo train --trust-import-path`)",
     )
     need(t.learning_rate > 0, f"train.learning_rate must be > 0; got {t.learning_rate}")
+    need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (0: no warm-up); got {t.lr_warmup_steps}")
     for key in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1; got {getattr(t, key)}")
     need(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1]; got {t.timestep_fraction}")

@@ -77,6 +77,7 @@ from .config import (
 )
 from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
 from .killpoints import kill_point
+from .optim import get_optimizer_class, learning_rate_at, set_learning_rate
 from .progress import EpochProgress, describe_batch_sizes
 from .prompts import derive_seed, draw_prompts, load_prompts
 from .runlog import append_jsonl, read_jsonl, reward_against_samples
@@ -639,6 +640,8 @@ class Trainer:
                                 "lower train.learning_rate or use mixed_precision=no. The last checkpoint is intact."
                             )
                         grad_norms.append(grad_norm.detach().float())
+                        lr = learning_rate_at(self.global_step, t.learning_rate, t.lr_warmup_steps)
+                        set_learning_rate(self.optimizer, lr)
                         self.global_step += 1
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -1072,21 +1075,6 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a writable output_dir"
         ) from None
-
-
-def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """``train.optimizer`` -> optimiser class: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes)."""
-    if name == "adamw":
-        return torch.optim.AdamW
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError as err:
-            raise ConfigError(
-                "train.optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` (or use train.optimizer=adamw)"
-            ) from err
-        return bitsandbytes.optim.AdamW8bit
-    raise ConfigError(f"train.optimizer must be adamw or adamw8bit; got {name!r}")
 
 
 def train(config: RunConfig, run_dir: Path | None = None) -> Path:
