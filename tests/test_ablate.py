@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -247,3 +248,31 @@ def test_report_cli_writes_figures_and_html_for_a_run_and_an_ablation(finished_g
     assert (tmp_path / "ablation" / "reward_vs_queries.png").is_file()
     assert main(["report", str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_extend_shorter_resumes_copies_and_equals_training_from_scratch(fast_settings, tmp_path, capsys):
+    """With ``extend_shorter``, a cell that differs from another only in num_epochs starts as a copy of the finished
+    shorter run and resumes; its weights equal those of the same cell trained from epoch 0."""
+    from safetensors.torch import load_file
+
+    algorithms = [
+        {"name": "is_1", "overrides": {"train.algorithm": "ddpo_is", "num_epochs": 1}},
+        {"name": "is_3", "overrides": {"train.algorithm": "ddpo_is", "num_epochs": 3}},
+        {"name": "rwr_3", "overrides": {"train.algorithm": "rwr", "num_epochs": 3}},  # nothing shorter: from scratch
+    ]
+    chained = parse_grid(
+        tiny_grid(fast_settings, tmp_path / "chained", algorithms=algorithms, seeds=[0], extend_shorter=True)
+    )
+    plain = parse_grid(tiny_grid(fast_settings, tmp_path / "plain", algorithms=algorithms, seeds=[0]))
+    run_grid(chained, dry_run=True)
+    dry = capsys.readouterr().out
+    assert "[extend is_1__jpeg__seed0] ddpo train --resume" in dry and dry.count("[extend") == 1
+    assert [o.returncode for o in run_grid(chained, in_process=True)] == [0, 0, 0]
+    assert [o.returncode for o in run_grid(plain, in_process=True)] == [0, 0, 0]
+    for name in ("is_3__jpeg__seed0", "rwr_3__jpeg__seed0"):
+        a, b = (load_file(g.runs_dir / name / "final" / "pytorch_lora_weights.safetensors") for g in (chained, plain))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    extended = chained.runs_dir / "is_3__jpeg__seed0"
+    assert [json.loads(line)["epoch"] for line in (extended / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert yaml.safe_load((extended / "config.yaml").read_text())["run_name"] == "is_3__jpeg__seed0"
+    assert run_grid(chained, dry_run=True) == []  # all three finished

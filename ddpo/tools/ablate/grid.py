@@ -12,7 +12,18 @@ import yaml
 
 from ...training.config import DEFAULT_PRESET, ConfigError, RunConfig, build_config, read_yaml, to_dict
 
-GRID_KEYS = {"name", "output_dir", "parallel", "threads", "final_epochs", "base", "algorithms", "rewards", "seeds"}
+GRID_KEYS = {
+    "name",
+    "output_dir",
+    "parallel",
+    "threads",
+    "final_epochs",
+    "extend_shorter",
+    "base",
+    "algorithms",
+    "rewards",
+    "seeds",
+}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Config keys that locate a run rather than define it: they may differ between a run directory and its cell.
 _LOCATION_KEYS = ("output_dir", "run_name", "num_epochs")
@@ -71,6 +82,11 @@ class Grid:
     parallel: int = 1
     threads: int = 1
     final_epochs: int = 1
+    extend_shorter: bool = False
+    """A cell whose config differs from a shorter cell's only in ``num_epochs`` starts as a copy of that finished run
+    and resumes to its own ``num_epochs`` (:func:`shorter_cell`), instead of training its first epochs again: a
+    budget sweep (1k, 2k, 4k samples) costs its longest runs only. Resuming is bit-identical to an uninterrupted run
+    on one machine kind (tests/test_train_e2e.py)."""
     cells: list[Cell] = field(default_factory=list)
 
     @property
@@ -91,6 +107,7 @@ class Grid:
             "parallel": self.parallel,
             "threads": self.threads,
             "final_epochs": self.final_epochs,
+            "extend_shorter": self.extend_shorter,
             "base": base,
             "algorithms": [a.entry for a in self.algorithms],
             "rewards": [r.entry for r in self.rewards],
@@ -167,6 +184,32 @@ def _variants(entries: Any, kind: str) -> list[Variant]:
     return variants
 
 
+def _bool(data: dict[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise GridError(f"grid: `{key}` must be true or false, got {value!r}")
+    return value
+
+
+def shorter_cell(grid: Grid, cell: Cell) -> Cell | None:
+    """The longest cell of ``grid`` with the same seed whose config equals ``cell``'s except for a smaller
+    ``num_epochs`` (and its location), or None. With ``grid.extend_shorter``, ``cell`` starts from its run."""
+
+    def key(c: Cell) -> dict[str, Any]:
+        data = to_dict(c.config)
+        for name in _LOCATION_KEYS:
+            data.pop(name, None)
+        return data
+
+    mine = key(cell)
+    shorter = [
+        other
+        for other in grid.cells
+        if other.config.num_epochs < cell.config.num_epochs and other.seed == cell.seed and key(other) == mine
+    ]
+    return max(shorter, key=lambda c: c.config.num_epochs, default=None)
+
+
 def _positive_int(data: dict[str, Any], key: str, default: int) -> int:
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -230,6 +273,7 @@ def parse_grid(
         parallel=parallel if parallel is not None else _positive_int(data, "parallel", 1),
         threads=_positive_int(data, "threads", 1),
         final_epochs=_positive_int(data, "final_epochs", 1),
+        extend_shorter=_bool(data, "extend_shorter", False),
     )
     if grid.parallel < 1:
         raise GridError(f"parallel must be >= 1, got {grid.parallel}")

@@ -17,7 +17,7 @@ import yaml
 
 from ...training.config import build_config, to_dict
 from ...training.runlog import read_jsonl
-from .grid import Cell, Grid, GridError
+from .grid import Cell, Grid, GridError, shorter_cell
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -42,9 +42,18 @@ def cell_state(cell: Cell) -> str:
 def cell_command(grid: Grid, cell: Cell, state: str, pinned: Path | None = None) -> list[str]:
     """Arguments of ``ddpo`` that (re)start ``cell`` from ``state``: the base preset / config file and the cell's
     overrides, or, with ``pinned``, the cell's fully resolved config file (what :func:`run_grid` launches, so that a
-    preset edited while a grid runs cannot change the cells that start later)."""
+    preset edited while a grid runs cannot change the cells that start later). ``extend``: resume the copy of the
+    shorter cell's run that :func:`run_grid` put in the cell's run directory."""
     if state == "resume":
         return ["train", "--resume", str(cell.run_dir), f"num_epochs={cell.config.num_epochs}"]
+    if state == "extend":
+        return [
+            "train",
+            "--resume",
+            str(cell.run_dir),
+            f"num_epochs={cell.config.num_epochs}",
+            f"run_name={cell.run_name}",
+        ]
     if pinned is not None:
         return ["train", "--config", str(pinned)]
     base = ["--preset", grid.preset] if grid.preset else ["--config", str(grid.config_file)]
@@ -80,6 +89,12 @@ def run_grid(grid: Grid, dry_run: bool = False, in_process: bool = False) -> lis
 def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]:
     plan = [(cell, cell_state(cell)) for cell in grid.cells]
     todo = [(cell, state) for cell, state in plan if state != "finished"]
+    # extend_shorter: a new cell waits for its shorter cell, then starts from a copy of that run.
+    shorter = {}
+    if grid.extend_shorter:
+        shorter = {cell.run_name: s for cell, state in todo if state == "new" and (s := shorter_cell(grid, cell))}
+    finished = {cell.run_name for cell, state in plan if state == "finished"}
+    failed: set[str] = set()
     counts = {s: sum(1 for _, state in plan if state == s) for s in ("finished", "resume", "restart", "new")}
     print(
         f"ddpo ablate: {grid.name}: {len(plan)} cells ({counts['finished']} finished, {counts['resume']} to resume, "
@@ -88,7 +103,11 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
     )
     if dry_run:
         for cell, state in todo:
-            print(f"[{state}] ddpo {' '.join(_quote(a) for a in cell_command(grid, cell, state))}")
+            if cell.run_name in shorter:
+                source = shorter[cell.run_name].run_name
+                print(f"[extend {source}] ddpo {' '.join(_quote(a) for a in cell_command(grid, cell, 'extend'))}")
+            else:
+                print(f"[{state}] ddpo {' '.join(_quote(a) for a in cell_command(grid, cell, state))}")
         return [CellOutcome(cell, state) for cell, state in todo]
     (grid.output_dir / "grid.yaml").write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
     logs = grid.output_dir / "logs"
@@ -103,20 +122,39 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
         status = "done" if outcome.returncode == 0 else f"FAILED (exit {outcome.returncode}; log: {outcome.log})"
         print(f"[{done}/{len(todo)}] {outcome.cell.run_name}: {status} in {outcome.seconds:.0f} s", flush=True)
 
+    def startable() -> tuple[Cell, str] | None:
+        """The first queued cell that waits for no shorter cell (removed from the queue), with its state."""
+        for item in list(queue):
+            cell, state = item
+            source = shorter.get(cell.run_name)
+            if source is not None and source.run_name not in finished | failed:
+                continue
+            queue.remove(item)
+            if source is not None and source.run_name in finished:
+                copy_run(source.run_dir, cell.run_dir)
+                return cell, "extend"
+            return cell, state  # no shorter cell, or it failed: trained from scratch
+        return None
+
     try:
         while queue or running:
             while queue and (len(running) < grid.parallel or in_process):
-                cell, state = queue.popleft()
+                item = startable()
+                if item is None:
+                    break
+                cell, state = item
                 if state == "restart" and cell.run_dir.exists():  # died before its first checkpoint: nothing to keep
                     shutil.rmtree(cell.run_dir)
                 outcome = CellOutcome(cell, state, log=logs / f"{cell.run_name}.log")
-                args = cell_command(grid, cell, state, pinned=_pin_config(grid, cell) if state != "resume" else None)
+                pinned = _pin_config(grid, cell) if state not in ("resume", "extend") else None
+                args = cell_command(grid, cell, state, pinned=pinned)
                 print(f"ddpo ablate: start {cell.run_name} ({state})", flush=True)
                 start = time.perf_counter()
                 if in_process:
                     outcome.returncode = _run_in_process(args)
                     outcome.seconds = time.perf_counter() - start
                     outcome.log = None
+                    (finished if outcome.returncode == 0 else failed).add(cell.run_name)
                     outcomes.append(outcome)
                     done += 1
                     report(outcome)
@@ -129,6 +167,8 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
                 )
                 running[process] = (outcome, start, log)
             if not running:
+                if queue:  # cannot happen: every cell waited for is queued, running or done
+                    raise GridError(f"cells wait for shorter cells that never ran: {[c.run_name for c, _ in queue]}")
                 continue
             time.sleep(0.2)
             for process in [p for p in running if p.poll() is not None]:
@@ -136,6 +176,7 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
                 log.close()
                 outcome.returncode = process.returncode
                 outcome.seconds = time.perf_counter() - start
+                (finished if outcome.returncode == 0 else failed).add(outcome.cell.run_name)
                 outcomes.append(outcome)
                 done += 1
                 report(outcome)
@@ -145,6 +186,16 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
             process.wait()
             log.close()
     return outcomes
+
+
+def copy_run(source: Path, target: Path) -> None:
+    """Copy the finished run ``source`` to ``target`` (absent) atomically: a copy interrupted half-way is never
+    taken for a run (it lies under a temporary name until complete)."""
+    tmp = target.with_name(f".copy-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, target)
 
 
 def _pin_config(grid: Grid, cell: Cell) -> Path:
