@@ -150,6 +150,11 @@ def _sampler_arguments(
         type=float,
         help="DDIM eta (default: the run's, else 1; flow-matching pipelines sample with their ODE and take no eta)",
     )
+    parser.add_argument(
+        "--scheduler",
+        help="sampler: ddim, ddpm, dpmsolver++, euler, ... (default: the run's sample.scheduler, else ddim; "
+        "flow-matching pipelines use their Euler ODE)",
+    )
     parser.add_argument("--negative-prompt", help="negative prompt (default: the run's, else empty)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     parser.add_argument("--out", help=f"output folder (default: {out})")
@@ -164,6 +169,7 @@ def _sampler_options(args: argparse.Namespace, model):
         guidance_scale=args.guidance,
         eta=args.eta,
         negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler,
         batch_size=args.batch_size,
     )
 

@@ -22,6 +22,7 @@ import yaml
 
 from ..models import load_pipeline, resolve_family
 from ..models.family import LOAD_OPTIONS
+from ..models.schedulers import SCHEDULERS, build_scheduler, is_known_scheduler
 from ..training.config import SampleConfig
 from ..training.evaluation import eval_prompt_list, mean_and_se, paired_change, pass_at_k
 from ..training.prompts import load_prompts
@@ -63,6 +64,8 @@ class SamplerOptions:
             raise ValueError(f"--batch-size must be at least 1; got {self.batch_size}")
         if self.eta < 0:
             raise ValueError(f"--eta must be >= 0; got {self.eta}")
+        if not is_known_scheduler(self.scheduler):
+            raise ValueError(f"--scheduler {self.scheduler!r} is not a sampler: use one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass
@@ -162,6 +165,7 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], options: SamplerOp
     ``__call__``, ``options.batch_size`` at a time: ``[N, 3, H, W]`` float32 in ``[0, 1]`` on the CPU."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    use_scheduler(pipe, options.scheduler)
     cfg = options.guidance_scale > 1
     out = []
     for first in range(0, len(prompts), options.batch_size):
@@ -180,6 +184,16 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], options: SamplerOp
             ).images
         out.append(images.float().cpu())
     return torch.cat(out)
+
+
+def use_scheduler(pipe, name: str) -> None:
+    """Give ``pipe`` the sampler ``name`` (a run's ``sample.scheduler``) on its own noise schedule, unless it has it
+    already. A flow-matching pipeline keeps its Euler ODE sampler (its SDE samplers exist only in training)."""
+    if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        return
+    wanted = build_scheduler(name, dict(pipe.scheduler.config))
+    if type(wanted) is not type(pipe.scheduler) or dict(wanted.config) != dict(pipe.scheduler.config):
+        pipe.scheduler = wanted
 
 
 def expand(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
