@@ -1,9 +1,10 @@
 """The equal-budget table of docs/results.md from the runs of ``ablations/equal_budget.yaml``.
 
-Every finished run (``RUN/final``) is checked over all 173 held-out prompts x noise seeds 10 and 11 with the default's
-sampler (10 DDIM steps, eta 1, CFG 5), whatever sampler it trained with::
+Every finished run (``RUN/final``) is checked over all 173 held-out prompts x noise seeds 10 and 11 with the sampler
+it trained with (DDPO-IS: 10 DDIM steps, eta 1, CFG 5; NFT and AWM: 10 CFG-free DPM-Solver++ steps), its base model on
+the same noise and sampler, as a user checks a run::
 
-    ddpo eval RUN --count 173 --seeds 10 11 --steps 10 --guidance 5 --eta 1 --out RUN/eval_all
+    ddpo eval RUN --count 173 --seeds 10 11 --out RUN/eval_all
 
 (skipped where ``RUN/eval_all/summary.json`` exists, so the script resumes), then the paired changes are tabulated per
 estimator and budget: the mean over seeds with the standard error over seeds, each seed's change with its own paired
@@ -27,7 +28,7 @@ from ddpo.training.evaluation import mean_and_se
 from ddpo.training.runlog import read_jsonl
 
 RUN_NAME = re.compile(r"^(?P<estimator>.+)_(?P<budget>\d+k)__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
-EVAL_ARGS = ["--count", "173", "--seeds", "10", "11", "--steps", "10", "--guidance", "5", "--eta", "1"]
+EVAL_ARGS = ["--count", "173", "--seeds", "10", "11"]
 
 
 def check_run(run: Path) -> dict:
