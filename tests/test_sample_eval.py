@@ -109,22 +109,71 @@ def test_eval_scores_base_and_run_on_the_same_noise(lora_run, tiny_model_dir, tm
         ("a red bird", "0"),
         ("a red bird", "1"),
     ]
-    # Independent reference: each image drawn alone by plain diffusers (base, then base + final/), luma by hand.
+    # Every image has its own noise: the two prompts do not share x_T under a seed.
+    noise = [int(r["noise_seed"]) for r in rows]
+    assert len(set(noise)) == 4
+    # Independent reference: each image drawn alone by plain diffusers from its noise seed (base, then base + final/),
+    # luma by hand.
     for row in rows:
-        prompt, seed = row["prompt"], int(row["seed"])
+        prompt, seed = row["prompt"], int(row["noise_seed"])
         before = luma(plain_diffusers(tiny_model_dir, prompt, seed))
         after = luma(plain_diffusers(tiny_model_dir, prompt, seed, lora_run / "final"))
         assert float(row["before"]) == pytest.approx(before, abs=3e-3)  # 8-bit rounding of the reference
         assert float(row["after"]) == pytest.approx(after, abs=3e-3)
     diff = np.array([float(r["after"]) - float(r["before"]) for r in rows])
-    assert np.abs(diff).max() > 1e-3
+    assert np.abs(diff).max() > 3e-4  # the LoRA changes the scores
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 4 and summary["reward"] == "brightness"
+    assert summary["images"] == 4 and summary["prompts"] == 2 and summary["reward"] == "brightness"
     assert summary["change"] == pytest.approx(diff.mean(), abs=1e-6)
-    assert summary["change_se"] == pytest.approx(diff.std(ddof=1) / 2, rel=1e-4)
+    # The standard error is over prompts (each prompt's mean change over its seeds), by hand:
+    per_prompt = diff.reshape(2, 2).mean(1)
+    assert summary["change_se"] == pytest.approx(per_prompt.std(ddof=1) / np.sqrt(2), rel=1e-4)
     printed = capsys.readouterr().out
     assert f"paired change {summary['change']:+.4f} +- {summary['change_se']:.2g}" in printed
     assert Image.open(out / "before_after.png").size == (4 * 16, 2 * 16)  # base row above fine-tuned row
+
+
+def test_eval_noise_of_a_prompt_and_seed_is_the_same_in_every_evaluation(lora_run, tmp_path):
+    """The noise of (prompt, seed) depends on nothing else: not on the other prompts, their order or the count."""
+    rows = {}
+    for name, prompts in [("two", ["a cat", "a red bird"]), ("one", ["a red bird"])]:
+        args = ["eval", str(lora_run), *[x for p in prompts for x in ("--prompt", p)], "--seeds", "0", "3"]
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+        rows[name] = [
+            {k: v for k, v in r.items() if k != "index"}
+            for r in csv.DictReader((tmp_path / name / "scores.csv").open())
+        ]
+    assert rows["one"] == [r for r in rows["two"] if r["prompt"] == "a red bird"]
+
+
+def test_eval_noise_seeds_of_a_repeated_prompt_differ():
+    """A prompt listed twice (``--count`` beyond the set cycles it) gets new noise the second time, and the seeds are
+    a function of (prompt, seed, repeat) alone."""
+    from ddpo.tools.sample import noise_seeds
+    from ddpo.training.evaluation import image_noise_seed
+
+    seeds = noise_seeds(["a", "b", "a", "a"], [0, 0, 0, 1])
+    assert len(set(seeds)) == 4
+    assert seeds == [
+        image_noise_seed(0, "a"),
+        image_noise_seed(0, "b"),
+        image_noise_seed(0, "a", 1),
+        image_noise_seed(1, "a"),
+    ]
+    assert image_noise_seed(0, "a") != image_noise_seed(1, "a") != image_noise_seed(0, "b")
+
+
+def test_clustered_change_is_over_prompts():
+    from ddpo.training.evaluation import clustered_change
+
+    before = [0.0, 1.0, 0.5, 0.5, 0.0, 0.0]
+    after = [1.0, 1.0, 0.5, 1.5, 0.0, 0.3]
+    prompts = ["x", "x", "y", "y", "z", "z"]
+    # by hand: per-prompt mean changes 0.5, 0.5, 0.15; mean 0.38333; sample std 0.202073; se 0.116667
+    mean, se = clustered_change(before, after, prompts)
+    assert mean == pytest.approx(0.383333333, abs=1e-8)
+    assert se == pytest.approx(0.2020725942 / 3**0.5, abs=1e-8)
+    assert clustered_change([0.0, 1.0], [1.0, 1.0], ["x", "x"]) is None
 
 
 def test_eval_reports_each_component_of_a_weighted_reward(lora_run, tmp_path):

@@ -5,6 +5,9 @@ Both go through the plain diffusers pipeline, the way a user of the result would
 ``pipe.load_lora_weights(final)`` (or, after full fine-tuning, the pipeline folder ``final/`` itself). Image ``i`` is
 drawn from its own ``torch.Generator().manual_seed(seed_i)``, so its noise does not depend on the batch it is in nor
 on the model: two models sampled with the same prompts and seeds see the same ``x_T`` and the same per-step noise.
+``ddpo sample`` seeds image ``i`` with its ``--seeds`` value itself (one ``x_T`` per seed, shared by the prompts of a
+grid column); ``ddpo eval`` gives every (prompt, seed) its own generator seed (:func:`noise_seeds`), because noise shared
+across prompts makes their scores correlated and the mean over prompts much noisier than its standard error says.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..models import load_pipeline, resolve_family
 from ..models.family import LOAD_OPTIONS
 from ..models.schedulers import SCHEDULERS, build_scheduler, is_known_scheduler
 from ..training.config import SampleConfig
-from ..training.evaluation import eval_prompt_list, mean_and_se, paired_change, pass_at_k
+from ..training.evaluation import clustered_change, eval_prompt_list, image_noise_seed, mean_and_se, pass_at_k
 from ..training.prompts import load_prompts
 from ..training.visualize import image_grid
 
@@ -36,6 +39,7 @@ __all__ = [
     "SamplerOptions",
     "evaluate",
     "load_model",
+    "noise_seeds",
     "pass_at_k_eval",
     "pass_at_seeds",
     "resolve_prompts",
@@ -203,6 +207,20 @@ def expand(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
     return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
 
 
+def noise_seeds(prompts: list[str], seeds: list[int]) -> list[int]:
+    """The generator seed of each image of ``ddpo eval`` (image ``i``: ``prompts[i]`` under noise seed ``seeds[i]``):
+    :func:`~ddpo.training.evaluation.image_noise_seed`, so every prompt has its own noise under each seed and the
+    same (prompt, seed) gets the same noise in every evaluation (``ddpo sample --seeds N`` with the seed it gives
+    redraws that image)."""
+    repeats: dict[tuple[str, int], int] = {}
+    out = []
+    for prompt, seed in zip(prompts, seeds):
+        key = (prompt, int(seed))
+        out.append(image_noise_seed(int(seed), prompt, repeats.get(key, 0)))
+        repeats[key] = repeats.get(key, 0) + 1
+    return out
+
+
 def write_samples(images: torch.Tensor, prompts: list[str], seeds: list[int], out: str | Path) -> Path:
     """``out/NNNN_seedS.png`` per image, ``out/grid.png`` and ``out/prompts.tsv`` (file, seed, prompt)."""
     out = Path(out)
@@ -230,6 +248,9 @@ class EvalResult:
     labels: tuple[str, str]
     prompts: list[str]
     seeds: list[int]
+    """The ``--seeds`` value of each image."""
+    noise_seeds: list[int]
+    """The generator seed of each image (:func:`noise_seeds`)."""
     before: list[float]
     after: list[float]
     components_before: dict[str, list[float]]
@@ -244,7 +265,7 @@ class EvalResult:
 
     def summary(self) -> dict[str, Any]:
         n = len(self.before)
-        change = paired_change(self.before, self.after)
+        change = clustered_change(self.before, self.after, self.prompts)
         mean_before, mean_after = sum(self.before) / n, sum(self.after) / n
         out: dict[str, Any] = {
             "before": self.labels[0],
@@ -255,6 +276,7 @@ class EvalResult:
             "mean_after": mean_after,
             "change": change[0] if change else mean_after - mean_before,
             "change_se": change[1] if change else None,
+            "prompts": len(set(self.prompts)),
         }
         for name in self.components_before:
             values_b, values_a = self.components_before[name], self.components_after[name]
@@ -292,16 +314,19 @@ def score(reward, images: torch.Tensor, prompts: list[str], batch_size: int):
 def evaluate(
     before: Model, after: Model, reward, prompts: list[str], seeds: list[int], options: SamplerOptions
 ) -> EvalResult:
-    """Sample every (prompt, seed) from both models with the same noise and score both with ``reward``."""
+    """Sample every (prompt, seed) from both models with the same noise and score both with ``reward``. Each image has
+    its own noise (:func:`noise_seeds`); the two models see the same noise for the same image."""
     image_prompts, image_seeds = expand(prompts, seeds)
-    images_b = sample_images(before.pipe, image_prompts, image_seeds, options)
-    images_a = sample_images(after.pipe, image_prompts, image_seeds, options)
+    generator_seeds = noise_seeds(image_prompts, image_seeds)
+    images_b = sample_images(before.pipe, image_prompts, generator_seeds, options)
+    images_a = sample_images(after.pipe, image_prompts, generator_seeds, options)
     values_b, comp_b, info_b = score(reward, images_b, image_prompts, options.batch_size)
     values_a, comp_a, info_a = score(reward, images_a, image_prompts, options.batch_size)
     return EvalResult(
         labels=(before.label, after.label),
         prompts=image_prompts,
         seeds=image_seeds,
+        noise_seeds=generator_seeds,
         before=values_b,
         after=values_a,
         components_before=comp_b,
@@ -322,11 +347,11 @@ def write_eval(result: EvalResult, out: str | Path, grid_columns: int = 8) -> di
     names = list(result.components_before)
     with open(out / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        header = ["index", "prompt", "seed", "before", "after", "change"]
+        header = ["index", "prompt", "seed", "noise_seed", "before", "after", "change"]
         header += [f"{name}_{which}" for name in names for which in ("before", "after")]
         writer.writerow(header)
         for i, (prompt, seed) in enumerate(zip(result.prompts, result.seeds)):
-            row = [i, prompt, seed, f"{result.before[i]:.8g}", f"{result.after[i]:.8g}"]
+            row = [i, prompt, seed, result.noise_seeds[i], f"{result.before[i]:.8g}", f"{result.after[i]:.8g}"]
             row.append(f"{result.after[i] - result.before[i]:.8g}")
             for name in names:
                 row += [f"{result.components_before[name][i]:.8g}", f"{result.components_after[name][i]:.8g}"]
@@ -345,7 +370,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a few lines for the terminal."""
     n = summary["images"]
     lines = [
-        f"ddpo eval: {summary['reward']} on {n} images (same prompts and noise for both)",
+        f"ddpo eval: {summary['reward']} on {n} images (same prompts and noise for both; each image its own noise)",
         f"  before ({summary['before']}): {summary['mean_before']:.4f}",
         f"  after  ({summary['after']}): {summary['mean_after']:.4f}",
     ]
@@ -353,12 +378,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         se = summary["change_se"]
         z = summary["change"] / se if se > 0 else math.inf
         lines.append(
-            f"  paired change {summary['change']:+.4f} +- {se:.2g} (standard error over {n} images; "
+            f"  paired change {summary['change']:+.4f} +- {se:.2g} (standard error over {summary['prompts']} prompts; "
             f"{abs(z):.1f} standard errors"
             + ("; within 2 of zero: not distinguishable from noise)" if abs(z) < 2 else ")")
         )
     else:
-        lines.append(f"  change {summary['change']:+.4f} (one image: no standard error)")
+        lines.append(f"  change {summary['change']:+.4f} (one prompt: no standard error)")
     for key, value in summary.items():
         if key.startswith(("component/", "info/")):
             lines.append(f"  {key.split('/', 1)[1]}: {value['before']:.4g} -> {value['after']:.4g}")
@@ -421,7 +446,7 @@ def pass_at_k_eval(
     """Sample every prompt with every seed (same noise per seed for every model) and record which checks pass."""
     prompts = list(dict.fromkeys(prompts))  # pass@k is per prompt: each prompt once
     image_prompts, image_seeds = expand(prompts, seeds)
-    images = sample_images(model.pipe, image_prompts, image_seeds, options)
+    images = sample_images(model.pipe, image_prompts, noise_seeds(image_prompts, image_seeds), options)
     values, _, _ = score(reward, images, image_prompts, options.batch_size)
     passed: dict[str, list[torch.Tensor]] = {}
     for first in range(0, len(image_prompts), options.batch_size):
@@ -484,10 +509,11 @@ def write_pass_at_k(results: list[PassAtK], out: str | Path) -> Path:
     with open(out / "pass_at_k.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         checks = list(results[0].passed)
-        writer.writerow(["model", "prompt", "seed", "reward", *checks])
+        writer.writerow(["model", "prompt", "seed", "noise_seed", "reward", *checks])
         for result in results:
             for p, prompt in enumerate(result.prompts):
                 for j, seed in enumerate(result.seeds):
-                    row = [result.label, prompt, seed, f"{result.rewards[p, j].item():.8g}"]
+                    noise = image_noise_seed(seed, prompt)
+                    row = [result.label, prompt, seed, noise, f"{result.rewards[p, j].item():.8g}"]
                     writer.writerow(row + [int(result.passed[c][p, j]) for c in checks])
     return out / "pass_at_k.json"
