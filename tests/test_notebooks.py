@@ -69,3 +69,22 @@ def test_run_notebook_executes(tiny_ablation, monkeypatch):
 def test_ablation_notebook_executes(tiny_ablation, monkeypatch):
     notebook = execute("ablation_report.ipynb", monkeypatch, DDPO_ABLATION_DIR=str(tiny_ablation))
     assert images(notebook) >= 2  # reward vs queries, and at least one diagnostic
+
+
+def test_ablation_notebook_draws_the_equal_budget_table(tiny_ablation, monkeypatch, tmp_path):
+    """Runs checked by ``ddpo eval`` (folders as the trainer and the check write them) become the table and the plot."""
+    from test_equal_budget_table import make_run
+
+    runs = tmp_path / "equal_budget" / "runs"
+    make_run(runs, "ddpo_is_1k__world__seed0", 1024, 0.10, 0.01, 60.0)
+    make_run(runs, "ddpo_is_1k__world__seed1", 1024, 0.04, 0.02, 120.0)
+    notebook = execute(
+        "ablation_report.ipynb",
+        monkeypatch,
+        DDPO_ABLATION_DIR=str(tiny_ablation),
+        DDPO_EQUAL_BUDGET_DIR=str(tmp_path / "equal_budget"),
+    )
+    last = notebook.cells[-1].outputs
+    shown = "".join(output.get("data", {}).get("text/markdown", "") for output in last)
+    assert "**+0.070 ± 0.030** (2 seeds: +0.100 ± 0.010, +0.040 ± 0.020; 1.5 min)" in shown
+    assert sum("image/png" in output.get("data", {}) for output in last) == 1
