@@ -188,3 +188,38 @@ def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
     for key in ("step 0", "all steps"):
         g2, g2_upper, trace, _, _ = (float(x.replace(",", "")) for x in rows[key])
         assert trace > 0 and g2_upper >= g2  # real per-sample terms; the bound lies above the estimate
+
+
+def test_shared_noise_script_columns_are_plain_diffusers_draws():
+    """The shared column draws every prompt of a seed from ``Generator().manual_seed(seed)``, the other column each
+    image from its own noise seed; both against plain diffusers and a brightness computed by hand."""
+    from diffusers import DDIMScheduler
+
+    from ddpo.tools.sample import noise_seeds
+    from ddpo.training.evaluation import eval_prompt_list
+    from ddpo.training.prompts import load_prompts
+
+    out = run_script(
+        "shared_noise.py", "--model", "tiny", "--reward", "brightness", "--count", "3", "--seeds", "4", "5",
+        "--scheduler", "ddim", "--steps", "2", "--threads", "1",
+    )  # fmt: skip
+    rows = table_rows(out)
+    prompts = eval_prompt_list(load_prompts("world_heldout"), 3)
+    pipe = load_pipeline("tiny")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def brightness(generator_seeds: list[int]) -> float:
+        values = []
+        for prompt, seed in zip(prompts, generator_seeds):
+            image = pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=2,
+                         guidance_scale=1.0, output_type="pt").images[0]  # fmt: skip
+            luma = 0.2126 * image[0] + 0.7152 * image[1] + 0.0722 * image[2]  # Rec. 709
+            values.append(luma.mean().item())
+        return sum(values) / len(values)
+
+    for seed in (4, 5):
+        shared, own = (float(v) for v in rows[str(seed)])
+        assert shared == pytest.approx(brightness([seed] * 3), abs=1e-4)
+        assert own == pytest.approx(brightness(noise_seeds(prompts, [seed] * 3)), abs=1e-4)
+        assert shared != own
