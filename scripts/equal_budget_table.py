@@ -10,9 +10,12 @@ the same noise and sampler, as a user checks a run::
 estimator and budget: the mean over seeds with the standard error over seeds, each seed's change with its own paired
 standard error over the 173 prompts, and the mean training wall time (the sum of the run's ``epoch_seconds``: sampling,
 scoring and optimisation, without model loading). Writes ``OUT/equal_budget.md`` and ``OUT/equal_budget.png`` (default
-OUT: the ablation folder) and prints the table.
+OUT: the ablation folder) and prints the table. ``--update FILE ...`` also replaces the table between the lines
+``<!-- equal_budget:begin -->`` and ``<!-- equal_budget:end -->`` of each file (README.md and docs/results.md carry
+them), so the published table is the script's output:
 
     python scripts/equal_budget_table.py runs/ablations/equal_budget [--out docs] [--no-eval]
+    python scripts/equal_budget_table.py runs/ablations/equal_budget --out docs --update README.md docs/results.md
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from ddpo.tools.ablate.equal_budget import checked_runs, collect, plot, table
 
 EVAL_ARGS = ["--count", "173", "--seeds", "10", "11"]
+BEGIN, END = "<!-- equal_budget:begin -->", "<!-- equal_budget:end -->"
 
 
 def check_run(run: Path) -> dict:
@@ -37,11 +41,22 @@ def check_run(run: Path) -> dict:
     return json.loads(summary.read_text())
 
 
+def update(path: Path, markdown: str) -> None:
+    """Replace the block between BEGIN and END in ``path`` by ``markdown`` (the marker lines stay)."""
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{path}: needs one line {BEGIN} and, after it, one line {END} around the table")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ablation", type=Path, help="the output folder of ddpo ablate ablations/equal_budget.yaml")
     parser.add_argument("--out", type=Path, default=None, help="where equal_budget.md / .png go (default: ABLATION)")
     parser.add_argument("--no-eval", action="store_true", help="tabulate only runs already checked (no ddpo eval)")
+    parser.add_argument("--update", type=Path, nargs="*", default=[], help="files whose marked table to replace")
     args = parser.parse_args()
     if not args.no_eval:
         for run in checked_runs(args.ablation):
@@ -56,6 +71,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "equal_budget.md").write_text(markdown)
     plot(stats).savefig(out / "equal_budget.png", dpi=100)
+    for path in args.update:
+        update(path, markdown)
     print(markdown)
     print(f"wrote {out / 'equal_budget.md'} and {out / 'equal_budget.png'}")
 

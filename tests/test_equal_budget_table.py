@@ -40,3 +40,19 @@ def test_table_by_hand(tmp_path):
     assert "| nft | not run | **-0.020 ± n/a** (1 seed: -0.020 ± 0.010; 0.5 min) |" in markdown
     assert (tmp_path / "ablation" / "equal_budget.png").stat().st_size > 0
     assert "unfinished" not in markdown
+
+
+def test_update_replaces_only_the_marked_table(tmp_path):
+    runs = tmp_path / "ablation" / "runs"
+    make_run(runs, "awm_1k__world__seed0", 1024, 0.05, 0.01, 60.0)
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- equal_budget:begin -->\n| old | table |\n<!-- equal_budget:end -->\nafter\n")
+    cmd = [sys.executable, str(ROOT / "scripts" / "equal_budget_table.py"), str(tmp_path / "ablation"), "--no-eval"]
+    result = subprocess.run([*cmd, "--update", str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "ablation" / "equal_budget.md").read_text()
+    assert doc.read_text() == f"intro\n<!-- equal_budget:begin -->\n{table}<!-- equal_budget:end -->\nafter\n"
+    assert "| awm | **+0.050 ± n/a** (1 seed: +0.050 ± 0.010; 1.0 min) |" in table
+    (tmp_path / "bare.md").write_text("no markers\n")
+    result = subprocess.run([*cmd, "--update", str(tmp_path / "bare.md")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "needs one line <!-- equal_budget:begin -->" in result.stderr
