@@ -11,11 +11,13 @@ estimator and budget: the mean over seeds with the standard error over seeds, ea
 standard error over the 173 prompts, and the mean training wall time (the sum of the run's ``epoch_seconds``: sampling,
 scoring and optimisation, without model loading). Writes ``OUT/equal_budget.md`` and ``OUT/equal_budget.png`` (default
 OUT: the ablation folder) and prints the table. ``--update FILE ...`` also replaces the table between the lines
-``<!-- equal_budget:begin -->`` and ``<!-- equal_budget:end -->`` of each file (README.md and docs/results.md carry
-them), so the published table is the script's output:
+``<!-- equal_budget:begin -->`` and ``<!-- equal_budget:end -->`` of each file (``--marker NAME`` for other lines), so
+the published table is the script's output. The default run's three seeds (``ablations/default.yaml``) are tabulated
+the same way, under the marker ``default_run`` of README.md and docs/results.md:
 
     python scripts/equal_budget_table.py runs/ablations/equal_budget [--out docs] [--no-eval]
-    python scripts/equal_budget_table.py runs/ablations/equal_budget --out docs --update README.md docs/results.md
+    python scripts/equal_budget_table.py runs/ablations/equal_budget --out docs --update docs/results.md
+    python scripts/equal_budget_table.py runs/ablations/default --marker default_run --update README.md docs/results.md
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from pathlib import Path
 from ddpo.tools.ablate.equal_budget import checked_runs, collect, plot, table
 
 EVAL_ARGS = ["--count", "173", "--seeds", "10", "11"]
-BEGIN, END = "<!-- equal_budget:begin -->", "<!-- equal_budget:end -->"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The lines that enclose a published table: ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def check_run(run: Path) -> dict:
@@ -41,14 +47,15 @@ def check_run(run: Path) -> dict:
     return json.loads(summary.read_text())
 
 
-def update(path: Path, markdown: str) -> None:
-    """Replace the block between BEGIN and END in ``path`` by ``markdown`` (the marker lines stay)."""
+def update(path: Path, markdown: str, marker: str = "equal_budget") -> None:
+    """Replace the block between the ``marker`` lines in ``path`` by ``markdown`` (the marker lines stay)."""
+    begin, end = markers(marker)
     text = path.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{path}: needs one line {BEGIN} and, after it, one line {END} around the table")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{path}: needs one line {begin} and, after it, one line {end} around the table")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{markdown}{end}{tail}")
 
 
 def main() -> None:
@@ -57,6 +64,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where equal_budget.md / .png go (default: ABLATION)")
     parser.add_argument("--no-eval", action="store_true", help="tabulate only runs already checked (no ddpo eval)")
     parser.add_argument("--update", type=Path, nargs="*", default=[], help="files whose marked table to replace")
+    parser.add_argument(
+        "--marker",
+        default="equal_budget",
+        help="NAME of the lines <!-- NAME:begin --> / <!-- NAME:end --> around the table in --update files "
+        "(default: equal_budget; the default run's seeds: default_run)",
+    )
     args = parser.parse_args()
     if not args.no_eval:
         for run in checked_runs(args.ablation):
@@ -72,7 +85,7 @@ def main() -> None:
     (out / "equal_budget.md").write_text(markdown)
     plot(stats).savefig(out / "equal_budget.png", dpi=100)
     for path in args.update:
-        update(path, markdown)
+        update(path, markdown, args.marker)
     print(markdown)
     print(f"wrote {out / 'equal_budget.md'} and {out / 'equal_budget.png'}")
 

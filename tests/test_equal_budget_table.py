@@ -56,3 +56,22 @@ def test_update_replaces_only_the_marked_table(tmp_path):
     (tmp_path / "bare.md").write_text("no markers\n")
     result = subprocess.run([*cmd, "--update", str(tmp_path / "bare.md")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "needs one line <!-- equal_budget:begin -->" in result.stderr
+
+
+def test_default_run_seeds_and_their_marker(tmp_path):
+    """The default run's seeds (ablations/default.yaml: ``default__world__seed<k>``, no budget in the name) make one
+    row, and ``--marker default_run`` replaces that table only, leaving an equal_budget block in the same file."""
+    runs = tmp_path / "ablation" / "runs"
+    make_run(runs, "default__world__seed0", 4096, 0.12, 0.01, 480.0)
+    make_run(runs, "default__world__seed2", 4096, 0.10, 0.02, 540.0)
+    doc = tmp_path / "README.md"
+    untouched = "<!-- equal_budget:begin -->\n| estimator |\n<!-- equal_budget:end -->\n"
+    doc.write_text(f"a\n<!-- default_run:begin -->\nold\n<!-- default_run:end -->\n{untouched}")
+    cmd = [sys.executable, str(ROOT / "scripts" / "equal_budget_table.py"), str(tmp_path / "ablation"), "--no-eval"]
+    cmd += ["--marker", "default_run", "--update", str(doc)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "ablation" / "equal_budget.md").read_text()
+    se = math.sqrt(0.01**2 * 2 / 1 / 2)  # std of (0.12, 0.10) over sqrt(2)
+    assert f"| default | **+0.110 ± {se:.3f}** (2 seeds: +0.120 ± 0.010, +0.100 ± 0.020; 8.5 min) |" in table
+    assert doc.read_text() == f"a\n<!-- default_run:begin -->\n{table}<!-- default_run:end -->\n{untouched}"

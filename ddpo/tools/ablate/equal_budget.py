@@ -1,6 +1,7 @@
 """The equal-budget table: the estimators compared at equal numbers of samples, each run checked by ``ddpo eval``.
 
-A run of ``ablations/equal_budget.yaml`` is named ``<estimator>_<N>k__<reward>__seed<k>``; once it is checked
+A run of ``ablations/equal_budget.yaml`` is named ``<estimator>_<N>k__<reward>__seed<k>`` (the budget suffix is
+optional: the default run's seeds, ``ablations/default.yaml``, are ``default__world__seed<k>``); once it is checked
 (``ddpo eval RUN --count 173 --seeds 10 11 --out RUN/eval_all``, done by ``scripts/equal_budget_table.py``) its
 ``eval_all/summary.json`` holds the paired change over all held-out prompts. This module reads those summaries and
 the runs' ``metrics.jsonl`` (pure reading: it samples nothing), so the script and the ablation notebook draw the same
@@ -21,7 +22,7 @@ from ...training.runlog import read_jsonl
 
 __all__ = ["RUN_NAME", "checked_runs", "collect", "plot", "table"]
 
-RUN_NAME = re.compile(r"^(?P<estimator>.+)_(?P<budget>\d+k)__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
+RUN_NAME = re.compile(r"^(?P<estimator>.+?)(?:_(?P<budget>\d+k))?__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
 
 
 def checked_runs(ablation: str | Path) -> list[Path]:
