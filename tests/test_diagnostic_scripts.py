@@ -152,7 +152,7 @@ def test_gradient_noise_per_sample_gradients_sum_to_the_batched_gradient():
     from ddpo.training.config import build_config
 
     torch.manual_seed(0)
-    config = build_config(preset="world", overrides=["sample.num_steps=3", "train.gradient_accumulation_steps=1"])
+    config = build_config(preset="world_ddpo", overrides=["sample.num_steps=3", "train.gradient_accumulation_steps=1"])
     s = config.sample
     pipe = load_pipeline("world", None, "ddim")
     add_lora(pipe.unet, 2, 2.0, ["to_q", "to_v"])

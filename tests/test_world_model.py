@@ -109,7 +109,7 @@ def test_world_clip_loads_and_ranks_true_captions_first():
 
 
 @pytest.mark.parametrize(
-    "preset", ["world", "world_long", "world_compressibility", "world_clip", "world_discriminator"]
+    "preset", ["world", "world_ddpo", "world_long", "world_compressibility", "world_clip", "world_discriminator"]
 )
 def test_world_presets_train_an_epoch_on_the_shipped_model(preset, tmp_path):
     """Each shipped world preset runs as configured (reward options, held-out evaluation) on the shipped model; only

@@ -1,9 +1,9 @@
 """How many samples the policy gradient needs: the gradient noise scale of DDPO on a model, per reward and per step.
 
-Samples ``--samples`` trajectories with a run config's sampler (default: the preset ``world``), computes the
-per-sample gradient of every step's log-prob with respect to the fresh LoRA weights (the first optimiser step of a
-run), and for each reward forms the per-sample policy-gradient terms ``v_i = A_i * sum_{t in S} grad log pi_t`` with
-the config's advantages (computed per epoch-sized batch, as the trainer does). Then, over the ``n`` samples
+Samples ``--samples`` trajectories with a run config's sampler (default: the preset ``world_ddpo``, DDPO-IS on the
+world, the default run until 2026-12-06), computes the per-sample gradient of every step's log-prob with respect to
+the fresh LoRA weights (the first optimiser step of a run), and for each reward forms the per-sample policy-gradient
+terms ``v_i = A_i * sum_{t in S} grad log pi_t`` with the config's advantages (computed per epoch-sized batch, as the trainer does). Then, over the ``n`` samples
 (:func:`ddpo.tools.diagnostics.gradient_noise_scale`):
 
 * ``|G|^2``, the squared norm of the true gradient (unbiased: ``|mean v|^2 - tr(Sigma) / n``);
@@ -14,7 +14,7 @@ the config's advantages (computed per epoch-sized batch, as the trainer does). T
 * a bootstrap 95 % upper bound of ``|G|^2`` and the lower bound of ``B_noise`` it gives: when the signal is too weak to
   detect with ``--samples`` (``B_noise`` prints ``inf``), the bound still says how many samples it needs at least.
 
-    python scripts/diagnostics/gradient_noise.py                                   # the default run's settings
+    python scripts/diagnostics/gradient_noise.py                                   # world_ddpo's settings
     python scripts/diagnostics/gradient_noise.py --rewards world brightness jpeg_compressibility
     python scripts/diagnostics/gradient_noise.py --set sample.guidance_scale=2.5   # any config override
 
@@ -42,7 +42,7 @@ ADVANTAGES = {"batch": lambda r, p: batch_normalize(r), "group": group_normalize
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="world")
+    parser.add_argument("--preset", default="world_ddpo")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--rewards", nargs="+", default=["world"], help="reward names (default: world)")
     parser.add_argument("--advantages", nargs="+", default=None, help="batch, group, group_center (default: config)")
