@@ -273,6 +273,26 @@ def test_extend_shorter_resumes_copies_and_equals_training_from_scratch(fast_set
         a, b = (load_file(g.runs_dir / name / "final" / "pytorch_lora_weights.safetensors") for g in (chained, plain))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     extended = chained.runs_dir / "is_3__jpeg__seed0"
+    # the copy leaves the shorter run's results behind: only the extended run's own final/ is there
+    assert sorted(p.name for p in extended.iterdir() if p.name in ("final", "eval", "eval_all")) == ["final"]
     assert [json.loads(line)["epoch"] for line in (extended / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert yaml.safe_load((extended / "config.yaml").read_text())["run_name"] == "is_3__jpeg__seed0"
     assert run_grid(chained, dry_run=True) == []  # all three finished
+
+
+def test_copy_run_leaves_the_results_of_the_shorter_run(tmp_path):
+    """``extend_shorter``'s copy of a finished run has its checkpoints and logs but not its final/ weights or its
+    ``ddpo eval`` checks (eval/, eval_all/): until the longer run finishes, nothing in it looks finished or checked.
+    Folders of those names deeper in the run are copied."""
+    from ddpo.tools.ablate.runner import copy_run
+
+    source = tmp_path / "short"
+    for folder in ("final", "eval", "eval_all", "checkpoints/checkpoint_000001/final", "samples"):
+        (source / folder).mkdir(parents=True)
+        (source / folder / "x.txt").write_text(folder)
+    (source / "metrics.jsonl").write_text("{}\n")
+    copy_run(source, tmp_path / "long")
+    copied = sorted(str(p.relative_to(tmp_path / "long")) for p in (tmp_path / "long").rglob("*.txt"))
+    assert copied == ["checkpoints/checkpoint_000001/final/x.txt", "samples/x.txt"]
+    assert (tmp_path / "long" / "metrics.jsonl").read_text() == "{}\n"
+    assert (source / "final" / "x.txt").is_file()  # the source is untouched

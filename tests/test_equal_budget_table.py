@@ -20,6 +20,7 @@ def make_run(runs: Path, name: str, samples: int, change: float, se: float, seco
     rows = [{"epoch": 0, "samples": samples // 2, "epoch_seconds": seconds / 2}]
     rows.append({"epoch": 1, "samples": samples, "epoch_seconds": seconds / 2})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.yaml").write_text("num_epochs: 2\n")
     summary = {"change": change, "change_se": se, "mean_before": 0.4, "mean_after": 0.4 + change}
     (run / "eval_all" / "summary.json").write_text(json.dumps(summary))
 
@@ -75,3 +76,15 @@ def test_default_run_seeds_and_their_marker(tmp_path):
     se = math.sqrt(0.01**2 * 2 / 1 / 2)  # std of (0.12, 0.10) over sqrt(2)
     assert f"| default | **+0.110 ± {se:.3f}** (2 seeds: +0.120 ± 0.010, +0.100 ± 0.020; 8.5 min) |" in table
     assert doc.read_text() == f"a\n<!-- default_run:begin -->\n{table}<!-- default_run:end -->\n{untouched}"
+
+
+def test_a_run_still_training_is_not_checked(tmp_path):
+    """An extended run of a grid that has not logged every epoch of its config is not finished, whatever lies in it
+    (``ddpo ablate`` decides the same way), so the table never checks the weights of a run still training."""
+    from ddpo.tools.ablate.equal_budget import checked_runs
+
+    runs = tmp_path / "ablation" / "runs"
+    make_run(runs, "nft_1k__world__seed0", 1024, 0.05, 0.01, 60.0)
+    make_run(runs, "nft_2k__world__seed0", 2048, 0.05, 0.01, 60.0)
+    (runs / "nft_2k__world__seed0" / "config.yaml").write_text("num_epochs: 4\n")  # 2 of 4 epochs logged
+    assert [run.name for run in checked_runs(tmp_path / "ablation")] == ["nft_1k__world__seed0"]

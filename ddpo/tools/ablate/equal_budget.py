@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ...training.evaluation import mean_and_se
 from ...training.runlog import read_jsonl
@@ -25,12 +26,21 @@ __all__ = ["RUN_NAME", "checked_runs", "collect", "plot", "table"]
 RUN_NAME = re.compile(r"^(?P<estimator>.+?)(?:_(?P<budget>\d+k))?__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
 
 
+def finished(run: Path) -> bool:
+    """``final/`` written and every epoch of the run's ``config.yaml`` logged (as ``ddpo ablate`` decides): a run
+    still training has neither."""
+    if not (run / "final").is_dir() or not (run / "config.yaml").is_file():
+        return False
+    epochs = yaml.safe_load((run / "config.yaml").read_text()).get("num_epochs")
+    return isinstance(epochs, int) and len(read_jsonl(run / "metrics.jsonl")) >= epochs
+
+
 def checked_runs(ablation: str | Path) -> list[Path]:
-    """The finished runs (``final/``) of an equal-budget grid's output folder, by name."""
+    """The finished runs (:func:`finished`) of an equal-budget grid's output folder, by name."""
     runs = Path(ablation) / "runs"
     if not runs.is_dir():
         return []
-    return [run for run in sorted(runs.iterdir()) if RUN_NAME.match(run.name) and (run / "final").is_dir()]
+    return [run for run in sorted(runs.iterdir()) if RUN_NAME.match(run.name) and finished(run)]
 
 
 def collect(ablation: str | Path) -> list[dict[str, Any]]:

@@ -188,13 +188,24 @@ def _run_cells(grid: Grid, dry_run: bool, in_process: bool) -> list[CellOutcome]
     return outcomes
 
 
+RESULT_FOLDERS = ("final", "eval", "eval_all")
+"""Top-level folders of a run that hold results of its last epoch (the exported weights, ``ddpo eval`` checks): an
+extended copy leaves them behind, so a longer run is never taken for finished, or checked, with the shorter run's
+results while it trains."""
+
+
 def copy_run(source: Path, target: Path) -> None:
-    """Copy the finished run ``source`` to ``target`` (absent) atomically: a copy interrupted half-way is never
-    taken for a run (it lies under a temporary name until complete)."""
+    """Copy the finished run ``source`` to ``target`` (absent) atomically, without its :data:`RESULT_FOLDERS`: a copy
+    interrupted half-way is never taken for a run (it lies under a temporary name until complete)."""
     tmp = target.with_name(f".copy-{target.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(source, tmp)
+    source = Path(source)
+
+    def results_of_the_source(folder: str, names: list[str]) -> list[str]:
+        return [name for name in names if Path(folder) == source and name in RESULT_FOLDERS]
+
+    shutil.copytree(source, tmp, ignore=results_of_the_source)
     os.replace(tmp, target)
 
 
