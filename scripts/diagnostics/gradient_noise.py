@@ -3,8 +3,8 @@
 Samples ``--samples`` trajectories with a run config's sampler (default: the preset ``world_ddpo``, DDPO-IS on the
 world, the default run until 2026-12-06), computes the per-sample gradient of every step's log-prob with respect to
 the fresh LoRA weights (the first optimiser step of a run), and for each reward forms the per-sample policy-gradient
-terms ``v_i = A_i * sum_{t in S} grad log pi_t`` with the config's advantages (computed per epoch-sized batch, as the trainer does). Then, over the ``n`` samples
-(:func:`ddpo.tools.diagnostics.gradient_noise_scale`):
+terms ``v_i = A_i * sum_{t in S} grad log pi_t`` with the config's advantages (computed per epoch-sized batch, as
+the trainer does). Then, over the ``n`` samples (:func:`ddpo.tools.diagnostics.gradient_noise_scale`):
 
 * ``|G|^2``, the squared norm of the true gradient (unbiased: ``|mean v|^2 - tr(Sigma) / n``);
 * ``tr(Sigma)``, the total variance of one sample's term;

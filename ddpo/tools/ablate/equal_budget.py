@@ -20,6 +20,7 @@ import yaml
 
 from ...training.evaluation import mean_and_se
 from ...training.runlog import read_jsonl
+from .runner import run_finished
 
 __all__ = ["RUN_NAME", "checked_runs", "collect", "plot", "table"]
 
@@ -27,12 +28,12 @@ RUN_NAME = re.compile(r"^(?P<estimator>.+?)(?:_(?P<budget>\d+k))?__(?P<reward>[^
 
 
 def finished(run: Path) -> bool:
-    """``final/`` written and every epoch of the run's ``config.yaml`` logged (as ``ddpo ablate`` decides): a run
-    still training has neither."""
-    if not (run / "final").is_dir() or not (run / "config.yaml").is_file():
+    """``final/`` written and every epoch of the run's ``config.yaml`` logged, as ``ddpo ablate`` decides
+    (:func:`~ddpo.tools.ablate.runner.run_finished`): a run still training has neither."""
+    if not (run / "config.yaml").is_file():
         return False
     epochs = yaml.safe_load((run / "config.yaml").read_text()).get("num_epochs")
-    return isinstance(epochs, int) and len(read_jsonl(run / "metrics.jsonl")) >= epochs
+    return isinstance(epochs, int) and run_finished(run, epochs)
 
 
 def checked_runs(ablation: str | Path) -> list[Path]:

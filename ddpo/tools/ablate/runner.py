@@ -25,13 +25,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
+def run_finished(run: Path, num_epochs: int) -> bool:
+    """A run directory is finished when its ``final/`` is written and ``num_epochs`` epochs are logged."""
+    return (run / "final").is_dir() and len(read_metrics(run)) >= num_epochs
+
+
 def cell_state(cell: Cell) -> str:
     """``finished`` (final/ and every epoch logged), ``resume`` (a checkpoint to continue from), ``restart`` (a run
     directory without any checkpoint) or ``new``."""
     run = cell.run_dir
     if not (run / "config.yaml").is_file():
         return "new"
-    if (run / "final").is_dir() and len(read_metrics(run)) >= cell.config.num_epochs:
+    if run_finished(run, cell.config.num_epochs):
         return "finished"
     checkpoints = run / "checkpoints"
     if checkpoints.is_dir() and any((p / "state.json").is_file() for p in checkpoints.glob("checkpoint_*")):
