@@ -11,6 +11,7 @@ import traceback
 
 import yaml
 
+from .training import trust
 from .training.config import DEFAULT_PRESET
 
 
@@ -23,34 +24,70 @@ def _config_from(args: argparse.Namespace):
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """The key=value overrides, with ``--trust-import-path`` as ``reward.trust_import_path=true``."""
-    return list(args.overrides) + (["reward.trust_import_path=true"] if args.trust_import_path else [])
+    """The key=value overrides."""
+    return list(args.overrides)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help=f"a shipped preset (`ddpo presets` lists them; default: {DEFAULT_PRESET})")
     parser.add_argument("--config", help="a YAML config file (instead of the default preset)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    parser.add_argument(
-        "--trust-import-path",
-        action="store_true",
-        help="allow a reward given by import path (package.module:attribute): importing it runs its code",
-    )
+    _add_trust_argument(parser)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print error tracebacks")
 
 
+def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-import-path``, accepted anywhere on the line (:func:`_take_trust_flag`); a config cannot opt in."""
+    parser.add_argument(
+        trust.FLAG,
+        action="store_true",
+        help=f"allow a reward given by import path (package.module:attribute): importing it runs its code "
+        f"(also: {trust.TRUST_ENV}=1; a config file cannot opt in)",
+    )
+
+
+TRUST_COMMANDS = ("train", "bench", "config", "eval", "report", "serve-reward", "ablate")
+"""The commands that can build a reward from a name, and so take ``--trust-import-path``."""
+
+
+def _take_trust_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--trust-import-path`` and whether it was there, for a command of :data:`TRUST_COMMANDS`:
+    argparse alone would refuse the flag between two overrides (``a=1 --trust-import-path b=2``)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in TRUST_COMMANDS or trust.FLAG not in argv:
+        return argv, False
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for i, a in enumerate(argv) if i >= end or a != trust.FLAG]
+    return kept, len(kept) < len(argv)
+
+
 def _train(args: argparse.Namespace) -> int:
-    from .training.trainer import resume, train
+    """Train or resume; Ctrl-C (SIGINT) ends in one line (the last intact checkpoint, the resume command) and exit
+    code :data:`INTERRUPTED`."""
+    from .training.trainer import interrupted_message, new_run_dir, resume, train
 
-    if args.resume:
-        if args.preset or args.config:
-            from .training.config import ConfigError
+    if args.resume and (args.preset or args.config):
+        from .training.config import ConfigError
 
-            raise ConfigError("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
-        resume(args.resume, _overrides(args))
+        raise ConfigError("ddpo train: --resume takes the run's own config.yaml; give only key=value overrides")
+    run_dir = args.resume
+    try:
+        if args.resume:
+            resume(args.resume, _overrides(args))
+            return 0
+        config = _config_from(args)
+        run_dir = new_run_dir(config)
+        train(config, run_dir)
         return 0
-    train(_config_from(args))
-    return 0
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # one line for the run, not one per process
+            message = interrupted_message(run_dir) if run_dir is not None else "ddpo: interrupted"
+            print(message, file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+INTERRUPTED = 130
+"""Exit code of a run stopped by Ctrl-C (SIGINT): 128 + the signal's number, as shells report it."""
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -163,15 +200,29 @@ def _sampler_arguments(
 def _sampler_options(args: argparse.Namespace, model):
     from .tools.sample import sampler_from_run
 
-    return sampler_from_run(
-        model,
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        eta=args.eta,
-        negative_prompt=args.negative_prompt,
-        scheduler=args.scheduler,
-        batch_size=args.batch_size,
-    )
+    return sampler_from_run(model, **_given_sampler(args))
+
+
+def _given_sampler(args: argparse.Namespace) -> dict:
+    """The sampler options given on the command line of ``ddpo sample`` / ``eval`` (None: not given)."""
+    return {
+        "num_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "eta": args.eta,
+        "negative_prompt": args.negative_prompt,
+        "scheduler": args.scheduler,
+        "batch_size": args.batch_size,
+    }
+
+
+def _check_sampling_arguments(args: argparse.Namespace, run_sampler: dict, out) -> None:
+    """Before any model (or reward) loads: the sampler options as they will be used (those given, else the run's
+    ``sample:`` settings ``run_sampler``), by the rules of ``ddpo train``; the seeds; the output folder ``out``."""
+    from .tools import sample
+
+    sample.sampler_options(run_sampler, **_given_sampler(args))
+    sample.check_seeds(args.seeds)
+    sample.check_output_dir(out)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -182,11 +233,12 @@ def _sample(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.run is None):
         raise ValueError("ddpo sample: give a base model (--model world|tiny|HUB_ID|FOLDER) or a run (--run RUN_DIR)")
     prompts = sample.resolve_prompts(args.prompt, args.prompts, args.count)
+    out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else Path("ddpo-samples"))
+    _check_sampling_arguments(args, sample.read_run_config(args.run).get("sample", {}) if args.run else {}, out)
     model = sample.load_model(model=args.model, run=args.run)
     options = _sampler_options(args, model)
     image_prompts, image_seeds = sample.expand(prompts, args.seeds)
     images = sample.sample_images(model.pipe, image_prompts, image_seeds, options)
-    out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else Path("ddpo-samples"))
     sample.write_samples(images, image_prompts, image_seeds, out)
     print(f"ddpo sample: {len(images)} images from {model.label} in {out}/ (grid.png, prompts.tsv)")
     return 0
@@ -198,19 +250,31 @@ def _eval_reward(args: argparse.Namespace, config: dict | None):
     import rewards
 
     if args.reward:
-        options = yaml.safe_load(args.reward_options) if args.reward_options else {}
-        if not isinstance(options, dict):
-            raise ValueError(
-                f"--reward-options must be a YAML mapping like '{{quality: 80}}'; got {args.reward_options!r}"
-            )
+        options = _yaml_mapping(args.reward_options, "--reward-options")
+        trust.require(args.reward, options)
         return rewards.get_reward(args.reward, **options)
     if args.reward_options:
         raise ValueError("--reward-options needs --reward NAME (without it the run's own reward and options are used)")
     if config is not None:
-        return rewards.get_reward(config["reward"]["name"], **config["reward"].get("options", {}))
+        name, options = config["reward"]["name"], config["reward"].get("options", {})
+        trust.require(name, options, where=f"{os.path.join(args.runs[-1], 'config.yaml')}: ")
+        return rewards.get_reward(name, **options)
     if args.model in WORLD_MODELS:
         return rewards.get_reward("world")
     raise ValueError(f"ddpo eval --model {args.model}: name the reward to score it with (--reward NAME)")
+
+
+def _yaml_mapping(text: str | None, flag: str) -> dict:
+    """The YAML mapping given to ``flag`` (``--options``, ``--reward-options``); empty when not given. Read as config
+    files are: safe-loaded, one line for a syntax error, a repeated key or an alias bomb."""
+    from .training.config import load_yaml
+
+    if not text:
+        return {}
+    value = load_yaml(text, flag)
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a YAML mapping like '{{quality: 80}}'; got {text!r}")
+    return value
 
 
 WORLD_MODELS = ("world", "world_flow")
@@ -237,7 +301,17 @@ def _eval(args: argparse.Namespace) -> int:
             "to compare a base with a run give the run and --base MODEL"
         )
     config = sample.read_run_config(args.runs[-1]) if args.runs else None
+    out = Path(args.out) if args.out else (Path(args.runs[-1]) / "eval" if args.runs else Path("ddpo-eval"))
+    _check_sampling_arguments(args, config.get("sample", {}) if config else _preset_sampler(args.model), out)
+    if args.count is not None and args.count < 1:
+        raise ValueError(f"--count must be at least 1; got {args.count}")
+    if args.pass_at:
+        sample.pass_at_seeds(args.pass_at, args.seeds)  # checks k and --seeds before the reward and models load
     reward = _eval_reward(args, config)
+    if config is not None and not args.reward:  # the run's own reward, with the state it was trained to (if any)
+        from .training.checkpoint import restore_final_reward
+
+        restore_final_reward(reward, Path(args.runs[-1]), config.get("num_epochs"))
     if args.pass_at and not _has_checks(reward):
         raise ValueError(
             f"--pass-at needs a reward with pass/fail checks (one that defines pass_fail, like world); "
@@ -265,7 +339,6 @@ def _eval(args: argparse.Namespace) -> int:
                 before.label = f"base {base}"
         models = [before, after]
     options = _sampler_options(args, models[-1])
-    out = Path(args.out) if args.out else (Path(args.runs[-1]) / "eval" if args.runs else Path("ddpo-eval"))
     if args.pass_at:
         results = [sample.pass_at_k_eval(m, reward, prompts, seeds, args.pass_at, options) for m in models]
         path = sample.write_pass_at_k(results, out)
@@ -300,12 +373,10 @@ def _serve_reward(args: argparse.Namespace) -> int:
 
     from .tools.reward_server import serve
 
-    options = yaml.safe_load(args.options) if args.options else {}
-    if not isinstance(options, dict):
-        raise ValueError(f"--options must be a YAML mapping like '{{quality: 80}}'; got {args.options!r}")
+    options = _yaml_mapping(args.options, "--options")
     token = os.environ.get(args.token_env) or None
-    serve(args.name, options, args.host, args.port, token, args.device, args.max_batch)
-    return 0
+    limits = {"max_batch": args.max_batch, "max_image_size": args.max_image_size}
+    return serve(args.name, options, args.host, args.port, token, args.device, **limits, token_env=args.token_env)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -395,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--reward", help="reward name or import path (default: the run's reward and options)")
     evaluate.add_argument("--reward-options", metavar="YAML", help="options of --reward, e.g. '{quality: 80}'")
+    _add_trust_argument(evaluate)
     _sampler_arguments(
         evaluate,
         None,
@@ -419,10 +491,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="device the reward runs on, e.g. cuda:1 (default: where the images are)")
     serve.add_argument("--max-batch", type=int, default=256, help="largest batch accepted (default 256)")
     serve.add_argument(
+        "--max-image-size",
+        type=int,
+        default=1024,
+        help="largest image side in pixels accepted (default 1024); with --max-batch it bounds a request's size",
+    )
+    serve.add_argument(
         "--token-env",
         default="DDPO_REWARD_TOKEN",
-        help="environment variable holding the token clients must send (default DDPO_REWARD_TOKEN; unset: none)",
+        help="environment variable holding the token clients must send (default DDPO_REWARD_TOKEN; unset: none, "
+        "allowed only on a loopback --host)",
     )
+    _add_trust_argument(serve)
     serve.set_defaults(func=_serve_reward)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
@@ -448,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--parallel", type=int, help="cells trained at once (default: the grid's `parallel`)")
     ablate.add_argument("--output-dir", help="output folder (default: the grid's `output_dir`)")
     ablate.add_argument("--dry-run", action="store_true", help="validate and print the commands; run nothing")
+    _add_trust_argument(ablate)
     ablate.set_defaults(func=_ablate)
 
     report = sub.add_parser(
@@ -461,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--prompt", action="append", help="before/after prompt (repeatable; default: 4 of the run's)")
     report.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="before/after seeds (default: 0 1)")
     report.add_argument("--no-samples", action="store_true", help="skip the before/after samples (no model loaded)")
+    _add_trust_argument(report)
     report.set_defaults(func=_report)
     return parser
 
@@ -485,12 +567,14 @@ def debug_enabled(args: argparse.Namespace | None = None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a bad input, config, file or reward ends in one line ``ddpo: error: ...`` and exit code 2
     (the traceback only with ``--debug`` or ``DDPO_DEBUG=1``)."""
+    argv, trusted = _take_trust_flag(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     if getattr(args, "preset", None) and getattr(args, "config", None):
         print("ddpo: give either --preset or --config, not both", file=sys.stderr)
         return 2
     try:
-        return args.func(args)
+        with trust.opted_in(trusted or getattr(args, "trust_import_path", False)):
+            return args.func(args)
     except Exception as err:
         if not _user_error(err):
             raise

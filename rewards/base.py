@@ -21,6 +21,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -132,7 +134,16 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+"""The form of a reward given by import path: ``package.module:attribute``."""
+
+
 def _import_path(spec: str) -> Any:
+    if not IMPORT_PATH.fullmatch(spec):
+        raise ValueError(
+            f"reward {spec!r} is not an import path of the form package.module:attribute (a registered reward's "
+            "name has no ':'; `ddpo rewards` lists them)"
+        )
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -199,6 +210,10 @@ def check_options(factory: Callable, options: dict[str, Any], name: str) -> None
             raise ValueError(
                 f"reward {name!r}: option {key!r} must be {wanted}; got {type(value).__name__} {value!r} "
                 f"(set reward.options.{key})"
+            )
+        if key in hints and isinstance(value, float) and not math.isfinite(value):  # NaN scores, found after sampling
+            raise ValueError(
+                f"reward {name!r}: option {key!r} must be a finite number; got {value} (set reward.options.{key})"
             )
 
 

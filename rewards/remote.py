@@ -11,9 +11,14 @@ the server scores it with any registered reward and answers the scores. Wire for
   with a 4xx/5xx status.
 * ``GET {url}/health``: JSON ``{"status": "ok", "reward": name, ...}``.
 
-The client retries what can pass (connection refused or reset, timeouts, 5xx answers) ``retries`` times with
-exponential back-off, and then stops the run with an error naming the URL; a malformed answer or a refused request
-(4xx) stops it at once.
+The server checks the safetensors header before it decodes anything (one tensor ``images`` ``[B, 3, H, W]`` of a wire
+dtype, ``B <= max_batch``, ``H, W <= max_image_size``), then the pixels (finite, in ``[0, 1]``); a request it refuses
+gets a 4xx with a one-line reason. ``/health`` tells the client the server's limits and whether it needs a token.
+
+The client retries what can pass (connection refused, or reset before or in the middle of an answer, timeouts, 5xx
+answers) ``retries`` times with exponential back-off, and then stops the run with an error naming the URL; a
+malformed answer or a refused request (4xx) stops it at once, as does a batch over the server's limits or a missing
+or wrong token (both found from ``/health`` before anything is sent).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 from .base import Reward, RewardError, check_images, register
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
+_HEADER_DTYPES = {"F32": "float32", "F16": "float16", "U8": "uint8"}
+"""The safetensors dtype names of :data:`WIRE_DTYPES`."""
 TOKEN_ENV = "DDPO_REWARD_TOKEN"
 """Environment variable holding the shared token (client and server), kept out of config files and process lists."""
 
@@ -46,35 +53,96 @@ def encode_batch(images: torch.Tensor, prompts: list[str], dtype: str = "float32
     return save({"images": images.contiguous()}, metadata={"prompts": json.dumps(list(prompts))})
 
 
-def decode_batch(body: bytes) -> tuple[torch.Tensor, list[str]]:
-    """The request body -> ``(images float32 [B, 3, H, W] in [0, 1], prompts)``; ValueError naming what is wrong."""
+class BatchTooLarge(ValueError):
+    """A batch over the server's ``--max-batch`` or ``--max-image-size`` (answered 413)."""
+
+
+def max_body_bytes(max_batch: int, max_image_size: int) -> int:
+    """The largest request body a server with these limits reads: ``max_batch`` float32 images of
+    ``max_image_size`` px squared, plus the safetensors header with the prompts (up to 64 KiB + 4 KiB an image)."""
+    return max_batch * 3 * max_image_size * max_image_size * 4 + 65536 + 4096 * max_batch
+
+
+def read_header(body: bytes) -> tuple[list[int], str, list[str]]:
+    """The safetensors header of a request body, checked before any tensor is decoded: ``(shape, wire dtype,
+    prompts)``; ValueError naming what is wrong."""
+    if len(body) < 8:
+        raise ValueError(f"the body is not a safetensors payload ({len(body)} bytes)")
+    length = int.from_bytes(body[:8], "little")
+    if length > len(body) - 8:
+        raise ValueError(
+            f"the body is not a safetensors payload (its header length {length} exceeds the {len(body)} bytes sent)"
+        )
+    try:
+        header = json.loads(body[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep
+        raise ValueError(f"the body is not a safetensors payload (its header is not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the body is not a safetensors payload (its header is not a JSON object)")
+    names = sorted(key for key in header if key != "__metadata__")
+    if names != ["images"] or not isinstance(header["images"], dict):
+        raise ValueError(f"the payload must hold exactly one tensor named 'images'; got {names}")
+    shape, dtype = header["images"].get("shape"), header["images"].get("dtype")
+    if dtype not in _HEADER_DTYPES:
+        raise ValueError(f"images must be float32, float16 or uint8; got {dtype!r}")
+    if not (isinstance(shape, list) and len(shape) == 4 and shape[1] == 3) or not all(
+        isinstance(n, int) and n >= 1 for n in shape
+    ):
+        raise ValueError(f"images must be a float tensor [B, 3, H, W] in [0, 1]; got shape {shape}")
+    metadata = header.get("__metadata__") or {}
+    try:
+        prompts = json.loads(metadata["prompts"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError("the payload's metadata must hold 'prompts', a JSON list of strings") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("the payload's 'prompts' must be a JSON list of strings")
+    return shape, _HEADER_DTYPES[dtype], prompts
+
+
+def check_limits(shape: list[int], max_batch: int | None, max_image_size: int | None) -> None:
+    """Raise :class:`BatchTooLarge` for a batch ``[B, 3, H, W]`` over a server's limits."""
+    if max_batch is not None and shape[0] > max_batch:
+        raise BatchTooLarge(f"{shape[0]} images exceed the server's --max-batch {max_batch}; send smaller batches")
+    if max_image_size is not None and max(shape[2:]) > max_image_size:
+        raise BatchTooLarge(
+            f"images of {shape[2]}x{shape[3]} px exceed the server's --max-image-size {max_image_size}; "
+            "start the server with a larger --max-image-size"
+        )
+
+
+def check_pixels(images: torch.Tensor) -> None:
+    """Raise ValueError unless every pixel of float ``images`` is finite and in ``[0, 1]`` (a reward scores images,
+    not NaNs: its score of one would be meaningless)."""
+    finite = torch.isfinite(images)
+    if not finite.all():
+        bad = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"images hold non-finite pixels (NaN or inf) at batch indices {bad[:8]}; send images in [0, 1]"
+        )
+    low, high = images.min().item(), images.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"pixel values must be in [0, 1]; got values from {low:g} to {high:g}")
+
+
+def decode_batch(
+    body: bytes, max_batch: int | None = None, max_image_size: int | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """The request body -> ``(images float32 [B, 3, H, W] in [0, 1], prompts)``; ValueError naming what is wrong
+    (:class:`BatchTooLarge` past ``max_batch`` images or ``max_image_size`` px, found from the header alone)."""
     from safetensors.torch import load
 
+    shape, _, prompts = read_header(body)
+    check_limits(shape, max_batch, max_image_size)
+    if len(prompts) != shape[0]:
+        raise ValueError(f"{shape[0]} images but {len(prompts)} prompts")
     try:
         tensors = load(body)
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise ValueError(f"the body is not a safetensors payload ({type(err).__name__}: {err})") from None
-    if set(tensors) != {"images"}:
-        raise ValueError(f"the payload must hold exactly one tensor named 'images'; got {sorted(tensors)}")
     images = tensors["images"]
-    # The metadata (prompts) is in the JSON header: 8 bytes of little-endian length, then the header.
-    length = int.from_bytes(body[:8], "little")
-    metadata = json.loads(body[8 : 8 + length]).get("__metadata__") or {}
-    try:
-        prompts = json.loads(metadata["prompts"])
-    except (KeyError, json.JSONDecodeError):
-        raise ValueError("the payload's metadata must hold 'prompts', a JSON list of strings") from None
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("the payload's 'prompts' must be a JSON list of strings")
-    if images.dtype == torch.uint8:
-        images = images.float() / 255
-    elif images.dtype in (torch.float16, torch.float32):
-        images = images.float()
-    else:
-        raise ValueError(f"images must be float32, float16 or uint8; got {images.dtype}")
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     check_images(images)
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    check_pixels(images)
     return images, prompts
 
 
@@ -123,9 +191,27 @@ class RemoteReward(Reward):
         self.session = requests.Session()
         self._info: dict[str, float] = {}
         self.served: str | None = None
+        self.limits: dict[str, int] = {}
+        """The server's ``max_batch`` / ``max_image_size`` from ``/health`` (checked before a batch is sent)."""
         if check:
             health = self._request("GET", "/health")
-            self.served = health.get("reward") if isinstance(health, dict) else None
+            health = health if isinstance(health, dict) else {}
+            self.served = health.get("reward")
+            self.limits = {k: health[k] for k in ("max_batch", "max_image_size") if isinstance(health.get(k), int)}
+            self._check_token(health)
+
+    def _check_token(self, health: dict[str, Any]) -> None:
+        """A server that needs a token and got none (or another): say so now, before any sampling."""
+        url = self.url + "/health"
+        if health.get("token_required") and not self.token:
+            raise RewardError(
+                f"remote reward at {url} requires a token and none is set: set {TOKEN_ENV} on this machine to the "
+                "server's token"
+            )
+        if health.get("token_ok") is False:
+            raise RewardError(
+                f"remote reward at {url} refused the token: set {TOKEN_ENV} on this machine to the server's token"
+            )
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/octet-stream"}
@@ -150,15 +236,17 @@ class RemoteReward(Reward):
             except requests.ConnectionError as err:
                 problem = f"cannot connect ({type(err).__name__}: {str(err)[:200]})"
                 continue
+            except requests.exceptions.ChunkedEncodingError as err:  # the connection broke in the middle of the answer
+                problem = f"the connection broke during the answer ({str(err)[:200]})"
+                continue
             if answer.status_code >= 500:
                 problem = f"server error {answer.status_code}: {answer.text[:300]}"
                 continue
             if answer.status_code >= 400:
-                hint = (
-                    " (set the same token in DDPO_REWARD_TOKEN for client and server)"
-                    if answer.status_code == 401
-                    else ""
-                )
+                hint = ""
+                if answer.status_code == 401:
+                    given = "none is set" if not self.token else "the one set is not the server's"
+                    hint = f" (the server needs a token and {given}: set {TOKEN_ENV} to the server's token)"
                 raise RewardError(
                     f"remote reward at {url} refused the request: {answer.status_code} {answer.text[:300]}{hint}"
                 )
@@ -176,6 +264,10 @@ class RemoteReward(Reward):
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images)
+        try:
+            check_limits(list(images.shape), self.limits.get("max_batch"), self.limits.get("max_image_size"))
+        except BatchTooLarge as err:
+            raise RewardError(f"remote reward at {self.url}/score: {err}") from None
         answer = self._request("POST", "/score", encode_batch(images, prompts, self.dtype))
         url = self.url + "/score"
         scores = answer.get("scores") if isinstance(answer, dict) else None

@@ -63,7 +63,7 @@ def test_grid_runs_every_cell_and_writes_results_summary_and_plot(finished_grid)
     assert runs == ["ddpo_is__jpeg__seed0", "ddpo_is__jpeg__seed1", "rwr_kl__jpeg__seed0", "rwr_kl__jpeg__seed1"]
     config = yaml.safe_load((out / "runs" / "rwr_kl__jpeg__seed1" / "config.yaml").read_text())
     assert config["seed"] == 1 and config["train"]["algorithm"] == "rwr" and config["train"]["kl_coef"] == 0.1
-    assert config["reward"] == {"name": "jpeg_compressibility", "options": {"quality": 90}, "trust_import_path": False}
+    assert config["reward"] == {"name": "jpeg_compressibility", "options": {"quality": 90}}  # no opt-in in a config
     # Cells are launched from their validated, fully resolved config (a preset edited mid-grid cannot leak in).
     assert yaml.safe_load((out / "configs" / "rwr_kl__jpeg__seed1.yaml").read_text()) == config
 

@@ -47,6 +47,16 @@ def undeclared(images, prompts):
 """
 
 
+DUPLICATE = "train:\n  learning_rate: 0.1\n  learning_rate: 0.2\n"
+ALIAS_BOMB = "reward:\n  options:\n    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)
+)
+
+
+def _sample(model_dir: Path, flag: str, value: str) -> list[str]:
+    return ["sample", "--model", str(model_dir), "--prompt", "a cat", flag, value]
+
+
 def _write(path: Path, data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -64,6 +74,42 @@ def _pipeline_with(tiny_model_dir: Path, tmp: Path, prediction_type: str) -> Pat
 def _finished_run(fast: list[str]) -> Path:
     assert main(["train", "--preset", "tiny", "num_epochs=1", "log_images=false", *fast]) == 0
     return Path(next(o for o in fast if o.startswith("output_dir=")).split("=", 1)[1]) / "run"
+
+
+def _stub_run(tmp: Path, fast: list[str], files: dict[str, bytes | str | int] | None = None) -> Path:
+    """``tmp/runs/run`` holding the resolved config.yaml of the fast tiny run (no checkpoint yet) and ``files`` (an
+    int: a sparse file of that many zero bytes, no newline)."""
+    import yaml
+
+    from ddpo.training.config import build_config, to_dict
+
+    run = tmp / "runs" / "run"
+    _write(run / "config.yaml", yaml.safe_dump(to_dict(build_config(preset="tiny", overrides=fast)), sort_keys=False))
+    for name, data in (files or {}).items():
+        if isinstance(data, int):
+            with open(run / name, "wb") as f:
+                f.truncate(data)
+        else:
+            _write(run / name, data)
+    return run
+
+
+def _resume_stub(
+    tmp: Path, fast: list[str], files: dict[str, bytes | str | int] | None = None, *extra: str
+) -> list[str]:
+    return ["train", "--resume", str(_stub_run(tmp, fast, files)), *extra]
+
+
+def _linked_out(tmp: Path, fast: list[str], name: str, target_is_dir: bool) -> list[str]:
+    """A stub run whose ``name`` is a symbolic link to a folder or file outside the run directory."""
+    run = _stub_run(tmp, fast)
+    target = tmp / "elsewhere" / name
+    if target_is_dir:
+        target.mkdir(parents=True)
+    else:
+        _write(target, '{"epoch": 0}\n')
+    (run / name).symlink_to(target, target_is_directory=target_is_dir)
+    return ["train", "--resume", str(run)]
 
 
 # (id, builder(tmp, fast overrides, tiny model dir) -> (argv, env), key phrase of the message, early)
@@ -379,6 +425,390 @@ CASES = [
             {},
         ),
         "sample.sde_window must be [first, end] with 0 <= first < end <= sample.num_steps (4); got [3, 2]",
+        True,
+    ),
+    # issue 26: run directories and checkpoints
+    *[
+        (f"run_name {how}", lambda t, f, m, v=value: (["train", *T, *f, f"run_name={v(t)}"], {}), phrase, True)
+        for how, value, phrase in (
+            ("going up (..)", lambda t: "../x", "run_name='../x' must be a single folder name"),
+            ("absolute", lambda t: t / "abs", "must be a single folder name (no /, \\, .. or absolute path)"),
+            ("with a slash", lambda t: "a/b", "run_name='a/b' must be a single folder name"),
+            ("with a backslash", lambda t: "a\\b", "must be a single folder name"),
+            ("..", lambda t: "..", "run_name='..' must be a single folder name"),
+        )
+    ],
+    (
+        "new run in a folder holding files",
+        lambda t, f, m: (_write(t / "runs" / "run" / "metrics.jsonl", '{"epoch": 0}\n') and ["train", *T, *f], {}),
+        "runs/run holds files but no config.yaml (metrics.jsonl); a new run there would overwrite them",
+        True,
+    ),
+    (
+        "checkpoints linked out of the run",
+        lambda t, f, m: (_linked_out(t, f, "checkpoints", True), {}),
+        "checkpoints is a symbolic link to",
+        True,
+    ),
+    (
+        "final linked out of the run",
+        lambda t, f, m: (_linked_out(t, f, "final", True), {}),
+        "outside the run directory",
+        True,
+    ),
+    (
+        "metrics.jsonl linked out of the run",
+        lambda t, f, m: (_linked_out(t, f, "metrics.jsonl", False), {}),
+        "metrics.jsonl is a symbolic link to",
+        True,
+    ),
+    (
+        "metrics.jsonl line without epoch",
+        lambda t, f, m: (_resume_stub(t, f, {"metrics.jsonl": '{"epoch": 0}\n{"loss": 1.0}\n'}), {}),
+        "metrics.jsonl line 2 has no integer 'epoch'",
+        True,
+    ),
+    (
+        "metrics.jsonl not UTF-8",
+        lambda t, f, m: (_resume_stub(t, f, {"metrics.jsonl": b'{"epoch": 0}\n{"a": "\xff"}\n'}), {}),
+        "metrics.jsonl line 2 is not UTF-8 text",
+        True,
+    ),
+    (
+        "metrics.jsonl line not JSON",
+        lambda t, f, m: (_resume_stub(t, f, {"metrics.jsonl": '{"epoch": 0\n'}), {}),
+        "metrics.jsonl line 1 is not JSON",
+        True,
+    ),
+    (
+        "metrics.jsonl endless line",
+        lambda t, f, m: (_resume_stub(t, f, {"metrics.jsonl": 100 << 20}), {}),
+        "metrics.jsonl line 1 is longer than",
+        True,
+    ),
+    (
+        "eval.jsonl line not an object",
+        lambda t, f, m: (_resume_stub(t, f, {"eval.jsonl": "[1, 2]\n"}), {}),
+        "eval.jsonl line 1 is not a JSON object",
+        True,
+    ),
+    (
+        "resume: config.yaml not YAML",
+        lambda t, f, m: (["train", "--resume", str(_write(t / "run" / "config.yaml", "model: [a\n").parent)], {}),
+        "config.yaml' is not valid YAML",
+        True,
+    ),
+    (
+        "resume: config.yaml huge",
+        lambda t, f, m: (["train", "--resume", str(_stub_run(t, f, {"config.yaml": 4 << 20}))], {}),
+        "config.yaml' is larger than 1 MiB",
+        True,
+    ),
+    (
+        "resume: config.yaml empty",
+        lambda t, f, m: (["train", "--resume", str(_write(t / "run" / "config.yaml", "").parent)], {}),
+        "config.yaml is empty",
+        True,
+    ),
+    (
+        "resume: run_name override",
+        lambda t, f, m: (_resume_stub(t, f, None, "run_name=other"), {}),
+        "run_name='other' would name another folder; a resumed run stays in",
+        True,
+    ),
+    (
+        "resume: output_dir override",
+        lambda t, f, m: (_resume_stub(t, f, None, f"output_dir={t / 'elsewhere'}"), {}),
+        "would name another folder; a resumed run stays in",
+        True,
+    ),
+    (
+        "process_timeout_seconds too large",
+        lambda t, f, m: (["train", *T, *f, "process_timeout_seconds=100000000000000"], {}),
+        "process_timeout_seconds must be <= 31536000 (365 days); got 100000000000000",
+        True,
+    ),
+    # issue 26: published settings and edge cases (CPS window, Flow-GRPO's KL and ratio)
+    (
+        "CPS window of the deterministic last step only",
+        lambda t, f, m: (
+            ["train", *T, *f, "model.pretrained=tiny_sd3", "sample.scheduler=flow_cps", "sample.sde_window=[3,4]"],
+            {},
+        ),
+        "sample.sde_window=[3, 4] holds no stochastic step: with sample.scheduler=flow_cps the last step (3) is "
+        "deterministic",
+        True,
+    ),
+    (
+        "Flow-GRPO KL on a DDPM-style sampler",
+        lambda t, f, m: (["train", *T, *f, "train.kl_coef=0.04", "train.kl_form=flow_grpo"], {}),
+        "train.kl_form=flow_grpo is Flow-GRPO's KL of a flow SDE step: it needs sample.scheduler=flow_sde or flow_cps",
+        True,
+    ),
+    (
+        "Flow-GRPO ratio on a DDPM-style sampler",
+        lambda t, f, m: (["train", *T, *f, "train.ratio_form=flow_grpo"], {}),
+        "train.ratio_form=flow_grpo is Flow-GRPO's PPO ratio of a flow SDE step: it needs sample.scheduler=flow_sde",
+        True,
+    ),
+    (
+        "Flow-GRPO ratio without the PPO loss",
+        lambda t, f, m: (
+            ["train", *T, *f, "model.pretrained=tiny_sd3", "sample.scheduler=flow_sde", "train.algorithm=rwr"]
+            + ["train.ratio_form=flow_grpo"],
+            {},
+        ),
+        "train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got rwr",
+        True,
+    ),
+    (
+        "Flow-GRPO KL with a forward-process algorithm",
+        lambda t, f, m: (
+            ["train", *T, *f, "model.pretrained=tiny_sd3", "sample.scheduler=flow_sde", "train.algorithm=awm"]
+            + ["train.kl_form=flow_grpo"],
+            {},
+        ),
+        "train.kl_form=flow_grpo is the KL of a log-prob step; train.algorithm=awm has its own KL",
+        True,
+    ),
+    (
+        "unknown KL form",
+        lambda t, f, m: (["train", *T, *f, "train.kl_form=flowgrpo"], {}),
+        "train.kl_form must be gaussian or flow_grpo; got 'flowgrpo'",
+        True,
+    ),
+    # issue 26: trust boundaries (import-path opt-in, the reward server) and eval's reward options
+    (
+        "config opts in to import paths",
+        lambda t, f, m: (["train", *T, *f, "reward.trust_import_path=true"], {}),
+        "reward.trust_import_path=true: a config file, grid or override cannot opt in to import-path rewards",
+        True,
+    ),
+    (
+        "config file opts in to import paths",
+        lambda t, f, m: (["train", "--config", str(_write(t / "trust.yaml", "reward: {trust_import_path: true}"))], {}),
+        "cannot opt in to import-path rewards (importing one runs its code); delete the key and give --trust-import",
+        True,
+    ),
+    (
+        "eval: import path without opt-in",
+        lambda t, f, m: (["eval", "--model", "world", "--pass-at", "1", "--reward", "bad_rewards_18:nan"], {}),
+        "reward 'bad_rewards_18:nan' is an import path: loading it imports and runs that module's code",
+        True,
+    ),
+    (
+        "eval: --reward-options YAML error",
+        lambda t, f, m: (
+            ["eval", "--model", "world", "--pass-at", "1", "--reward", "world", "--reward-options", "{a: [1"],
+            {},
+        ),
+        "--reward-options is not valid YAML: while parsing a flow sequence: expected ',' or ']', but got",
+        True,
+    ),
+    (
+        "serve-reward: import path without opt-in",
+        lambda t, f, m: (["serve-reward", "bad_rewards_18:nan", "--port", "0"], {}),
+        "If you trust it, opt in with --trust-import-path on the command line or DDPO_TRUST_IMPORT_PATH=1",
+        True,
+    ),
+    (
+        "serve-reward: port out of range",
+        lambda t, f, m: (["serve-reward", "brightness", "--port", "70000"], {}),
+        "serve-reward --port must be 0-65535 (0: a free one); got 70000",
+        True,
+    ),
+    (
+        "serve-reward: negative max batch",
+        lambda t, f, m: (["serve-reward", "brightness", "--max-batch", "-1"], {}),
+        "serve-reward --max-batch must be >= 1 (the largest batch a request may hold); got -1",
+        True,
+    ),
+    (
+        "serve-reward: zero max batch",
+        lambda t, f, m: (["serve-reward", "brightness", "--max-batch", "0"], {}),
+        "serve-reward --max-batch must be >= 1",
+        True,
+    ),
+    (
+        "serve-reward: zero max image size",
+        lambda t, f, m: (["serve-reward", "brightness", "--max-image-size", "0"], {}),
+        "serve-reward --max-image-size must be >= 1 (pixels per side); got 0",
+        True,
+    ),
+    (
+        "serve-reward: --options YAML error",
+        lambda t, f, m: (["serve-reward", "brightness", "--options", "{quality: [80"], {}),
+        "--options is not valid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>'",
+        True,
+    ),
+    (
+        "serve-reward: reachable address without token",
+        lambda t, f, m: (["serve-reward", "brightness", "--host", "0.0.0.0", "--token-env", "DDPO_NO_TOKEN_26"], {}),
+        "serve-reward --host 0.0.0.0 can be reached from other machines and no token is set: set one in DDPO_NO_TOK",
+        True,
+    ),
+    (
+        "serve-reward: unknown host",
+        lambda t, f, m: (["serve-reward", "brightness", "--host", "no-such-host.invalid"], {}),
+        "serve-reward --host no-such-host.invalid: no such address (",
+        True,
+    ),
+    # issue 26: config loading and validation, `ddpo sample` / `eval` / `config` arguments
+    *[
+        (f"non-finite {key}", lambda t, f, m, k=key, v=value: (["train", *T, *f, f"{k}={v}"], {}), phrase, True)
+        for key, value, phrase in (
+            ("train.learning_rate", ".inf", "train.learning_rate must be a finite number; got inf"),
+            ("sample.guidance_scale", ".inf", "sample.guidance_scale must be a finite number; got inf"),
+            ("model.lora_alpha", ".nan", "model.lora_alpha must be a finite number; got nan"),
+        )
+    ],
+    (
+        "non-finite reward option",
+        lambda t, f, m: (["train", *T, *f, "reward.name=brightness", "reward.options.target=.nan"], {}),
+        "reward 'brightness': option 'target' must be a finite number; got nan (set reward.options.target)",
+        True,
+    ),
+    (
+        "duplicate key in a config file",
+        lambda t, f, m: (["train", "--config", str(_write(t / "d.yaml", DUPLICATE)), *f], {}),
+        "d.yaml' sets train.learning_rate twice (lines 2 and 3); keep one of them",
+        True,
+    ),
+    (
+        "duplicate key in an override's value",
+        lambda t, f, m: (["train", *T, *f, "reward.options={quality: 80, quality: 90}"], {}),
+        "sets reward.options.quality twice (line 1, columns 2 and 15)",
+        True,
+    ),
+    (
+        "duplicate key in a grid file",
+        lambda t, f, m: (["ablate", "--dry-run", str(_write(t / "grid.yaml", "seeds: [0]\nseeds: [1]\n"))], {}),
+        "grid.yaml' sets seeds twice (lines 1 and 2); keep one of them",
+        True,
+    ),
+    (
+        "YAML alias bomb (ddpo config)",
+        lambda t, f, m: (["config", "--config", str(_write(t / "bomb.yaml", ALIAS_BOMB))], {}),
+        "bomb.yaml' expands to more than 100000 values (its aliases, *name, followed)",
+        True,
+    ),
+    (
+        "config file too large",
+        lambda t, f, m: (["train", "--config", str(_write(t / "big.yaml", "seed: 1\n" + "#" * (1 << 20))), *f], {}),
+        "big.yaml' is larger than 1 MiB",
+        True,
+    ),
+    (
+        "config file not UTF-8",
+        lambda t, f, m: (["train", "--config", str(_write(t / "l1.yaml", b"run_name: caf\xe9\n")), *f], {}),
+        "l1.yaml' is not UTF-8 text (byte 13: invalid continuation byte); save it as UTF-8",
+        True,
+    ),
+    (
+        "--config a folder",
+        lambda t, f, m: (["train", "--config", str(t), *f], {}),
+        "' is a folder, not a YAML file",
+        True,
+    ),
+    (
+        "broken --config (ddpo config)",
+        lambda t, f, m: (["config", "--config", str(_write(t / "bad.yaml", "train: [1, 2\n"))], {}),
+        "is not valid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>' (line 2, column 1)",
+        True,
+    ),
+    (
+        "model.pretrained a file",
+        lambda t, f, m: (["train", *T, *f, "model.pretrained=/dev/null"], {}),
+        "model.pretrained='/dev/null' is a file, not a folder",
+        True,
+    ),
+    (
+        "import path not of the form package.module:attribute",
+        lambda t, f, m: (["train", TRUST, *T, *f, "reward.name=..:x"], {}),
+        "reward.name='..:x' is not an import path of the form package.module:attribute",
+        True,
+    ),
+    (
+        "import path not of the form (serve-reward)",
+        lambda t, f, m: (["serve-reward", "..:x", TRUST], {}),
+        "reward '..:x' is not an import path of the form package.module:attribute",
+        True,
+    ),
+    (
+        "mapping override into a plain value",
+        lambda t, f, m: (["train", *T, *f, "reward.options.quality=80", "reward.options.quality.x=1"], {}),
+        "reward.options.quality is 80, not a mapping: cannot set reward.options.quality.x inside it",
+        True,
+    ),
+    *[
+        (f"optimizer: {key}", lambda t, f, m, k=key, v=value: (["train", *T, *f, f"train.{k}={v}"], {}), phrase, True)
+        for key, value, phrase in (
+            ("adam_beta1", "1.5", "train.adam_beta1 must be in [0, 1) (an Adam moment's decay); got 1.5"),
+            ("adam_beta2", "1", "train.adam_beta2 must be in [0, 1) (an Adam moment's decay); got 1.0"),
+            ("adam_epsilon", "-1e-8", "train.adam_epsilon must be >= 0; got -1e-08"),
+            ("adam_weight_decay", "-0.1", "train.adam_weight_decay must be >= 0; got -0.1"),
+        )
+    ],
+    *[
+        (f"rule value: {key}", lambda t, f, m, k=key, v=value: (["train", *T, *f, f"train.{k}={v}"], {}), phrase, True)
+        for key, value, phrase in (
+            ("rwr_temperature", "0", "train.rwr_temperature must be > 0; got 0.0"),
+            ("rwr_quantile", "5", "train.rwr_quantile must be in [0, 1); got 5.0"),
+            ("per_prompt_buffer_size", "-1", "train.per_prompt_buffer_size must be >= 1; got -1"),
+        )
+    ],
+    (
+        "CPS eta above 1",
+        lambda t, f, m: (
+            ["train", *T, *f, "model.pretrained=tiny_sd3", "sample.scheduler=flow_cps", "sample.eta=1.5"],
+            {},
+        ),
+        "sample.eta must be <= 1 with the CPS sampler",
+        True,
+    ),
+    (
+        "non-finite gradient before the first checkpoint",
+        lambda t, f, m: (["train", *T, *f, "log_images=false", "train.learning_rate=1e30"], {}),
+        "non-finite gradient norm at epoch 0, global step 1; lower train.learning_rate or use mixed_precision=no. No "
+        "checkpoint was written yet, so a resume starts the run over.",
+        False,
+    ),
+    *[
+        (f"sample {flag} {value}", lambda t, f, m, a=flag, v=value: (_sample(m, a, v), {}), phrase, True)
+        for flag, value, phrase in (
+            ("--eta", "5", "--eta must be <= 1 (above 1 the DDIM variance exceeds 1 - alpha_bar_prev"),
+            ("--guidance", "nan", "--guidance must be a finite number; got nan"),
+            ("--seeds", str(2**64), "--seeds must be integers in [-2**63, 2**64) (torch.Generator's)"),
+        )
+    ],
+    (
+        "sample --out under a file",
+        lambda t, f, m: (_sample(m, "--out", str(_write(t / "file", "")) + "/out"), {}),
+        "/file, which is a file, not a folder; choose another output folder",
+        True,
+    ),
+    (
+        "sample --out unwritable",
+        lambda t, f, m: (_sample(m, "--out", "/sys/ddpo-samples"), {}),
+        "cannot write --out /sys/ddpo-samples",
+        True,
+    ),
+    (
+        "eval --pass-at 0",
+        lambda t, f, m: (["eval", "--model", "world", "--pass-at", "0"], {}),
+        "--pass-at takes one or more k >= 1, e.g. --pass-at 1 4 16; got [0]",
+        True,
+    ),
+    (
+        "eval --out a file",
+        lambda t, f, m: (["eval", "--model", "world", "--pass-at", "1", "--out", str(_write(t / "scores", ""))], {}),
+        "/scores is a file, not a folder; choose another output folder",
+        True,
+    ),
+    (
+        "eval --guidance inf",
+        lambda t, f, m: (["eval", "--model", "world", "--pass-at", "1", "--guidance", "inf"], {}),
+        "--guidance must be a finite number; got inf",
         True,
     ),
 ]

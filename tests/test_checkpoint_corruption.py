@@ -7,6 +7,7 @@ resume must name the checkpoint and file, fall back to checkpoint_000001 and end
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def _low_bits(path: Path) -> None:
     _flip(path, range(header, len(data), 4))
 
 
+def _manifest_leads_out(checkpoint: Path) -> None:
+    """The manifest names a file through ``..`` (here the checkpoint's own state.json, so its checksum matches)."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][f"../{checkpoint.name}/state.json"] = manifest["files"].pop("state.json")
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
 CORRUPTIONS = {
     "weights truncated": lambda c: _truncate(c / "trainable.safetensors", 0.5),
     "weights emptied": lambda c: (c / "trainable.safetensors").write_bytes(b""),
@@ -50,6 +58,10 @@ CORRUPTIONS = {
     "rng garbage": lambda c: (c / "rng_0.json").write_text("{not json"),
     "state garbage": lambda c: (c / "state.json").write_text("[1, 2"),
     "manifest garbage": lambda c: (c / "manifest.json").write_text("{"),
+    # issue 26, item 4: a checkpoint without its manifest or its state is damaged, named, and skipped
+    "manifest deleted": lambda c: (c / "manifest.json").unlink(),
+    "state deleted": lambda c: (c / "state.json").unlink(),
+    "manifest entry leading out": _manifest_leads_out,
 }
 
 

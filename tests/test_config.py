@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
+import torch
 import yaml
 
 from ddpo.cli import main
@@ -218,15 +222,269 @@ def test_resolution_key_is_checked_against_the_vae_factor(tiny_model_dir):
 
 def test_reward_by_import_path_needs_an_explicit_opt_in(tmp_path, capsys):
     """`reward.name=os:system` with an option string ran a shell command from a config file; now an import path
-    is refused before anything is imported unless the user opts in (config key or CLI flag)."""
+    is refused before anything is imported unless the user opts in (CLI flag or DDPO_TRUST_IMPORT_PATH=1; a config
+    cannot: tests/test_trust.py)."""
     marker = tmp_path / "ran"
     overrides = ["reward.name=os:system", f"reward.options={{command: 'touch {marker}'}}"]
-    with pytest.raises(ConfigError, match="is an import path.*reward.trust_import_path=true.*--trust-import-path"):
+    with pytest.raises(ConfigError, match="is an import path.*--trust-import-path.*DDPO_TRUST_IMPORT_PATH=1"):
         build_config(preset="tiny", overrides=overrides)
     weighted = ["reward.name=weighted", "reward.options={components: {'os:system': 1.0}}"]
     with pytest.raises(ConfigError, match="'os:system' is an import path"):
         build_config(preset="tiny", overrides=weighted)
     assert main(["config", "--preset", "tiny", *overrides]) == 2
-    assert "reward.trust_import_path=true" in capsys.readouterr().err and not marker.exists()
-    assert build_config(preset="tiny", overrides=[*overrides, "reward.trust_import_path=true"]).reward.trust_import_path
+    assert "--trust-import-path" in capsys.readouterr().err and not marker.exists()
+    with pytest.raises(ConfigError, match="cannot opt in"):
+        build_config(preset="tiny", overrides=[*overrides, "reward.trust_import_path=true"])
     assert main(["config", "--preset", "tiny", "--trust-import-path", *overrides]) == 0 and not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 26: every bad config input gets one clear line before the model loads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _float_keys() -> list[str]:
+    import typing
+
+    from ddpo.training.config import RunConfig
+
+    out = []
+    for key in all_keys():
+        cls: object = RunConfig
+        for part in key.split("."):
+            cls = typing.get_type_hints(cls)[part]
+        if cls is float:
+            out.append(key)
+    return out
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_values_of_every_float_key_are_refused_naming_it(key, value):
+    """`train.learning_rate=.inf` passed validation and failed after sampling, blaming the learning rate."""
+    with pytest.raises(ConfigError, match=rf"^{key} must be a finite number; got (-?inf|nan)$"):
+        build_config(preset="tiny", overrides=[f"{key}={value}"])
+
+
+def test_float_keys_are_found():
+    keys = _float_keys()
+    assert {"train.learning_rate", "sample.guidance_scale", "model.lora_alpha", "sample.eta"} <= set(keys)
+
+
+def test_duplicate_keys_are_refused_naming_the_key_file_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("seed: 1\ntrain:\n  learning_rate: 0.1\n  batch_size: 4\n  learning_rate: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(config_file=path)
+    assert str(err.value) == (f"config file '{path}' sets train.learning_rate twice (lines 3 and 5); keep one of them")
+    path.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"sets seed twice \(lines 1 and 2\)"):
+        build_config(config_file=path)
+    with pytest.raises(ConfigError, match=r"override 'reward.options=\{a: 1, a: 2\}'.* sets reward.options.a twice"):
+        build_config(preset="tiny", overrides=["reward.options={a: 1, a: 2}"])
+    # YAML merge keys are not duplicates: the mapping's own key wins over the merged one, as YAML says
+    path.write_text(
+        "train: &t\n  learning_rate: 0.1\nsample:\n  num_steps: 4\nreward:\n  options:\n"
+        "    <<: {quality: 10}\n    quality: 20\n"
+    )
+    assert build_config(config_file=path).reward.options == {"quality": 20}
+
+
+def test_duplicate_key_in_a_run_config_on_resume_is_refused(tmp_path):
+    from ddpo.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=rf"'{run / 'config.yaml'}' sets seed twice"):
+        Trainer.resume(run)
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ["reward:", "  options:", '    l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
+    """A 'billion laughs' file (9 levels of 9 aliases: 9^9 strings) ended `ddpo config` in a MemoryError."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    with pytest.raises(ConfigError, match=r"expands to more than 100000 values \(its aliases, \*name, followed\)"):
+        build_config(config_file=path)
+    assert main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ddpo: error: config file '{path}' expands to more than")
+    path.write_text(_alias_bomb(levels=2))  # a few aliases are fine
+    assert len(build_config(config_file=path).reward.options["l1"]) == 9
+    for loop in ("a: &a [*a]", "a: &a {b: *a}", "a: &a [*a, *a]"):  # recursive aliases: refused, and quickly
+        recursive = tmp_path / "loop.yaml"
+        recursive.write_text(f"reward:\n  options:\n    {loop}\n")
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match="expands to more than"):
+            build_config(config_file=recursive)
+        assert time.monotonic() - start < 10
+
+
+def test_an_oversized_config_file_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("seed: 1\n" + "# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match=r"is larger than 1 MiB"):
+        build_config(config_file=path)
+
+
+def test_config_file_that_is_a_folder_or_not_utf8_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^config file '{tmp_path}' is a folder, not a YAML file$"):
+        build_config(config_file=tmp_path)
+    path = tmp_path / "latin1.yaml"
+    data = b"seed: 1\nrun_name: caf\xe9\n"
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(
+        ConfigError, match=rf"config file '{path}' is not UTF-8 text \(byte {offset}: invalid continuation"
+    ):
+        build_config(config_file=path)
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n")
+    assert main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "is not valid YAML: while parsing a flow sequence" in err and "(line 2, column 1)" in err
+    assert main(["config", "--preset", "tiny", "seed=[1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_dotted_overrides_of_a_mapping_merge_and_a_whole_mapping_replaces():
+    """Two `reward.options.K=...` overrides kept only the second key: each replaced the whole mapping."""
+    c = build_config(preset="tiny", overrides=["reward.options.quality=80", "reward.options.other=1"])
+    assert c.reward.options == {"quality": 80, "other": 1}
+    preset = build_config(preset="world_clip").reward.options
+    assert len(preset) >= 1
+    c = build_config(preset="world_clip", overrides=["reward.options.extra=2"])
+    assert c.reward.options == {**preset, "extra": 2}  # the preset's options stay
+    nested = ["reward.options.components.brightness=1.0", "reward.options.components.contrast=2.0"]
+    c = build_config(preset="tiny", overrides=nested)
+    assert c.reward.options == {"components": {"brightness": 1.0, "contrast": 2.0}}
+    c = build_config(preset="world_clip", overrides=["reward.options.extra=2", "reward.options={a: 1}"])
+    assert c.reward.options == {"a": 1}  # a whole mapping replaces
+    assert build_config(preset="world_clip").reward.options == preset  # the preset itself is untouched
+    with pytest.raises(ConfigError, match=r"reward.options.a is 1, not a mapping: cannot set reward.options.a.b"):
+        build_config(preset="tiny", overrides=["reward.options.a=1", "reward.options.a.b=2"])
+    with pytest.raises(ConfigError, match="train.learning_rate: expected a number"):
+        build_config(preset="tiny", overrides=["train.learning_rate.x=1"])
+
+
+@pytest.mark.parametrize("name", ["..:x", ":x", "a b:c", "pkg.:fn", "pkg:fn:g", "pkg:fn.x"])
+def test_malformed_import_paths_are_refused_in_config(name, monkeypatch):
+    """`reward.name=..:x` (trusted) ended in a TypeError from importlib; the config now names the form it needs."""
+    monkeypatch.setenv("DDPO_TRUST_IMPORT_PATH", "1")
+    with pytest.raises(ConfigError, match=rf"^reward.name={re.escape(repr(name))} is not an import path of the form"):
+        build_config(preset="tiny", overrides=[f"reward.name={name}"])
+    components = ["reward.name=weighted", f"reward.options={{components: {{'{name}': 1.0}}}}"]
+    with pytest.raises(ConfigError, match="is not an import path of the form"):
+        build_config(preset="tiny", overrides=components)
+    import rewards  # `ddpo eval --reward` and `ddpo serve-reward` build it directly
+
+    with pytest.raises(ValueError, match=rf"^reward {re.escape(repr(name))} is not an import path of the form"):
+        rewards.get_reward(name)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("adam_beta1", 1.0),
+        ("adam_beta1", -0.1),
+        ("adam_beta1", 0.0),
+        ("adam_beta2", 1.5),
+        ("adam_beta2", 0.999),
+        ("adam_epsilon", -1e-8),
+        ("adam_epsilon", 0.0),
+        ("adam_weight_decay", -1e-4),
+        ("adam_weight_decay", 0.0),
+    ],
+)
+def test_optimizer_numbers_are_checked_as_torch_checks_them(key, value):
+    """The reference: torch's AdamW refuses exactly these values ("Invalid beta parameter at index 0", naming no
+    key); the config refuses the same ones before the model loads, naming the key."""
+    import torch
+
+    names = {"adam_beta1": "betas", "adam_beta2": "betas", "adam_epsilon": "eps", "adam_weight_decay": "weight_decay"}
+    kwargs = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4}
+    if key == "adam_beta1":
+        kwargs["betas"] = (value, 0.999)
+    elif key == "adam_beta2":
+        kwargs["betas"] = (0.9, value)
+    else:
+        kwargs[names[key]] = value
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, **kwargs)
+        torch_accepts = True
+    except ValueError:
+        torch_accepts = False
+    if torch_accepts:
+        assert getattr(build_config(preset="tiny", overrides=[f"train.{key}={value}"]).train, key) == value
+    else:
+        with pytest.raises(ConfigError, match=rf"^train.{key} must be"):
+            build_config(preset="tiny", overrides=[f"train.{key}={value}"])
+
+
+def _rwr(temperature: float):
+    from ddpo.policy.losses import rwr_weights
+
+    return rwr_weights(torch.zeros(4), temperature)
+
+
+def _sparse_rwr(quantile: float):
+    from ddpo.policy.losses import sparse_rwr_weights
+
+    return sparse_rwr_weights(torch.zeros(4), quantile)
+
+
+def _tracker(buffer_size: int, min_count: int):
+    from ddpo.policy.advantages import PerPromptStatTracker
+
+    return PerPromptStatTracker(buffer_size, min_count)
+
+
+@pytest.mark.parametrize(
+    "override, policy_refuses",
+    [
+        ("train.rwr_temperature=0", lambda: _rwr(0.0)),
+        ("train.rwr_temperature=-1", lambda: _rwr(-1.0)),
+        ("train.rwr_quantile=5", lambda: _sparse_rwr(5.0)),
+        ("train.rwr_quantile=1", lambda: _sparse_rwr(1.0)),
+        ("train.per_prompt_buffer_size=-1", lambda: _tracker(-1, 16)),
+        ("train.per_prompt_min_count=0", lambda: _tracker(16, 0)),
+    ],
+)
+def test_rule_values_the_policy_refuses_are_refused_by_the_config(override, policy_refuses):
+    """These were refused only after the model loaded (by the policy maths); the config now refuses the same values
+    before, naming the key."""
+    with pytest.raises(ValueError):
+        policy_refuses()
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key} must be"):
+        build_config(preset="tiny", overrides=[override])
+
+
+def test_flow_cps_eta_above_one_is_refused_by_the_config():
+    """flow_cps_step_with_logprob refuses eta > 1 after the model loads; the config now refuses it before."""
+    flow = ["model.pretrained=tiny_sd3", "sample.eta=1.5"]
+    with pytest.raises(ConfigError, match="sample.eta must be <= 1"):
+        build_config(preset="tiny", overrides=[*flow, "sample.scheduler=flow_cps"])
+    assert build_config(preset="tiny", overrides=[*flow, "sample.scheduler=flow_sde"]).sample.eta == 1.5
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_reward_options_are_refused_before_the_reward_is_built(value):
+    """`reward.options.target=.nan` passed every check and made the reward return NaN at the first scoring, after
+    sampling; a number option of a declared reward must be finite."""
+    import rewards
+
+    with pytest.raises(ValueError, match=r"^reward 'brightness': option 'target' must be a finite number; got"):
+        rewards.get_reward("brightness", target=value)
+    assert rewards.get_reward("brightness", target=0.5) is not None

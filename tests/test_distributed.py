@@ -131,9 +131,10 @@ def test_a_lost_process_stops_the_other_within_the_timeout(how, fast_overrides, 
     assert code == 2, stderr[-3000:]
     message = stderr.strip().splitlines()[-1]
     assert message.startswith("ddpo: error: another of the 2 processes died or stopped answering"), stderr[-3000:]
-    assert f"process_timeout_seconds={timeout} s" in message and "The last checkpoint is intact" in message
+    assert f"process_timeout_seconds={timeout} s" in message
     assert "Traceback" not in stderr
     if how == "hung":  # a dead process's connections close at once; a hung one is given up after the timeout
         assert timeout - 1 < waited < timeout + 20, waited
     newest, problems = checkpoint.newest_good(tmp_path / "runs" / "run" / "checkpoints")
     assert newest is not None and newest.name in ("checkpoint_000001", "checkpoint_000002") and not problems
+    assert f"The last checkpoint, {newest.name}, is intact." in message  # the one that exists

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,3 +115,29 @@ def test_a_kill_point_that_is_never_reached_changes_nothing(reference, tmp_path)
     run_dir, args = reference
     assert killed_run([*args, f"output_dir={tmp_path}"], "sample:1000") == 0
     assert_same_run(tmp_path / "run", run_dir)
+
+
+@pytest.mark.parametrize(("kill_at", "newest"), [("sample:3", "checkpoint_000001"), ("sample:1", None)])
+def test_ctrl_c_says_where_to_resume_from(kill_at, newest, reference, tmp_path):
+    """Issue 26: SIGINT (Ctrl-C) during ``ddpo train``, delivered at a named point by the same hook with
+    ``DDPO_KILL_SIGNAL=INT``, in a real interpreter: one line naming the last intact checkpoint (or that there is
+    none yet) and the resume command, exit code 130, no traceback; the resume then ends as the uninterrupted run."""
+    run_dir, args = reference
+    env = {**os.environ, "DDPO_KILL_AT": kill_at, "DDPO_KILL_SIGNAL": "INT", "OMP_NUM_THREADS": "1"}  # as conftest
+    command = [sys.executable, "-m", "ddpo.cli", *args, f"output_dir={tmp_path}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    run = tmp_path / "run"
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    if newest is None:
+        assert (
+            last == f"ddpo: interrupted; no checkpoint was written yet; start it over with: ddpo train --resume {run}"
+        )
+        return
+    assert last == (
+        f"ddpo: interrupted; the last intact checkpoint is {run / 'checkpoints' / newest} (1 epoch done); "
+        f"continue with: ddpo train --resume {run}"
+    )
+    assert main(["train", "--resume", str(run)]) == 0
+    assert_same_run(run, run_dir)

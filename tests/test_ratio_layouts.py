@@ -91,3 +91,40 @@ def test_sampled_log_probs_differ_in_other_shapes_under_bf16(sensitive_model, tm
     if info["old_log_prob_change_max"] == 0.0:
         pytest.skip("this CPU's bf16 kernels give the same rows at every batch size: no layout effect to demonstrate")
     assert info["old_log_prob_change_max"] > 1e-3
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_later_inner_epochs_use_old_log_probs_from_the_training_shapes(sensitive_model, tmp_path, precision):
+    """With ``timestep_fraction < 1`` each inner epoch trains on its own random steps of each trajectory, so the
+    second inner epoch trains pairs the first did not. Their old log-probs must come from the training shapes too:
+    with a learning rate too small to change any output (the LoRA update of 1e-30 vanishes in every sum), every ratio
+    of both inner epochs is then exactly 1. Before, only inner epoch 0's pairs were re-scored and the others kept the
+    log-probs recorded while sampling 4 trajectories per call. On the CPU this was written on (2-core AMD EPYC) bf16
+    rows do not depend on the batch size but float32 rows do (about 1e-6 in a log-prob), so the float32 case is the
+    one that shows it there; on a GPU or an Intel CPU with AMX-BF16 bf16 shows it as well."""
+    overrides = [
+        f"model.pretrained={sensitive_model}",
+        f"mixed_precision={precision}",
+        "model.text_encoder_precision=fp32",
+        "sample.num_steps=4",
+        "sample.guidance_scale=1.0",
+        "sample.batch_size=4",
+        "sample.num_batches_per_epoch=1",
+        "train.batch_size=2",
+        "train.gradient_accumulation_steps=2",
+        "train.num_inner_epochs=2",
+        "train.timestep_fraction=0.5",
+        "train.learning_rate=1e-30",
+        "train.advantage=batch",
+        "overlap_scoring=false",
+        "log_images=false",
+        f"output_dir={tmp_path}",
+        "run_name=run",
+    ]
+    trainer = Trainer.from_config(build_config(preset="tiny", overrides=overrides))
+    samples, rewards, _, _ = trainer.sample_and_score(0)
+    first, second = (set(zip(*(p.tolist() for p in trainer.training_pairs(0, k, 4)))) for k in (0, 1))
+    assert second - first  # the second inner epoch trains pairs the first did not
+    weights = trainer.compute_weights(*trainer.gather(rewards, samples.prompts))
+    info = trainer.optimise(0, samples, weights)
+    assert info["approx_kl"] == 0.0 and info["ratio_max"] == 1.0  # every pair of both inner epochs: ratio 1

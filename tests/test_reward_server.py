@@ -11,7 +11,9 @@ import json
 import os
 import re
 import select
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -34,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def thread_server(reward, token: str | None = None):
+def thread_server(reward, token: str | None = None, **limits):
     """The real app under uvicorn in a thread, on a free 127.0.0.1 port; stopped on exit."""
     import uvicorn
 
-    app = build_app(reward, token=token)
+    app = build_app(reward, token=token, **limits)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -58,10 +60,11 @@ def thread_server(reward, token: str | None = None):
 
 @contextlib.contextmanager
 def process_server(name: str, pythonpath: list[str], *extra: str):
-    """`ddpo serve-reward NAME --port 0` as a process; yields (process, url) once /health answers."""
+    """`ddpo serve-reward NAME --port 0 --trust-import-path` as a process; yields (process, url) once /health
+    answers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*pythonpath, str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("DDPO_REWARD_TOKEN", None)
-    cmd = [sys.executable, "-m", "ddpo.cli", "serve-reward", name, "--port", "0", *extra]
+    cmd = [sys.executable, "-m", "ddpo.cli", "serve-reward", name, "--port", "0", "--trust-import-path", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -126,13 +129,23 @@ def test_remote_scores_equal_the_in_process_reward():
         assert torch.equal(remote(images, prompts), expected)
 
 
-def test_token_is_required_when_configured():
+def test_token_is_required_when_configured(monkeypatch):
     images, prompts = images_and_prompts(2)
+    monkeypatch.delenv("DDPO_REWARD_TOKEN", raising=False)
     with thread_server(get_reward("brightness"), token="s3cret") as url:
-        with pytest.raises(RewardError, match=r"refused the request: 401.*DDPO_REWARD_TOKEN"):
-            get_reward("remote", url=url, token="wrong")(images, prompts)
+        # Found when the reward is built (from /health), before anything is sampled: a missing and a wrong token.
+        with pytest.raises(RewardError, match=r"/health requires a token and none is set: set DDPO_REWARD_TOKEN"):
+            get_reward("remote", url=url)
+        with pytest.raises(RewardError, match=r"/health refused the token: set DDPO_REWARD_TOKEN"):
+            get_reward("remote", url=url, token="wrong")
+        # Without that check, /score itself refuses with the same advice.
+        for token, given in ((None, "none is set"), ("wrong", "the one set is not the server's")):
+            with pytest.raises(RewardError, match=rf"refused the request: 401.*needs a token and {given}: set DDPO_"):
+                get_reward("remote", url=url, token=token, check=False)(images, prompts)
         values = get_reward("remote", url=url, token="s3cret")(images, prompts)
         assert torch.equal(values, get_reward("brightness")(images, prompts))
+        monkeypatch.setenv("DDPO_REWARD_TOKEN", "s3cret")  # the preferred way: the environment, not the config
+        assert torch.equal(get_reward("remote", url=url)(images, prompts), values)
 
 
 def test_a_server_that_is_down_is_named_after_the_retries():
@@ -257,3 +270,204 @@ def test_training_against_a_server_killed_mid_run_stops_cleanly_and_resumes(fast
         assert main(["train", "--resume", str(run), f"reward.options.url={new_url}"]) == 0
     assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2]
     assert "remote" in rewards.available()
+
+
+# Issue 26, item 2: a hostile or broken client gets a 4xx with a one-line reason, before the server reads more than
+# its bound, and the server keeps serving.
+
+LIMITS = {"max_batch": 4, "max_image_size": 16}
+
+
+def safetensors_body(images: torch.Tensor, prompts=None, raw_prompts: str | None = None) -> bytes:
+    from safetensors.torch import save
+
+    prompts = [f"p{i}" for i in range(images.shape[0] if images.ndim else 0)] if prompts is None else prompts
+    return save({"images": images.contiguous()}, metadata={"prompts": raw_prompts or json.dumps(prompts)})
+
+
+def header_only(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+BAD_REQUESTS = [
+    ("not safetensors", lambda: b"not safetensors at all", 400, "not a safetensors payload"),
+    ("JSON instead of safetensors", lambda: json.dumps({"images": [[0.5]]}).encode(), 400, "not a safetensors"),
+    ("header not JSON", lambda: header_only(b"{'images': oops") + b"\0" * 64, 400, "its header is not JSON"),
+    ("header not an object", lambda: header_only(b"[1, 2]"), 400, "its header is not a JSON object"),
+    ("header nested too deep", lambda: header_only(b"[" * 40000 + b"]" * 40000), 400, "its header is not JSON"),
+    ("prompts not JSON", lambda: safetensors_body(torch.rand(2, 3, 8, 8), raw_prompts="[oops"), 400, "'prompts'"),
+    ("prompts not strings", lambda: safetensors_body(torch.rand(2, 3, 8, 8), [1, 2]), 400, "list of strings"),
+    ("two tensors", lambda: header_only(b'{"images": {}, "x": {}}'), 400, "exactly one tensor named 'images'"),
+    ("two channels", lambda: safetensors_body(torch.rand(2, 2, 8, 8)), 400, "[B, 3, H, W]"),
+    ("3-d images", lambda: safetensors_body(torch.rand(3, 8, 8), ["a", "b", "c"]), 400, "[B, 3, H, W]"),
+    ("empty batch", lambda: safetensors_body(torch.rand(0, 3, 8, 8), []), 400, "[B, 3, H, W]"),
+    ("int32 images", lambda: safetensors_body(torch.zeros(2, 3, 8, 8, dtype=torch.int32)), 400, "got 'I32'"),
+    ("images vs prompts", lambda: safetensors_body(torch.rand(2, 3, 8, 8), ["a"] * 3), 400, "2 images but 3 prompts"),
+    ("NaN pixels", lambda: safetensors_body(torch.rand(2, 3, 8, 8).index_fill(0, torch.tensor([1]), float("nan"))),
+     400, "non-finite pixels (NaN or inf) at batch indices [1]"),
+    ("inf pixels", lambda: safetensors_body(torch.full((1, 3, 8, 8), float("inf"))), 400, "non-finite pixels"),
+    ("pixels above 1", lambda: safetensors_body(torch.full((2, 3, 8, 8), 1.5)), 400, "must be in [0, 1]; got"),
+    ("pixels below 0", lambda: safetensors_body(torch.full((2, 3, 8, 8), -0.25)), 400, "must be in [0, 1]"),
+    ("too many images", lambda: safetensors_body(torch.rand(5, 3, 8, 8)), 413, "5 images exceed the server's --max-b"),
+    ("images too large", lambda: safetensors_body(torch.rand(1, 3, 8, 32)), 413, "8x32 px exceed the server's --max-i"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def limited_server():
+    with thread_server(get_reward("brightness"), **LIMITS) as url:
+        yield url
+
+
+def assert_still_serving(url: str) -> None:
+    images, prompts = images_and_prompts(2, size=8)
+    values = get_reward("remote", url=url, retries=0)(images, prompts)
+    assert torch.equal(values, get_reward("brightness")(images, prompts))
+
+
+@pytest.mark.parametrize(("build", "status", "phrase"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+def test_a_bad_request_gets_a_4xx_with_one_line_and_the_server_keeps_serving(limited_server, build, status, phrase):
+    answer = requests.post(limited_server + "/score", data=build(), timeout=30)
+    error = answer.json()["error"]
+    assert answer.status_code == status and phrase in error, (answer.status_code, error)
+    assert "\n" not in error
+    assert_still_serving(limited_server)
+
+
+def raw_exchange(url: str, head: str, parts: list[bytes]) -> str:
+    """Send ``head`` and then ``parts`` over a raw socket (stopping if the server hangs up) and return what the
+    server answers; the body is never completed, so an answer proves the server did not wait for it."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(head.encode())
+            for part in parts:
+                sock.sendall(part)
+        reply = b""
+        with contextlib.suppress(OSError):
+            while b'"}' not in reply:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    return reply.decode(errors="replace")
+
+
+def test_the_body_is_bounded_before_it_is_read(limited_server):
+    from rewards.remote import max_body_bytes
+
+    limit = max_body_bytes(**LIMITS)
+    assert requests.get(limited_server + "/health", timeout=10).json()["max_body_bytes"] == limit
+    # A declared length over the bound: refused from the header, none of the body sent.
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: {10**12}\r\n\r\n"
+    reply = raw_exchange(limited_server, head, [])
+    assert reply.startswith("HTTP/1.1 413") and "request body too large (Content-Length 1000000000000)" in reply
+    # A chunked body (no length): refused as soon as it passes the bound, its end never sent.
+    chunk = b"x" * 65536
+    parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (limit // len(chunk) + 1)
+    reply = raw_exchange(limited_server, "POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", parts)
+    assert reply.startswith("HTTP/1.1 413") and f"more than {limit} bytes" in reply
+    assert_still_serving(limited_server)
+
+
+def test_the_client_checks_the_servers_limits_before_sending(limited_server):
+    remote = get_reward("remote", url=limited_server)
+    with pytest.raises(RewardError, match=r"/score: 5 images exceed the server's --max-batch 4"):
+        remote(*images_and_prompts(5, size=8))
+    with pytest.raises(RewardError, match=r"images of 32x32 px exceed the server's --max-image-size 16"):
+        remote(*images_and_prompts(1, size=32))
+
+
+def test_the_client_retries_a_connection_broken_mid_answer():
+    """The first /score answer is cut after a few bytes of its body (the connection reset); the retry succeeds."""
+    images, prompts = images_and_prompts(2)
+    expected = get_reward("brightness")(images, prompts)
+    posts = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # /health
+            self._send(json.dumps({"status": "ok", "reward": "brightness"}).encode())
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(1)
+            body = json.dumps({"scores": expected.tolist(), "info": {}}).encode()
+            if len(posts) == 1:  # headers and part of the body, then a reset (SO_LINGER 0)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:5])
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+                return
+            self._send(body)
+
+        def _send(self, body: bytes):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # the reset connection's flush fails: expected
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        values = get_reward("remote", url=url, retries=1, backoff=0.01)(images, prompts)
+        assert torch.equal(values, expected) and len(posts) == 2
+        posts.clear()
+        with pytest.raises(RewardError, match=r"/score: the connection broke during the answer.*after 1 attempts"):
+            get_reward("remote", url=url, retries=0)(images, prompts)
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
+def test_loopback_is_told_apart_from_reachable_addresses():
+    from ddpo.tools.reward_server import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.0.2.7", "no-such-host.invalid"))
+
+
+def test_ctrl_c_stops_the_server_with_one_line(tmp_path):
+    """SIGINT (Ctrl-C): uvicorn shuts down and re-raises it; the command prints one line, no traceback, exit 130.
+    Without a token on loopback it said so at start (one line on stderr)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("DDPO_REWARD_TOKEN", None)
+    cmd = [sys.executable, "-m", "ddpo.cli", "serve-reward", "brightness", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert select.select([proc.stdout], [], [], 120)[0], "the server printed no URL"
+        url = proc.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+        deadline = time.monotonic() + 60
+        while True:  # the URL is printed once bound; uvicorn listens a moment later
+            with contextlib.suppress(requests.ConnectionError):
+                assert requests.get(url + "/health", timeout=10).json()["token_required"] is False
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "the server never became healthy"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        "ddpo serve-reward: no token (DDPO_REWARD_TOKEN unset): any process on this machine can use the server",
+        "ddpo serve-reward: interrupted (Ctrl-C); served 0 batches (0 images)",
+    ]

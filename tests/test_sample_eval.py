@@ -239,3 +239,261 @@ def test_sample_uses_the_runs_sampler_or_the_one_asked_for(lora_run, tiny_model_
         images[name] = np.asarray(Image.open(folder / "0000_seed5.png"), dtype=np.int16)
     assert np.abs(images["run"] - reference).max() <= 1
     assert np.abs(images["ddim"] - reference).max() > 5  # DDIM eta 0 draws another image: the check above can fail
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 26: bad sampler options and output folders are refused before any model loads, by the rules of `ddpo train`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_pipeline_loads(monkeypatch):
+    """Fail the test if any pipeline is read: the error must come before the expensive part."""
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"a pipeline was loaded: {args}")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(refuse))
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ddpo: error: ") and "Traceback" not in err, err
+    return err[len("ddpo: error: ") :].rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    "flag, value, key",
+    [
+        ("--eta", "5", "sample.eta"),
+        ("--eta", "nan", "sample.eta"),
+        ("--eta", "inf", "sample.eta"),
+        ("--guidance", "nan", "sample.guidance_scale"),
+        ("--guidance", "inf", "sample.guidance_scale"),
+        ("--guidance", "0.5", "sample.guidance_scale"),
+    ],
+)
+def test_sample_and_eval_refuse_the_eta_and_guidance_train_refuses(
+    flag, value, key, tiny_model_dir, lora_run, no_pipeline_loads, capsys
+):
+    """`ddpo sample --eta 5` drew black images where `ddpo train` refuses eta > 1, and `--guidance nan` turned CFG off:
+    the same rule now refuses both, with train's message (the flag in place of the key), before a model loads."""
+    from ddpo.training.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as train_error:
+        build_config(preset="tiny", overrides=[f"{key}={value}"])
+    expected = str(train_error.value).replace(key, flag)
+    assert main(["sample", "--model", str(tiny_model_dir), "--prompt", "a", flag, value]) == 2
+    assert _one_error_line(capsys) == expected
+    assert main(["eval", str(lora_run), "--prompt", "a", flag, value]) == 2
+    assert _one_error_line(capsys) == expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be at least 1; got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1; got 0"),
+        (["--scheduler", "heun2"], "--scheduler 'heun2' is not a sampler"),
+        (["--seeds", str(2**64)], f"--seeds must be integers in [-2**63, 2**64) (torch.Generator's); got {2**64}"),
+    ],
+)
+def test_sample_options_are_checked_before_the_model_loads(args, message, tiny_model_dir, no_pipeline_loads, capsys):
+    assert main(["sample", "--model", str(tiny_model_dir), "--prompt", "a", *args]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def _out_cases(tmp_path: Path) -> list[tuple[Path, str]]:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    return [
+        (a_file, f"--out {a_file} is a file, not a folder"),
+        (a_file / "out", f"--out {a_file / 'out'} would be under {a_file}, which is a file, not a folder"),
+        (Path("/sys/ddpo-samples"), "cannot write --out /sys/ddpo-samples"),
+    ]
+
+
+def test_a_bad_out_is_found_before_the_model_loads(tiny_model_dir, lora_run, tmp_path, no_pipeline_loads, capsys):
+    """A bad --out was found only after every image was sampled (and, for eval, scored)."""
+    for out, message in _out_cases(tmp_path):
+        assert main(["sample", "--model", str(tiny_model_dir), "--prompt", "a", "--out", str(out)]) == 2
+        assert message in _one_error_line(capsys)
+        assert main(["eval", str(lora_run), "--prompt", "a", "--out", str(out)]) == 2
+        assert message in _one_error_line(capsys)
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # the check leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--count", "0"], "--count must be at least 1; got 0"),
+        (["--pass-at", "0"], "--pass-at takes one or more k >= 1"),
+        (["--pass-at", "4", "--seeds", "1", "2"], "--pass-at 4 needs at least 4 samples per prompt"),
+        (["--steps", "-3"], "--steps must be at least 1; got -3"),
+    ],
+)
+def test_eval_arguments_are_checked_before_the_reward_and_the_model(
+    args, message, lora_run, no_pipeline_loads, monkeypatch, capsys
+):
+    import rewards
+
+    def no_reward(*a, **k):
+        raise AssertionError("the reward was built before the arguments were checked")
+
+    monkeypatch.setattr(rewards, "get_reward", no_reward)
+    assert main(["eval", str(lora_run), "--prompts", "simple_animals", *args]) == 2
+    assert message in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 26, item 5: `ddpo eval` of a run samples with the run's sampler and scores with the run's trained reward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _plain_images(model_dir: Path, lora: Path | None, scheduler, prompts: list[str], seeds: list[int], **call):
+    """Each image alone through plain StableDiffusionPipeline.__call__ with ``scheduler``'s class, float in [0, 1]."""
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    images = []
+    for prompt, seed in zip(prompts, seeds):
+        generator = torch.Generator().manual_seed(seed)
+        images.append(pipe(prompt, generator=generator, output_type="pt", **call).images.float())
+    return torch.cat(images)
+
+
+def test_eval_of_a_ddpm_run_samples_with_ddpm(lora_run, tiny_model_dir, tmp_path):
+    """A run trained with sample.scheduler=ddpm is evaluated (base and run) with diffusers' DDPMScheduler, as plain
+    diffusers draws it; DDIM (what the pipeline loads with) draws other images."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    run = tmp_path / "ddpm_run"
+    run.mkdir()
+    (run / "final").symlink_to(lora_run / "final")
+    config = yaml.safe_load((lora_run / "config.yaml").read_text())
+    config["sample"].update(scheduler="ddpm", eta=1.0)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval"
+    assert main(["eval", str(run), "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    prompts, seeds = [r["prompt"] for r in rows], [int(r["noise_seed"]) for r in rows]
+    call = {"num_inference_steps": STEPS, "guidance_scale": 5.0}
+    from rewards import get_reward
+
+    brightness = get_reward("brightness")
+    for which, lora in (("before", None), ("after", lora_run / "final")):
+        reference = brightness(_plain_images(tiny_model_dir, lora, DDPMScheduler, prompts, seeds, **call), prompts)
+        ddim = brightness(_plain_images(tiny_model_dir, lora, DDIMScheduler, prompts, seeds, eta=1.0, **call), prompts)
+        ours = torch.tensor([float(r[which]) for r in rows])
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)  # measured: 6e-8
+        # DDIM with eta 1 is the DDPM posterior but for the last step (measured: 1.5e-5 apart): the check can fail.
+        assert (ours - ddim).abs().max() > 5e-6
+
+
+DISCRIMINATOR = (
+    "{reference_images: world, image_size: 16, channels: 8, depth: 2, steps_per_epoch: 10, batch_size: 4, "
+    "learning_rate: 0.01}"
+)
+
+
+def test_eval_scores_with_the_runs_trained_discriminator(fast_overrides, tiny_model_dir, tmp_path, capsys):
+    """A `discriminator` run's reward is trained during the run; `ddpo eval RUN` scores with that trained state (the
+    reward.pt of the run's last checkpoint, written with final/), not with a freshly initialised discriminator.
+    Independent reference: the reward built by hand, its saved state loaded with torch.load, scoring the images plain
+    diffusers draws with the run's sampler. `ddpo report` scores its before/after samples the same way."""
+    from diffusers import DDIMScheduler
+
+    import rewards
+
+    train = ["train", "--preset", "tiny", *fast_overrides, "num_epochs=1", "reward.name=discriminator"]
+    assert main([*train, f"reward.options={DISCRIMINATOR}"]) == 0
+    run = tmp_path / "runs" / "run"
+    out = tmp_path / "eval"
+    prompts = ["--prompt", "a cat", "--prompt", "a dog"]
+    assert main(["eval", str(run), *prompts, "--seeds", "0", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    prompts, seeds = [r["prompt"] for r in rows], [int(r["noise_seed"]) for r in rows]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    trained = rewards.get_reward("discriminator", **config["reward"]["options"])
+    state = torch.load(run / "checkpoints" / "checkpoint_000001" / "reward.pt", weights_only=True)
+    trained.load_state_dict(state)
+    assert state["updates"] == 10
+    fresh = rewards.get_reward("discriminator", **config["reward"]["options"])
+    s = config["sample"]
+    call = {"num_inference_steps": s["num_steps"], "guidance_scale": s["guidance_scale"], "eta": s["eta"]}
+    for which, lora in (("before", None), ("after", run / "final")):
+        images = _plain_images(tiny_model_dir, lora, DDIMScheduler, prompts, seeds, **call)
+        ours = torch.tensor([float(r[which]) for r in rows])
+        with torch.no_grad():
+            torch.testing.assert_close(ours, trained(images, prompts), rtol=0, atol=1e-5)
+            assert (ours - fresh(images, prompts)).abs().max() > 0.05  # an untrained one scores otherwise
+    # `ddpo report`'s before/after samples are scored with the same trained state.
+    from ddpo.tools.report import load_run, sample_before_after
+
+    result = sample_before_after(load_run(run), ["a cat"], seeds=[3])
+    with torch.no_grad():
+        assert result.after_rewards == pytest.approx(trained(result.after, ["a cat"]).tolist(), abs=1e-6)
+    # Without the checkpoint written with final/, the trained state is gone: one clear line, not an untrained score.
+    (run / "checkpoints" / "checkpoint_000001" / "reward.pt").write_bytes(b"damaged")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--prompt", "a cat", "--out", str(tmp_path / "eval2")]) == 2
+    assert "is trained during the run, so it is scored with its trained state, which cannot be read" in (
+        _one_error_line(capsys)
+    )
+
+
+def test_eval_and_sample_of_a_run_draw_at_its_resolution(lora_run, tiny_model_dir, tmp_path):
+    """A run trained at sample.resolution (the flow presets: 512 px on 1024-px models) is sampled at that size, as
+    plain diffusers draws it with height=width=resolution, not at the pipeline's native size."""
+    from diffusers import DDIMScheduler
+
+    run = tmp_path / "run_32px"
+    run.mkdir()
+    (run / "final").symlink_to(lora_run / "final")
+    config = yaml.safe_load((lora_run / "config.yaml").read_text())
+    config["sample"]["resolution"] = 32  # the tiny model's native size is 16
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval"
+    assert main(["eval", str(run), "--prompt", "a cat", "--seeds", "0", "--out", str(out)]) == 0
+    assert Image.open(out / "before_after.png").size == (32, 2 * 32)
+    (row,) = csv.DictReader((out / "scores.csv").open())
+    call = {"num_inference_steps": STEPS, "guidance_scale": 5.0, "eta": 1.0, "height": 32, "width": 32}
+    seeds = [int(row["noise_seed"])]
+    images = _plain_images(tiny_model_dir, lora_run / "final", DDIMScheduler, ["a cat"], seeds, **call)
+    from rewards import get_reward
+
+    assert float(row["after"]) == pytest.approx(get_reward("brightness")(images, ["a cat"]).item(), abs=1e-6)
+    assert main(["sample", "--run", str(run), "--prompt", "a cat", "--out", str(tmp_path / "samples")]) == 0
+    assert Image.open(tmp_path / "samples" / "0000_seed0.png").size == (32, 32)
+
+
+def test_eval_of_a_flow_run_calls_the_pipeline_with_its_ode(fast_overrides, tmp_path):
+    """A flow-matching run (trained with the flow_sde SDE) is evaluated as docs/commands.md says: its family's
+    pipeline class (StableDiffusion3Pipeline) with the pipeline's own FlowMatchEulerDiscreteScheduler (the ODE, no
+    eta), CFG at the run's guidance_scale, at the run's resolution; `ddpo report` draws its before/after the same way."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from ddpo.models import load_pipeline
+    from ddpo.tools.report import load_run, sample_before_after
+    from rewards import get_reward
+
+    flow = ["model.pretrained=tiny_sd3", "sample.scheduler=flow_sde", "sample.eta=0.7", "sample.resolution=32"]
+    assert main(["train", "--preset", "tiny", *fast_overrides, *flow, "num_epochs=1", "reward.name=brightness"]) == 0
+    run = tmp_path / "runs" / "run"
+    out = tmp_path / "eval"
+    assert main(["eval", str(run), "--prompt", "a cat", "--seeds", "0", "--out", str(out)]) == 0
+    (row,) = csv.DictReader((out / "scores.csv").open())
+    pipe = load_pipeline("tiny_sd3", None, "flow_euler")  # the random-weight test model, as the run loaded it
+    assert type(pipe) is StableDiffusion3Pipeline and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run / "final")
+    s = yaml.safe_load((run / "config.yaml").read_text())["sample"]
+    generator = torch.Generator().manual_seed(int(row["noise_seed"]))
+    call = {"num_inference_steps": s["num_steps"], "guidance_scale": s["guidance_scale"], "height": 32, "width": 32}
+    image = pipe("a cat", generator=generator, output_type="pt", **call).images.float()
+    assert float(row["after"]) == pytest.approx(get_reward("brightness")(image, ["a cat"]).item(), abs=1e-5)
+    result = sample_before_after(load_run(run), ["a cat"], seeds=[0])
+    assert result.after.shape[-2:] == (32, 32) and len(result.after_rewards) == 1

@@ -51,6 +51,31 @@ def test_ddim_step_matches_diffusers_and_normal(prediction_type, eta):
         assert ours.log_prob.dtype == torch.float32
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddim_and_ddpm_steps_with_clip_sample_match_diffusers(prediction_type):
+    """With ``clip_sample=True`` diffusers clips the predicted x0 but keeps the model's epsilon (it re-derives epsilon
+    from the clipped x0 only with ``use_clipped_model_output=True``, which its pipelines never pass). Random large
+    outputs make the clip bite at every step."""
+    torch.manual_seed(4)
+    config = {**SD_SCHEDULE, "clip_sample": True, "clip_sample_range": 1.0}
+    scheduler = DDIMScheduler(**config, set_alpha_to_one=False, prediction_type=prediction_type)
+    scheduler.set_timesteps(10)
+    sample, model_output, noise = torch.randn(3, 4, 8, 8) * 3, torch.randn(3, 4, 8, 8) * 3, torch.randn(3, 4, 8, 8)
+    for t in scheduler.timesteps[[0, 4, -1]]:
+        ours = ddim_step_with_logprob(scheduler, model_output, int(t), sample, eta=0.8, noise=noise)
+        theirs = scheduler.step(model_output, t, sample, eta=0.8, variance_noise=noise)
+        assert theirs.pred_original_sample.abs().max() <= 1.0
+        torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, rtol=1e-5, atol=1e-5)
+    # DDPM clips x0 and uses the clipped x0 in its posterior mean: so does ours.
+    ddpm = DDPMScheduler(**config, prediction_type=prediction_type)
+    ddpm.set_timesteps(10)
+    for t in ddpm.timesteps[[0, 4, -2]]:
+        seed_a, seed_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        ours = ddpm_step_with_logprob(ddpm, model_output, int(t), sample, generator=seed_a)
+        theirs = ddpm.step(model_output, t, sample, generator=seed_b)
+        torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, rtol=1e-5, atol=1e-5)
+
+
 def test_ddim_scores_a_given_action_and_handles_per_sample_timesteps():
     torch.manual_seed(1)
     scheduler = make_ddim("epsilon")

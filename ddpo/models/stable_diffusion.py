@@ -203,8 +203,9 @@ def load_model(
     elif pretrained == SD15_RANDOM:
         pipe = build_sd15_architecture()
     else:
+        source = _source(pretrained, revision)
         try:
-            pipe = cls.from_pretrained(_source(pretrained, revision), revision, options)
+            pipe = cls.from_pretrained(source, revision, options)
         except OSError as err:
             raise _load_error(pretrained, err) from err
     if not cls.flow_matching:
@@ -230,8 +231,9 @@ def resolve_family(pretrained: str, revision: str | None = None, family: str = "
         return cls
     if family != "auto":
         return get_family(family)
+    source = _source(pretrained, revision)  # its errors name the problem and the fix themselves
     try:
-        return family_for_class_name(pipeline_class_name(_source(pretrained, revision), revision))
+        return family_for_class_name(pipeline_class_name(source, revision))
     except OSError as err:
         raise _load_error(pretrained, err) from err
 
@@ -243,6 +245,11 @@ def _source(pretrained: str, revision: str | None) -> str:
         pretrained = str(EMBEDDED[pretrained]())
     local = Path(pretrained).expanduser()
     if local.exists():
+        if not local.is_dir():
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained!r} is a file, not a folder; point it at a diffusers pipeline folder "
+                "(saved with pipe.save_pretrained) or a hub id"
+            )
         if not (local / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"model.pretrained={pretrained!r} is a folder without model_index.json; point it at a diffusers "

@@ -49,6 +49,26 @@ def group_center(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return centred / (centred.std(unbiased=False) + EPS)
 
 
+FLOW_GRPO_EPS = 1e-4
+"""The constant Flow-GRPO adds to its std (``flow_grpo/stat_tracking.py``)."""
+
+
+def global_std(rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Flow-GRPO's advantages with ``sample.global_std=True`` (its ``PerPromptStatTracker.update`` on one epoch's
+    rewards of every process): subtract each prompt's mean, divide by the population std of **all** the raw rewards
+    plus ``1e-4``. ``[N] -> [N]``, computed in float64 as the reference's NumPy code, returned as float32.
+
+    Unlike :func:`group_center` (the std of the centred values), the spread between prompts counts in the divisor,
+    so a batch of prompts of very different difficulty gets smaller advantages. A group of one sample gets 0.
+    """
+    values = rewards.detach().double()
+    centred = torch.zeros_like(values)
+    for prompt in dict.fromkeys(prompts):
+        index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt], device=values.device)
+        centred[index] = values[index] - values[index].mean()
+    return (centred / (values.std(unbiased=False) + FLOW_GRPO_EPS)).float()
+
+
 class PerPromptStatTracker:
     """Running per-prompt reward statistics (DDPO paper): each prompt keeps a buffer of its last ``buffer_size``
     rewards; a prompt whose buffer holds fewer than ``min_count`` rewards is normalised with the batch statistics.
@@ -117,6 +137,7 @@ ADVANTAGES: dict[str, Callable[[int, int], AdvantageFn]] = {
     "per_prompt": lambda buffer_size, min_count: PerPromptStatTracker(buffer_size, min_count),
     "group": lambda buffer_size, min_count: group_normalize,
     "group_center": lambda buffer_size, min_count: group_center,
+    "global_std": lambda buffer_size, min_count: global_std,
     "batch": lambda buffer_size, min_count: _batch_scheme,
 }
 """``train.advantage`` -> factory ``(per_prompt_buffer_size, per_prompt_min_count) -> AdvantageFn``. A stateful

@@ -38,7 +38,8 @@ fills the part ``std`` of ``sigma'``). ``0 <= a <= 1``. The last step (``sigma' 
 deterministic (``prev_sample = x0_hat``, ``log_prob = 0``) and never trained on. The reference code scores CPS
 steps by ``-|x' - mean|^2`` (constants and the ``1 / (2 std^2)`` scale dropped); this module uses the true Gaussian
 log-density of :func:`~ddpo.policy.gaussian.gaussian_log_prob` for both variants, so importance ratios, clip
-ranges and the KL are on the same footing as for DDIM/DDPM.
+ranges and the KL are on the same footing as for DDIM/DDPM (``train.ratio_form=flow_grpo`` gives the reference's
+ratio: the log-ratio times ``2 std^2``).
 
 All maths is float32 whatever the model output's dtype; log-probs are averaged over the latent dimensions
 (:mod:`ddpo.policy.gaussian`). Rows whose std is 0 by construction (``eta = 0``, or the last CPS step) are
@@ -47,7 +48,12 @@ deterministic: ``prev_sample = mean`` and ``log_prob = 0``, as for DDPM's last s
 KL to the base model: at the same state ``(x, sigma)`` the policy and the reference step have the same ``std`` (it
 depends only on the schedule and ``a``), so the KL is ``|mean - ref_mean|^2 / (2 std^2)`` averaged over latent
 dims: :func:`ddpo.policy.losses.kl_to_reference` applies unchanged. (Flow-GRPO's training script divides by
-``2 s^2``, its ``std_dev_t`` without the ``sqrt(-dt)`` factor: the true KL times ``-dt``, a per-step scale.)
+``2 s^2``, its ``std_dev_t`` without the ``sqrt(-dt)`` factor: the true KL times ``-dt``, a per-step scale, so the
+same ``beta`` weighs its KL ``1 / |dt|`` times less; for CPS its ``std_dev_t`` is the step's std.)
+
+Flow-GRPO's own numbers (``train.kl_form=flow_grpo``, ``train.ratio_form=flow_grpo``): :func:`flow_grpo_kl_scale`
+and :func:`flow_grpo_log_ratio_scale` give the per-row factors between the true KL / log-ratio and the reference's,
+so a published ``beta`` or ``clip_range`` keeps its meaning.
 
 Timesteps are the schedule's own values: a Python float/int (looked up on the host, no device sync) or a float
 tensor ``[B]`` (one timestep per row, looked up by equality against ``scheduler.timesteps``).
@@ -206,3 +212,33 @@ def flow_cps_step_with_logprob(
     noise_coefficient = (sigma_next**2 - std**2).clamp(min=0).sqrt()
     mean = x0_hat * _per_row(1 - sigma_next, x) + eps_hat * _per_row(noise_coefficient, x)
     return _finish_flow(mean, std, eta, is_last, prev_sample, noise, generator, check)
+
+
+def flow_grpo_kl_scale(scheduler, scheduler_name: str, timestep: torch.Tensor) -> torch.Tensor:
+    """Per-row factor that turns the true KL of a flow step (:func:`~ddpo.policy.losses.kl_to_reference`) into
+    Flow-GRPO's (``train.kl_form=flow_grpo``), ``[B]`` float32.
+
+    Flow-GRPO's training scripts compute ``|mean - ref_mean|^2 / (2 std_dev_t^2)`` with the ``std_dev_t`` of
+    ``sde_step_with_logprob``. For ``flow_sde`` that is ``s``, the step's std without its ``sqrt(-dt)``: the true KL
+    times ``-dt = sigma - sigma'``. For ``flow_cps`` it is the step's std itself: the true KL (factor 1).
+    """
+    if scheduler_name not in ("flow_sde", "flow_cps"):
+        raise ValueError(f"Flow-GRPO's KL is defined for flow_sde and flow_cps steps; got {scheduler_name!r}")
+    batch = timestep.shape[0]
+    sigma, sigma_next, _ = _flow_sigmas(scheduler, timestep, batch, timestep.device, check=False)
+    return sigma - sigma_next if scheduler_name == "flow_sde" else torch.ones_like(sigma)
+
+
+def flow_grpo_log_ratio_scale(scheduler_name: str, std: torch.Tensor) -> torch.Tensor:
+    """Per-row factor that turns the true Gaussian log-ratio of a flow step into Flow-GRPO's
+    (``train.ratio_form=flow_grpo``), ``[B]`` float32.
+
+    For ``flow_cps`` Flow-GRPO scores ``x'`` by ``-mean |x' - mean|^2`` (constants and ``1 / (2 std^2)`` dropped);
+    the policy's and the old policy's step share ``std`` (a function of the schedule), so its log-ratio is the true
+    one times ``2 std^2``. For ``flow_sde`` it uses the Gaussian log-density: factor 1.
+    """
+    if scheduler_name == "flow_cps":
+        return 2 * std.float() ** 2
+    if scheduler_name == "flow_sde":
+        return torch.ones_like(std, dtype=torch.float32)
+    raise ValueError(f"Flow-GRPO's ratio is defined for flow_sde and flow_cps steps; got {scheduler_name!r}")

@@ -135,10 +135,9 @@ def ddim_step_with_logprob(
     batch = sample.shape[0]
     alpha_t, alpha_prev = _alphas(scheduler, timestep, batch, sample.device)
     x0, eps = predict_x0_eps(model_output, sample, alpha_t, scheduler.config.prediction_type)
-    if scheduler.config.clip_sample:
+    if scheduler.config.clip_sample:  # as DDIMScheduler.step: eps stays the model's (use_clipped_model_output=False)
         limit = scheduler.config.clip_sample_range
         x0 = x0.clamp(-limit, limit)
-        eps = (sample.float() - alpha_t.sqrt().view(-1, 1, 1, 1) * x0) / (1 - alpha_t).sqrt().view(-1, 1, 1, 1)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.clamp(min=0).sqrt()
     direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt().view(-1, 1, 1, 1) * eps

@@ -99,8 +99,7 @@ def reference_ddim_step(
         eps = (sample - alpha_t**0.5 * x0) / (1 - alpha_t) ** 0.5
     if scheduler.config.clip_sample:
         limit = scheduler.config.clip_sample_range
-        x0 = x0.clamp(-limit, limit)
-        eps = (sample - alpha_t**0.5 * x0) / (1 - alpha_t) ** 0.5
+        x0 = x0.clamp(-limit, limit)  # epsilon stays the model's, as in DDIMScheduler.step
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance**0.5
     mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps

@@ -29,6 +29,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..training import rundir, trust
 from ..training.runlog import read_jsonl, reward_against_samples
 from .plots import axes_grid, plot_reward_vs_queries, save_figure
 
@@ -105,7 +106,7 @@ def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     if not is_run_dir(path):
         raise FileNotFoundError(f"{path} is not a run directory (it needs config.yaml and metrics.jsonl)")
-    config = yaml.safe_load((path / "config.yaml").read_text())
+    config = rundir.read_run_config(path)
     metrics = pd.DataFrame(read_jsonl(path / "metrics.jsonl"))
     grids = sorted((int(p.stem.split("_")[-1]), p) for p in (path / "samples").glob("epoch_*.png"))
     evals = pd.DataFrame(read_jsonl(path / "eval.jsonl"))
@@ -236,11 +237,15 @@ def sample_before_after(
     (``model.pretrained`` through :func:`ddpo.models.load_pipeline`), then with the run's ``final/`` weights
     (``pipe.load_lora_weights``, or the full pipeline folder for full fine-tuning), with the run's scheduler, steps,
     eta, CFG scale and negative prompt. ``score`` also computes the run's reward of every image."""
+    import inspect
+
     import torch
 
     from ..models import load_pipeline
 
     config, s = run.config, run.config["sample"]
+    if score:  # before anything is loaded: the run's reward may name an import path the user has not trusted
+        trust.require(config["reward"]["name"], config["reward"].get("options"), where=f"{run.path / 'config.yaml'}: ")
     final = run.path / "final"
     if not final.is_dir():
         raise FileNotFoundError(f"{final} does not exist: the run has not finished")
@@ -251,14 +256,16 @@ def sample_before_after(
         "num_inference_steps": num_steps or s["num_steps"],
         "guidance_scale": s["guidance_scale"],
         "negative_prompt": [s["negative_prompt"]] * len(batch_prompts) if s["guidance_scale"] > 1 else None,
-        "eta": s["eta"],
         "output_type": "pt",
     }
+    if s.get("resolution"):  # the size the run sampled at
+        kwargs.update(height=s["resolution"], width=s["resolution"])
 
     def sample(pipe) -> torch.Tensor:
         generators = [torch.Generator().manual_seed(seed) for _ in prompts for seed in seeds]
+        eta = {"eta": s["eta"]} if "eta" in inspect.signature(pipe.__call__).parameters else {}  # SD3 / FLUX: none
         with torch.no_grad():
-            return pipe(batch_prompts, generator=generators, **kwargs).images.float().cpu()
+            return pipe(batch_prompts, generator=generators, **kwargs, **eta).images.float().cpu()
 
     model = config["model"]
     with _quiet_loading():
@@ -273,7 +280,10 @@ def sample_before_after(
     if score:
         from rewards import get_reward
 
+        from ..training.checkpoint import restore_final_reward
+
         reward = get_reward(config["reward"]["name"], **config["reward"]["options"])
+        restore_final_reward(reward, run.path, config.get("num_epochs"))  # e.g. the trained discriminator
         with torch.no_grad():
             result.before_rewards = reward(before, batch_prompts).tolist()
             result.after_rewards = reward(after, batch_prompts).tolist()
@@ -352,6 +362,9 @@ def write_run_report(
     finished and ``before_after``) and an ``index.html`` showing them into ``out`` (default ``RUN_DIR/report``).
     Returns the path of ``index.html``."""
     run = load_run(run_dir)
+    if before_after and (run.path / "final").is_dir():  # the before/after samples are scored by the run's reward
+        reward = run.config.get("reward") or {}
+        trust.require(reward.get("name"), reward.get("options"), where=f"{run.path / 'config.yaml'}: ")
     out = Path(out) if out is not None else run.path / "report"
     figures = {
         "rewards.png": ("Reward", plot_rewards(run)),

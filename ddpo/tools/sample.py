@@ -16,17 +16,18 @@ import csv
 import inspect
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..models import load_pipeline, resolve_family
 from ..models.family import LOAD_OPTIONS
 from ..models.schedulers import SCHEDULERS, build_scheduler, is_known_scheduler
-from ..training.config import SampleConfig
+from ..training.config import SampleConfig, eta_problem, guidance_problem
 from ..training.evaluation import clustered_change, eval_prompt_list, image_noise_seed, mean_and_se, pass_at_k
 from ..training.prompts import load_prompts
 from ..training.visualize import image_grid
@@ -52,7 +53,8 @@ __all__ = [
 
 @dataclass
 class SamplerOptions:
-    """How images are drawn: DDIM (or DDPM) steps, eta, classifier-free guidance scale and negative prompt."""
+    """How images are drawn: DDIM (or DDPM) steps, eta, classifier-free guidance scale, negative prompt, sampler and
+    image size."""
 
     num_steps: int = SampleConfig.num_steps
     guidance_scale: float = SampleConfig.guidance_scale
@@ -60,16 +62,20 @@ class SamplerOptions:
     negative_prompt: str = SampleConfig.negative_prompt
     scheduler: str = SampleConfig.scheduler
     batch_size: int = 8
+    resolution: int | None = SampleConfig.resolution
+    """Image side in pixels (a run's ``sample.resolution``); None: the pipeline's default, the model's native size."""
 
     def validate(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"--steps must be at least 1; got {self.num_steps}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1; got {self.batch_size}")
-        if self.eta < 0:
-            raise ValueError(f"--eta must be >= 0; got {self.eta}")
         if not is_known_scheduler(self.scheduler):
             raise ValueError(f"--scheduler {self.scheduler!r} is not a sampler: use one of {', '.join(SCHEDULERS)}")
+        # the rules of `ddpo train`'s sample.eta and sample.guidance_scale
+        problem = eta_problem(self.eta, self.scheduler, "--eta") or guidance_problem(self.guidance_scale, "--guidance")
+        if problem is not None:
+            raise ValueError(problem)
 
 
 @dataclass
@@ -90,7 +96,9 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{run} is not a run directory: it has no config.yaml (give the folder ddpo train wrote)"
         )
-    return yaml.safe_load(config_file.read_text())
+    from ..training.rundir import read_run_config as read_config  # bounded; one line for bad YAML or an empty file
+
+    return read_config(run)
 
 
 def load_model(model: str | None = None, run: str | Path | None = None, scheduler: str = "ddim") -> Model:
@@ -133,8 +141,13 @@ def _load(pretrained: str, revision: str | None, scheduler: str, family: str = "
 
 def sampler_from_run(model: Model, **given: Any) -> SamplerOptions:
     """Sampler options: those given (not None), else the run's, else the defaults of :class:`SamplerOptions`."""
-    run = model.sampler
-    keys = ("num_steps", "guidance_scale", "eta", "negative_prompt", "scheduler")
+    return sampler_options(model.sampler, **given)
+
+
+def sampler_options(run: dict[str, Any], **given: Any) -> SamplerOptions:
+    """:func:`sampler_from_run` from a run's ``sample:`` settings ``run``, before its model is loaded: checked
+    (:meth:`SamplerOptions.validate`)."""
+    keys = ("num_steps", "guidance_scale", "eta", "negative_prompt", "scheduler", "resolution")
     values = {key: given[key] if given.get(key) is not None else run.get(key) for key in keys}
     values = {key: value for key, value in values.items() if value is not None}
     if given.get("batch_size") is not None:
@@ -176,6 +189,8 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], options: SamplerOp
         chunk = prompts[first : first + options.batch_size]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + options.batch_size]]
         extra = {"eta": options.eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}
+        if options.resolution is not None:  # the size the run sampled (and was scored) at
+            extra.update(height=options.resolution, width=options.resolution)
         with torch.no_grad():
             images = pipe(
                 chunk,
@@ -219,6 +234,35 @@ def noise_seeds(prompts: list[str], seeds: list[int]) -> list[int]:
         out.append(image_noise_seed(int(seed), prompt, repeats.get(key, 0)))
         repeats[key] = repeats.get(key, 0) + 1
     return out
+
+
+SEED_RANGE = (-(2**63), 2**64)
+"""The seeds ``torch.Generator().manual_seed`` takes."""
+
+
+def check_seeds(seeds: list[int] | None) -> None:
+    """Raise ValueError for a ``--seeds`` value that ``torch.Generator`` cannot take (before any model loads)."""
+    bad = [seed for seed in seeds or [] if not SEED_RANGE[0] <= seed < SEED_RANGE[1]]
+    if bad:
+        raise ValueError(f"--seeds must be integers in [-2**63, 2**64) (torch.Generator's); got {bad[0]}")
+
+
+def check_output_dir(out: str | Path, flag: str = "--out") -> None:
+    """Raise ValueError, before anything is sampled, when ``out`` cannot become the output folder: it is a file, it
+    would be under a file, or its nearest existing folder cannot be written (checked by creating and removing a
+    temporary folder in it; nothing is left behind)."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            where = "is a file" if parent == out else f"would be under {parent}, which is a file"
+            raise ValueError(f"{flag} {out} {where}, not a folder; choose another output folder")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".ddpo-write-test-", dir=parent))
+        except OSError as err:
+            raise ValueError(f"cannot write {flag} {out} ({err.strerror or err}); choose a writable folder") from None
+        return
 
 
 def write_samples(images: torch.Tensor, prompts: list[str], seeds: list[int], out: str | Path) -> Path:

@@ -13,7 +13,9 @@ A checkpoint is written into a hidden temporary folder, every file fsynced, and 
 complete, so a crash never leaves a half-written checkpoint under its final name; older ones beyond ``keep`` are
 deleted only after that rename. On resume :func:`newest_good` verifies the manifest's checksums (a truncated,
 emptied or bit-flipped file, one disk corruption or a copy gone wrong) and falls back to the previous checkpoint,
-naming what is wrong with the newer ones; reading never surfaces an exception from torch or safetensors.
+naming what is wrong with the newer ones; reading never surfaces an exception from torch or safetensors. A checkpoint
+without its manifest or its ``state.json`` is damaged (a complete one always has both) and is skipped the same way.
+Its JSON files are read with a size bound (:data:`MAX_JSON_BYTES`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ from .killpoints import kill_point
 
 PREFIX = "checkpoint_"
 MANIFEST = "manifest.json"
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON file of a checkpoint read (``state.json`` with a per-prompt tracker of many prompts: a few MiB)."""
+_NAME = re.compile(rf"{PREFIX}\d+")
 
 
 class CheckpointError(ValueError):
@@ -92,6 +99,25 @@ def _listify(value):
 
 def _tuplify(value):
     return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value of the regular file ``path`` of at most ``limit`` bytes; ``ValueError`` naming the file
+    otherwise (a device, a FIFO or a huge file is never read)."""
+    with open(path, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(
+                f"{path.name} has {info.st_size} bytes, more than the {limit} a checkpoint's JSON may have"
+            )
+        return json.loads(f.read(limit + 1))
+
+
+def discard(tmp: Path) -> None:
+    """Remove the temporary folder of a checkpoint (or ``final/``) whose writing failed."""
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def begin(checkpoint_dir: Path) -> Path:
@@ -153,16 +179,25 @@ def _sha256(path: Path) -> str:
 
 def verify(path: Path) -> None:
     """Raise :class:`CheckpointError` naming the file unless every file of the checkpoint matches its manifest
-    (size and SHA-256). A checkpoint written before manifests existed is checked by loading it."""
+    (size and SHA-256). The manifest is written last, so a checkpoint without one (or without ``state.json``) is
+    damaged: an unfinished copy, or a file deleted since."""
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
-        load(path)  # an older checkpoint: readable is all that can be checked
-        return
+        raise CheckpointError(f"{path.name}: {MANIFEST} is missing (a complete checkpoint always has one: damaged)")
     try:
-        files = json.loads(manifest_file.read_text())["files"]
+        files = read_json(manifest_file)["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path.name}: {MANIFEST} is unreadable ({err})") from err
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{path.name}: state.json is missing")
     for name, expected in files.items():
+        if not _plain_entry(name, expected):
+            raise CheckpointError(
+                f"{path.name}: {MANIFEST} is unreadable (its entry {str(name)[:80]!r} is not a file "
+                "of the checkpoint with bytes and sha256)"
+            )
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path.name}: {name} is missing")
@@ -173,6 +208,19 @@ def verify(path: Path) -> None:
             )
         if _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{path.name}: {name} does not match its SHA-256 checksum (corrupted)")
+
+
+def _plain_entry(name: Any, expected: Any) -> bool:
+    """Whether a manifest entry names a file inside the checkpoint folder and holds its size and checksum."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and isinstance(expected, dict)
+        and isinstance(expected.get("bytes"), int)
+        and isinstance(expected.get("sha256"), str)
+    )
 
 
 def newest_good(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
@@ -189,15 +237,16 @@ def newest_good(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Checkpoints renamed into place (those with ``state.json``), oldest first."""
+    """Checkpoint folders renamed into place (``checkpoint_<epochs>``, damaged ones included), oldest first."""
     if not checkpoint_dir.is_dir():
         return []
-    found = [p for p in checkpoint_dir.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in checkpoint_dir.iterdir() if _NAME.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest(checkpoint_dir: Path) -> Path | None:
-    found = list_checkpoints(checkpoint_dir)
+    """The newest complete checkpoint (its manifest and ``state.json`` present; checksums not verified), or None."""
+    found = [p for p in list_checkpoints(checkpoint_dir) if (p / MANIFEST).is_file() and (p / "state.json").is_file()]
     return found[-1] if found else None
 
 
@@ -216,7 +265,7 @@ def load(path: Path, process_index: int = 0) -> dict[str, Any]:
 
     rng_name, reward_file = f"rng_{process_index}.json", path / "reward.pt"
     return {
-        "state": read("state.json", lambda p: json.loads(p.read_text())),
+        "state": read("state.json", read_json),
         "trainable": read("trainable.safetensors", lambda p: load_file(str(p))),
         "optimizer": read("optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu")),
         "reward": read("reward.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
@@ -225,7 +274,7 @@ def load(path: Path, process_index: int = 0) -> dict[str, Any]:
         "extra": read("extra.safetensors", lambda p: load_file(str(p)))
         if (path / "extra.safetensors").is_file()
         else None,
-        "rng": read(rng_name, lambda p: json.loads(p.read_text())) if (path / rng_name).is_file() else None,
+        "rng": read(rng_name, read_json) if (path / rng_name).is_file() else None,
     }
 
 
@@ -240,3 +289,52 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         kill_point("replace_dir")
         os.replace(tmp, final)
+
+
+def final_reward_state(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The reward's state at the end of a run of ``epochs`` epochs: ``reward.pt`` of
+    ``checkpoints/checkpoint_<epochs>``, the checkpoint written together with ``final/`` (what ``ddpo eval`` and ``ddpo report`` score a run with: an
+    online reward such as ``discriminator`` is trained during the run). The file is checked against the checkpoint's
+    manifest (size and SHA-256) before it is read with ``weights_only=True``. None when that checkpoint holds no
+    reward state; :class:`CheckpointError` naming the file when it is missing, damaged or unreadable."""
+    path = Path(run_dir) / "checkpoints" / f"{PREFIX}{epochs:06d}"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is missing (the checkpoint written with final/)")
+    try:
+        files = read_json(path / MANIFEST)["files"]
+        expected = files.get("reward.pt")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path.name}: {MANIFEST} is missing or unreadable ({err})") from err
+    if expected is None:
+        return None
+    file = path / "reward.pt"
+    if not file.is_file() or file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+        raise CheckpointError(f"{path.name}: reward.pt is missing or does not match its manifest (damaged)")
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises its own types
+        raise CheckpointError(f"{path.name}: reward.pt is unreadable ({type(err).__name__}: {err})") from err
+
+
+def restore_final_reward(reward, run_dir: Path, epochs: int | None) -> bool:
+    """Give ``reward``, built from a finished run's ``config.yaml``, the state it was trained to during the run (an
+    online reward such as ``discriminator`` learns every epoch; freshly built it is untrained), from
+    :func:`final_reward_state`. Returns whether it has state; a stateless reward is left as built. ``ValueError``
+    naming the run and the file when the state cannot be read."""
+    if not reward.state_dict():
+        return False
+    try:
+        if not isinstance(epochs, int):
+            raise CheckpointError(f"its config.yaml has no integer num_epochs (got {epochs!r})")
+        state = final_reward_state(run_dir, epochs)
+    except CheckpointError as err:
+        state, problem = None, str(err)
+    else:
+        problem = "the checkpoint holds no reward state"
+    if state is None:
+        raise ValueError(
+            f"{run_dir}: the run's reward {reward.name!r} is trained during the run, so it is scored with its trained "
+            f"state, which cannot be read ({problem}); score with another reward (--reward NAME)"
+        )
+    reward.load_state_dict(state)
+    return True

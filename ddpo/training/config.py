@@ -1,13 +1,17 @@
 """Typed run configuration: dataclasses, YAML presets and files, dotted ``key.sub=value`` overrides, validation.
 
 Every hyper-parameter is named once, here, with its meaning. Unknown keys and values of the wrong type are
-rejected before anything is loaded, with the closest valid key suggested.
+rejected before anything is loaded, with the closest valid key suggested; so are non-finite numbers and every value
+outside its range (:func:`validate`). YAML is read safely and bounded (:func:`load_yaml`: a key given twice and an
+alias bomb are refused), and an override sets only the key it names (:func:`apply_override`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import trust
 
 if typing.TYPE_CHECKING:
     from ..policy.sampling import SamplerSettings
@@ -138,8 +144,9 @@ class TrainConfig:
     """Gradient-norm clipping threshold (0 disables clipping; the norm is still logged)."""
     advantage: str = "per_prompt"
     """How rewards become advantages: ``per_prompt`` running statistics, ``batch`` normalisation, ``group``
-    (normalised within each prompt's samples, GRPO) or ``group_center`` (centred within each prompt's samples, scaled
-    by the batch std of the centred values)."""
+    (normalised within each prompt's samples, GRPO), ``group_center`` (centred within each prompt's samples, scaled
+    by the batch std of the centred values) or ``global_std`` (Flow-GRPO's ``global_std=True``: centred within each
+    prompt's samples, divided by the batch std of the raw rewards + 1e-4)."""
     per_prompt_buffer_size: int = 16
     """Rewards remembered per prompt by the per-prompt tracker."""
     per_prompt_min_count: int = 16
@@ -154,6 +161,16 @@ class TrainConfig:
     """Weight of the per-step KL to the frozen base model (0 disables; for LoRA the base is the adapter-off UNet).
     For ``awm`` / ``nft`` the KL term is the mean squared distance of the model outputs in its pretraining space:
     velocities for a flow-matching model, noise predictions for an epsilon UNet (v for a v-prediction one)."""
+    kl_form: str = "gaussian"
+    """Which per-step KL ``kl_coef`` weighs (log-prob algorithms): ``gaussian``, the true KL between the policy's and
+    the base model's step Gaussians; or ``flow_grpo`` (flow SDE samplers only), Flow-GRPO's: with ``flow_sde`` it
+    divides by ``2 s^2`` without the step's ``-dt`` (the true KL times ``-dt``, 1/25 to 1/4 on SD3.5's 10 steps), with
+    ``flow_cps`` it is the true KL. Use ``flow_grpo`` to give a Flow-GRPO ``beta`` its published meaning."""
+    ratio_form: str = "gaussian"
+    """The PPO ratio of ``ddpo_is``: ``gaussian``, from the true Gaussian log-probs; or ``flow_grpo`` (flow SDE
+    samplers only), Flow-GRPO's: with ``flow_cps`` its log-prob is ``-mean |x' - mean|^2`` (no ``1 / (2 std^2)``),
+    so its log-ratio is the true one times ``2 std^2`` and ``clip_range`` bounds another trust region at each step;
+    with ``flow_sde`` it is the Gaussian ratio. Use ``flow_grpo`` to give a Flow-GRPO ``clip_range`` its meaning."""
     awm_ema_kl: float = 0.0
     """AWM's stabiliser: weight of the proximal term ``mean |pred - pred_old|^2`` to the old (EMA) policy, in the
     model's pretraining space (0 disables it). The old policy follows ``old_policy_*``. At ``awm_ema_kl >=
@@ -189,11 +206,9 @@ class RewardConfig:
     name: str = "jpeg_compressibility"
     """Registered reward name (``ddpo rewards`` lists them) or import path ``package.module:function``."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the reward."""
-    trust_import_path: bool = False
-    """Allow a reward given by import path (``package.module:attribute``, in ``name`` or a ``weighted`` component):
-    importing it runs that module's code, so a shared config cannot do so unless its user opts in (as
-    ``trust_remote_code``); ``ddpo train --trust-import-path`` sets it."""
+    """Keyword arguments of the reward. A reward given by import path (in ``name`` or a ``weighted`` component) runs
+    that module's code when imported, so only the user opts in: ``--trust-import-path`` or ``DDPO_TRUST_IMPORT_PATH=1``,
+    never a config file (:mod:`ddpo.training.trust`)."""
 
 
 @dataclass
@@ -201,9 +216,9 @@ class RunConfig:
     num_epochs: int = 5
     """Epochs of sample -> score -> train."""
     output_dir: str = "runs"
-    """Parent folder of run directories."""
+    """Parent folder of run directories: any path, relative or absolute."""
     run_name: str = ""
-    """Run directory name under output_dir (empty: a timestamp)."""
+    """Run directory name under output_dir (empty: a timestamp): one folder name, no ``/``, ``\\`` or ``..``."""
     seed: int = 0
     """Seed of everything: model init (tiny), prompt draws, sampling noise, shuffles."""
     prompts: str = "simple_animals"
@@ -329,6 +344,10 @@ def _apply(obj, data: dict[str, Any], prefix: str = "") -> None:
     types_ = _field_types(type(obj))
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key == trust.FORMER_KEY:  # read in older runs' config.yaml (false); true is refused: only the user opts in
+            if (message := trust.former_key_refusal(value)) is not None:
+                raise ConfigError(message)
+            continue
         if name not in types_:
             raise _unknown(key)
         annotation = types_[name]
@@ -336,6 +355,44 @@ def _apply(obj, data: dict[str, Any], prefix: str = "") -> None:
             _apply(getattr(obj, name), value, f"{key}.")
         else:
             setattr(obj, name, _check_type(value, annotation, key))
+
+
+def apply_override(config: RunConfig, key: str, value: Any) -> None:
+    """Set the one key an override names. A key inside a mapping-valued field (``reward.options.quality=80``) is set
+    inside that mapping, keeping its other keys, at any depth (``reward.options.components.brightness=1``); a whole
+    mapping (``reward.options={quality: 80}``) replaces the field's value; a section (``train={...}``) sets the keys
+    it gives, as a config file does."""
+    parts = key.split(".")
+    obj: Any = config
+    for i, part in enumerate(parts[:-1]):
+        annotation = _field_types(type(obj)).get(part)
+        if typing.get_origin(annotation) is dict:
+            field_key = ".".join(parts[: i + 1])
+            merged = _set_in(getattr(obj, part), parts[i + 1 :], value, field_key)
+            setattr(obj, part, _check_type(merged, annotation, field_key))
+            return
+        if not dataclasses.is_dataclass(annotation):
+            break  # an unknown key or a plain value: _apply names the problem
+        obj = getattr(obj, part)
+    _apply(config, _nest(key, value))
+
+
+def _set_in(mapping: dict[str, Any], path: list[str], value: Any, key: str) -> dict[str, Any]:
+    """A copy of ``mapping`` with ``value`` at ``path`` (nested mappings created or copied on the way)."""
+    out = dict(mapping)
+    node = out
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part, {})
+        if not isinstance(child, dict):
+            inner = ".".join([key, *path[: depth + 1]])
+            raise ConfigError(
+                f"{inner} is {child!r}, not a mapping: cannot set {'.'.join([key, *path])} inside it; set the "
+                f"whole value instead ({inner}={{...}})"
+            )
+        node[part] = dict(child)
+        node = node[part]
+    node[path[-1]] = value
+    return out
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -351,10 +408,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     key, raw = text.split("=", 1)
     key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
+    value = load_yaml(raw, f"override {text!r}: the value", key_prefix=key) if raw.strip() else ""
     if isinstance(value, (bool, int, float)) and _annotation(key) in (str, str | None):
         value = raw.strip()  # a string key takes the text as written: mixed_precision=no, run_name=007
     return key, value
@@ -376,16 +430,117 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("ddpo.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config, grid or run ``config.yaml`` file read (1 MiB; a preset is a few KiB)."""
+MAX_YAML_VALUES = 100_000
+"""Largest number of values (mappings, lists, scalars) a YAML document may hold once its aliases are followed: a
+"billion laughs" document of nested aliases stops here instead of exhausting memory."""
+
+
+def load_yaml(text: str, source: str, key_prefix: str = "") -> Any:
+    """``text`` parsed as YAML, safely (PyYAML's safe constructors only); raises :class:`ConfigError`, one line naming
+    ``source`` (``"config file 'x.yaml'"``), for a syntax error, a key given twice in one mapping (its dotted path,
+    after ``key_prefix``) or a document larger than :data:`MAX_YAML_VALUES` values with its aliases followed."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_node(node, source, key_prefix)
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(err)}") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A PyYAML error on one line: ``while parsing ...: expected ..., but got ... (line L, column C)``."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())
+    text = ": ".join(part for part in (err.context, err.problem) if part)
+    mark = err.problem_mark or err.context_mark
+    return f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else text
+
+
+def _check_yaml_node(root: yaml.Node, source: str, key_prefix: str) -> None:
+    """Walk the composed document, following aliases: refuse a key given twice in a mapping (YAML keeps the last one
+    silently) and a document of more than :data:`MAX_YAML_VALUES` values (a recursive alias never ends). A node's
+    key path is kept as a link to its parent's, and written out only for an error."""
+    root_path = (None, key_prefix.rstrip(".")) if key_prefix else None
+    stack: list[tuple[yaml.Node, tuple | None]] = [(root, root_path)]
+    seen = 0
+    while stack:
+        node, path = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source} expands to more than {MAX_YAML_VALUES} values (its aliases, *name, followed); a config "
+                "holds a few hundred: use fewer aliases"
+            )
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, (path, f"[{i}]")) for i, item in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], yaml.Mark] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    stack.append((value_node, path))
+                    continue
+                name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                if isinstance(key_node, yaml.ScalarNode):
+                    if (key_node.tag, name) in first:
+                        raise ConfigError(
+                            f"{source} sets {_key_path((path, name))} twice "
+                            f"({_lines(first[key_node.tag, name], key_node.start_mark)}); keep one of them"
+                        )
+                    first[key_node.tag, name] = key_node.start_mark
+                stack.append((value_node, (path, name)))
+
+
+def _key_path(path: tuple | None) -> str:
+    """``((None, "train"), "learning_rate")`` -> ``"train.learning_rate"`` (list items as ``[i]``)."""
+    parts: list[str] = []
+    while path is not None:
+        path, name = path
+        parts.append(name)
+    return "".join(part if part.startswith("[") or i == 0 else f".{part}" for i, part in enumerate(reversed(parts)))
+
+
+def _lines(a: yaml.Mark, b: yaml.Mark) -> str:
+    if a.line == b.line:
+        return f"line {a.line + 1}, columns {a.column + 1} and {b.column + 1}"
+    return f"lines {a.line + 1} and {b.line + 1}"
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping (a config, a grid, a run's ``config.yaml``), read with :func:`load_yaml`; at
+    most :data:`MAX_CONFIG_BYTES` are read. Every problem is one :class:`ConfigError` line naming the file."""
+    path = Path(path)
+    source = f"{what} {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{source} is a folder, not a YAML file")
+    if not path.exists():
+        raise ConfigError(f"{source} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{source} is not a regular file (a device or a pipe); give a YAML file")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"cannot read {source} ({err.strerror or err})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{source} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KiB: is it the right file?"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    data = load_yaml(text, source)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{source} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -395,7 +550,8 @@ def preset_data(name: str) -> dict[str, Any]:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown preset {name!r}.{hint} Available: {', '.join(names)}")
-    return yaml.safe_load(resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text()) or {}
+    text = resources.files("ddpo.presets").joinpath(f"{name}.yaml").read_text()
+    return load_yaml(text, f"preset {name!r}") or {}
 
 
 def build_config(
@@ -413,14 +569,71 @@ def build_config(
     if config_file is not None:
         _apply(config, read_yaml(config_file))
     for text in overrides or []:
-        key, value = parse_override(text)
-        _apply(config, _nest(key, value))
+        apply_override(config, *parse_override(text))
     validate(config)
     return config
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+MAX_PROCESS_TIMEOUT_SECONDS = 365 * 24 * 3600
+"""Largest ``process_timeout_seconds`` (a year); far larger values overflow Python's and torch's timeouts."""
+
+
+def plain_folder_name(name: str) -> bool:
+    """Whether ``name`` names one folder inside its parent (``run_name``): no separator, not ``.``/``..``, not
+    blank, not absolute. Empty is allowed (``run_name``'s default: a timestamp)."""
+    if name == "":
+        return True
+    return name.strip() != "" and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+"""The form of a reward given by import path: ``package.module:attribute``."""
+
+
+def eta_problem(eta: float, scheduler: str, key: str = "sample.eta") -> str | None:
+    """What is wrong with the sampler noise ``eta`` for ``scheduler`` (None: nothing), the rule of both ``ddpo train``
+    and ``ddpo sample`` / ``eval`` (``key`` names the setting: ``--eta``). Finite, >= 0 and, except for the flow SDE
+    sampler, <= 1: above 1 the DDIM variance exceeds what its step leaves room for (the images come out black), and
+    CPS's noise ``sin(eta pi / 2)`` peaks at 1. A log-prob algorithm also needs eta > 0 (:func:`validate`)."""
+    if not math.isfinite(eta):
+        return f"{key} must be a finite number; got {eta}"
+    if eta < 0:
+        return f"{key} must be >= 0; got {eta}"
+    if eta > 1 and scheduler == "flow_cps":
+        return f"{key} must be <= 1 with the CPS sampler (its noise is sigma' sin(eta pi / 2)); got {eta}"
+    if eta > 1 and not scheduler.startswith("flow"):
+        return (
+            f"{key} must be <= 1 (above 1 the DDIM variance exceeds 1 - alpha_bar_prev and the step's direction term "
+            f"would be clamped to zero); got {eta}"
+        )
+    return None
+
+
+def guidance_problem(scale: float, key: str = "sample.guidance_scale") -> str | None:
+    """What is wrong with the classifier-free guidance scale ``scale`` (None: nothing), for ``ddpo train`` and
+    ``ddpo sample`` / ``eval`` (``key``: ``--guidance``): a finite number >= 1 (1 disables CFG; diffusers also turns it
+    off silently for any value below 1 and for NaN)."""
+    if not math.isfinite(scale):
+        return f"{key} must be a finite number; got {scale}"
+    if scale < 1:
+        return f"{key} must be >= 1 (1 disables CFG); got {scale}"
+    return None
+
+
+def _float_keys() -> list[str]:
+    """The dotted keys whose values are floats."""
+    return [key for key in all_keys() if _annotation(key) is float]
+
+
+def _value(config: RunConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def validate(config: RunConfig) -> None:
@@ -437,12 +650,25 @@ def validate(config: RunConfig) -> None:
         if not condition:
             raise ConfigError(message)
 
+    for key in _float_keys():  # before any range rule: inf passes `> 0`, and every comparison with nan is false
+        value = _value(config, key)
+        need(math.isfinite(value), f"{key} must be a finite number; got {value}")
     need(config.num_epochs >= 1, f"num_epochs must be >= 1; got {config.num_epochs}")
     need(config.save_every >= 1, f"save_every must be >= 1; got {config.save_every}")
     need(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1; got {config.keep_checkpoints}")
     need(
         config.process_timeout_seconds >= 1,
         f"process_timeout_seconds must be >= 1; got {config.process_timeout_seconds}",
+    )
+    need(  # a timedelta (and torch's collective timeout) overflows far above this
+        config.process_timeout_seconds <= MAX_PROCESS_TIMEOUT_SECONDS,
+        f"process_timeout_seconds must be <= {MAX_PROCESS_TIMEOUT_SECONDS} (365 days); "
+        f"got {config.process_timeout_seconds}",
+    )
+    need(
+        plain_folder_name(config.run_name),
+        f"run_name={config.run_name!r} must be a single folder name (no /, \\, .. or absolute path): the run "
+        f"directory is output_dir/run_name; output_dir={config.output_dir!r} chooses where it goes",
     )
     need(
         config.mixed_precision in ("no", "bf16", "fp16"),
@@ -455,7 +681,6 @@ def validate(config: RunConfig) -> None:
             f"sample.scheduler={s.scheduler!r} is not a sampler: use one of {', '.join(SCHEDULERS)} or a diffusers "
             "scheduler class name (e.g. DPMSolverMultistepScheduler)",
         )
-        need(s.eta >= 0, f"sample.eta must be >= 0; got {s.eta}")
     else:
         need(
             s.scheduler in STEP_FUNCTIONS,
@@ -464,12 +689,9 @@ def validate(config: RunConfig) -> None:
             "forward-process estimators train.algorithm=awm|nft take any sampler",
         )
         need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
+    eta_error = eta_problem(s.eta, s.scheduler)
+    need(eta_error is None, str(eta_error))
     need(s.num_steps >= 2, f"sample.num_steps must be >= 2; got {s.num_steps}")
-    need(
-        s.eta <= 1 or s.scheduler.startswith("flow"),
-        f"sample.eta must be <= 1 (above 1 the DDIM variance exceeds 1 - alpha_bar_prev and the step's direction term "
-        f"would be clamped to zero); got {s.eta}",
-    )
     need(
         s.resolution is None or s.resolution >= 8,
         f"sample.resolution must be a pixel size >= 8 (or null for the model's native size); got {s.resolution}",
@@ -486,7 +708,17 @@ def validate(config: RunConfig) -> None:
             f"sample.sde_window must be [first, end] with 0 <= first < end <= sample.num_steps ({s.num_steps}); "
             f"got {s.sde_window}",
         )
-    need(s.guidance_scale >= 1.0, f"sample.guidance_scale must be >= 1 (1 disables CFG); got {s.guidance_scale}")
+        from ..policy.schedulers import trainable_steps
+
+        last = trainable_steps(s.scheduler, s.num_steps)  # CPS: the last step is deterministic (std 0)
+        need(
+            s.sde_window[0] < last,
+            f"sample.sde_window={s.sde_window} holds no stochastic step: with sample.scheduler={s.scheduler} the last "
+            f"step ({last}) is deterministic (std 0, no log-probability), so nothing would be trained; start the "
+            f"window before step {last}, e.g. sample.sde_window=[{last - 1}, {s.num_steps}]",
+        )
+    guidance_error = guidance_problem(s.guidance_scale)
+    need(guidance_error is None, str(guidance_error))
     for key in ("batch_size", "num_batches_per_epoch", "samples_per_prompt", "decode_chunk_size"):
         need(getattr(s, key) >= 1, f"sample.{key} must be >= 1; got {getattr(s, key)}")
     need(
@@ -498,15 +730,24 @@ def validate(config: RunConfig) -> None:
         "sample.share_initial_noise=true needs sample.samples_per_prompt > 1 (a group of samples to share x_T)",
     )
     need(t.algorithm in ALGORITHMS, f"train.algorithm must be one of {', '.join(ALGORITHMS)}; got {t.algorithm!r}")
-    paths = [config.reward.name] if ":" in config.reward.name else []
-    if config.reward.name == "weighted" and isinstance(config.reward.options.get("components"), dict):
-        paths += [name for name in config.reward.options["components"] if ":" in str(name)]
-    need(
-        not paths or config.reward.trust_import_path,
-        f"reward {paths[0] if paths else ''!r} is an import path: loading it imports and runs that module's code. "
-        "If you trust it, opt in with reward.trust_import_path=true (or `ddpo train --trust-import-path`)",
-    )
+    untrusted = trust.refusal(config.reward.name, config.reward.options)
+    need(untrusted is None, str(untrusted))
+    for path in trust.reward_import_paths(config.reward.name, config.reward.options):
+        where = "reward.name" if path == config.reward.name else "a reward.options.components name"
+        need(
+            IMPORT_PATH.fullmatch(path) is not None,
+            f"{where}={path!r} is not an import path of the form package.module:attribute (a registered reward's "
+            "name has no ':'; `ddpo rewards` lists them)",
+        )
     need(t.learning_rate > 0, f"train.learning_rate must be > 0; got {t.learning_rate}")
+    for key in ("adam_beta1", "adam_beta2"):  # torch.optim.AdamW's own checks, which name no key
+        need(0 <= getattr(t, key) < 1, f"train.{key} must be in [0, 1) (an Adam moment's decay); got {getattr(t, key)}")
+    need(t.adam_epsilon >= 0, f"train.adam_epsilon must be >= 0; got {t.adam_epsilon}")
+    need(t.adam_weight_decay >= 0, f"train.adam_weight_decay must be >= 0; got {t.adam_weight_decay}")
+    need(t.rwr_temperature > 0, f"train.rwr_temperature must be > 0; got {t.rwr_temperature}")
+    need(0 <= t.rwr_quantile < 1, f"train.rwr_quantile must be in [0, 1); got {t.rwr_quantile}")
+    for key in ("per_prompt_buffer_size", "per_prompt_min_count"):
+        need(getattr(t, key) >= 1, f"train.{key} must be >= 1; got {getattr(t, key)}")
     need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (0: no warm-up); got {t.lr_warmup_steps}")
     for key in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1; got {getattr(t, key)}")
@@ -519,11 +760,30 @@ def validate(config: RunConfig) -> None:
         f"train.advantage must be one of {', '.join(ADVANTAGES)}; got {t.advantage!r}",
     )
     need(
-        t.advantage not in ("group", "group_center") or s.samples_per_prompt > 1,
+        t.advantage not in ("group", "group_center", "global_std") or s.samples_per_prompt > 1,
         f"train.advantage={t.advantage} needs sample.samples_per_prompt > 1 (several samples of each prompt per batch)",
     )
     need(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0; got {t.adv_clip_max}")
     need(t.kl_coef >= 0, f"train.kl_coef must be >= 0; got {t.kl_coef}")
+    flow_sde = s.scheduler in ("flow_sde", "flow_cps")
+    for key, what in (("kl_form", "KL"), ("ratio_form", "PPO ratio")):
+        value = getattr(t, key)
+        need(value in ("gaussian", "flow_grpo"), f"train.{key} must be gaussian or flow_grpo; got {value!r}")
+        need(
+            value == "gaussian" or flow_sde,
+            f"train.{key}=flow_grpo is Flow-GRPO's {what} of a flow SDE step: it needs sample.scheduler=flow_sde or "
+            f"flow_cps; got {s.scheduler!r} (use train.{key}=gaussian)",
+        )
+    need(
+        t.kl_form == "gaussian" or not forward,
+        f"train.kl_form=flow_grpo is the KL of a log-prob step; train.algorithm={t.algorithm} has its own KL in the "
+        "model's prediction space (use train.kl_form=gaussian)",
+    )
+    need(
+        t.ratio_form == "gaussian" or t.algorithm == "ddpo_is",
+        f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got {t.algorithm} "
+        "(use train.ratio_form=gaussian)",
+    )
     need(t.nft_beta > 0, f"train.nft_beta must be > 0; got {t.nft_beta}")
     need(t.awm_ema_kl >= 0, f"train.awm_ema_kl must be >= 0; got {t.awm_ema_kl}")
     need(
@@ -565,6 +825,11 @@ def validate(config: RunConfig) -> None:
     need(config.eval_samples >= 1, f"eval_samples must be >= 1; got {config.eval_samples}")
     need(config.eval_every >= 0, f"eval_every must be >= 0 (0: before and after the run only); got {config.eval_every}")
     need(config.model.lora_rank >= 1, f"model.lora_rank must be >= 1; got {config.model.lora_rank}")
+    need(
+        config.model.lora_alpha > 0,
+        f"model.lora_alpha must be > 0 (the adapter's output is scaled by lora_alpha / lora_rank); got "
+        f"{config.model.lora_alpha}",
+    )
     need(
         config.model.text_encoder_precision in ("auto", "fp32"),
         f"model.text_encoder_precision must be auto or fp32; got {config.model.text_encoder_precision!r}",

@@ -2,7 +2,7 @@
 
 ``DDPO_KILL_AT=<point>:<n>`` kills the process (``SIGKILL``: no cleanup, no ``finally``, as a power cut or the OOM
 killer) at the ``n``-th passage of ``<point>``; ``DDPO_KILL_AT=<point>:<n>@<rank>`` only on process ``<rank>``
-(``RANK`` of torchrun / accelerate). Unset, each point costs one dictionary lookup. The points (one call each, in
+(``RANK`` of torchrun / accelerate). ``DDPO_KILL_SIGNAL=INT`` sends another signal instead (``SIGINT``: Ctrl-C). Unset, each point costs one dictionary lookup. The points (one call each, in
 :mod:`~ddpo.training.trainer` and :mod:`~ddpo.training.checkpoint`) are listed in :data:`POINTS`;
 ``tests/test_kill_resume.py`` and ``scripts/kill_soak.py`` use them. Not for production use.
 """
@@ -44,7 +44,7 @@ def kill_point(name: str) -> None:
         return
     _passages[name] += 1
     if _passages[name] == int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("DDPO_KILL_SIGNAL", "KILL").upper()))
 
 
 def reset() -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
-import json
 import math
 import os
 import time
@@ -33,6 +33,7 @@ from rewards import RewardError, check_reward_output, get_reward
 
 from ..models import absent_components, add_lora, latent_size, load_code, load_model, lora_metadata, lora_state_dict
 from ..policy.advantages import build_advantage, clip_advantages
+from ..policy.flow import flow_grpo_kl_scale, flow_grpo_log_ratio_scale
 from ..policy.forward import (
     FORWARD_ALGORITHMS,
     add_noise,
@@ -62,7 +63,7 @@ from ..policy.sampling import (
     uses_cfg,
 )
 from ..policy.schedulers import StepOutput
-from . import checkpoint
+from . import checkpoint, rundir
 from .config import (
     ConfigError,
     RunConfig,
@@ -80,7 +81,7 @@ from .killpoints import kill_point
 from .optim import get_optimizer_class, learning_rate_at, set_learning_rate
 from .progress import EpochProgress, describe_batch_sizes
 from .prompts import derive_seed, draw_prompts, load_prompts
-from .runlog import append_jsonl, read_jsonl, reward_against_samples
+from .runlog import append_jsonl, check_epochs, keep_epochs, read_jsonl, reward_against_samples
 from .visualize import save_image_grid
 
 # Stream identifiers for derive_seed: each random stream of the run gets its own (4 and 5: held-out evaluation).
@@ -217,22 +218,21 @@ class Trainer:
     @classmethod
     def from_config(cls, config: RunConfig, run_dir: Path | None = None) -> Trainer:
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-        if (run_dir / "config.yaml").exists():
-            raise FileExistsError(
-                f"{run_dir} already holds a run; continue it with `ddpo train --resume {run_dir}` "
-                "or choose another run_name / output_dir"
-            )
+        rundir.check_new_run_dir(run_dir)
+        rundir.check_inside(run_dir)
         check_run_dir(run_dir)
         return cls(config, run_dir)
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None) -> Trainer:
         run_dir = Path(run_dir)
-        config_file = run_dir / "config.yaml"
-        if not config_file.is_file():
+        if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
-        base = yaml.safe_load(config_file.read_text())
-        config = build_config(base=base, overrides=overrides)
+        rundir.check_inside(run_dir)
+        rundir.check_resume_overrides(run_dir, overrides or [])
+        config = build_config(base=rundir.read_run_config(run_dir), overrides=overrides)
+        for log in ("metrics.jsonl", "eval.jsonl"):  # a bad line fails here, before the model loads
+            check_epochs(run_dir / log)
         latest, problems = checkpoint.newest_good(run_dir / "checkpoints")
         for problem in problems:
             print(f"ddpo: skipping checkpoint {problem}", flush=True)
@@ -251,11 +251,13 @@ class Trainer:
     def _write_run_files(self) -> None:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "samples").mkdir(exist_ok=True)
+            if removed := rundir.remove_debris(self.run_dir):
+                print(f"ddpo: removed the unfinished temporary files of an earlier crash: {', '.join(removed)}")
             text = yaml.safe_dump(to_dict(self.config), sort_keys=False)
             tmp = self.run_dir / ".config.yaml.tmp"
             tmp.write_text(text)
-            os.replace(tmp, self.run_dir / "config.yaml")
+            os.replace(tmp, self.run_dir / "config.yaml")  # first: a folder holding a run has its config.yaml
+            (self.run_dir / "samples").mkdir(exist_ok=True)
             self._truncate_metrics(self.start_epoch)
         self.accelerator.wait_for_everyone()
         self.accelerator.init_trackers("tensorboard")  # TensorBoard writes under RUN_DIR/tensorboard
@@ -609,7 +611,8 @@ class Trainer:
         extra: dict[str, torch.Tensor] = {}
         first_step_kl: list[torch.Tensor] = []
         if recomputes_old_log_probs(self.config):
-            recomputed = self.old_log_probs(samples, *self.training_pairs(epoch, 0, num_samples))
+            inner_pairs = [self.training_pairs(epoch, inner, num_samples) for inner in range(t.num_inner_epochs)]
+            recomputed = self.old_log_probs(samples, inner_pairs)
             extra["old_log_prob_change_max"] = (recomputed - samples.log_probs).abs().max()
             samples = dataclasses.replace(samples, log_probs=recomputed)
             kill_point("old_log_probs")
@@ -637,7 +640,7 @@ class Trainer:
                         if not torch.isfinite(grad_norm):
                             raise TrainingError(
                                 f"non-finite gradient norm at epoch {epoch}, global step {self.global_step}; "
-                                "lower train.learning_rate or use mixed_precision=no. The last checkpoint is intact."
+                                f"lower train.learning_rate or use mixed_precision=no. {checkpoint_note(self.run_dir)}"
                             )
                         grad_norms.append(grad_norm.detach().float())
                         lr = learning_rate_at(self.global_step, t.learning_rate, t.lr_warmup_steps)
@@ -658,17 +661,29 @@ class Trainer:
         return {key: value.item() for key, value in means.items()}
 
     @torch.no_grad()
-    def old_log_probs(self, samples: Trajectories, pair_traj: torch.Tensor, pair_step: torch.Tensor) -> torch.Tensor:
-        """The samples' log-probs ``[B, T]`` with the pairs ``(pair_traj, pair_step)`` (``[P]`` each, in training
-        order) re-scored by the current UNet in the training call's exact minibatches (``train.batch_size`` pairs
-        per call, train mode, same autocast). Before the first optimiser step training recomputes each of them in the
-        same shapes from the same weights, so the PPO ratio is exactly 1 whatever the kernels do with batch size."""
+    def old_log_probs(
+        self, samples: Trajectories, inner_pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """The samples' log-probs ``[B, T]`` with every pair of every inner epoch (``inner_pairs[k]``: inner epoch
+        ``k``'s ``(pair_traj, pair_step)``, ``[P]`` each, in training order) re-scored by the current UNet in the
+        training call's exact minibatches (``train.batch_size`` pairs per call, train mode, same autocast): inner
+        epoch 0's minibatches, then each minibatch of a later inner epoch that holds pairs not re-scored yet (only
+        those are written; with ``timestep_fraction=1`` inner epoch 0 holds them all). Before the first optimiser step
+        training recomputes each pair in the same shapes from the same weights, so the PPO ratio is exactly 1 whatever
+        the kernels do with batch size, and later inner epochs compare with old log-probs of the same layout."""
         size = self.config.train.batch_size
         unet = self.accelerator.unwrap_model(self.unet)
         log_probs = samples.log_probs.clone()
-        for first in range(0, pair_traj.numel(), size):
-            i, j = pair_traj[first : first + size], pair_step[first : first + size]
-            log_probs[i, j] = self.recompute(unet, samples, i, j).log_prob
+        done = torch.zeros_like(log_probs, dtype=torch.bool)
+        for pair_traj, pair_step in inner_pairs:
+            for first in range(0, pair_traj.numel(), size):
+                i, j = pair_traj[first : first + size], pair_step[first : first + size]
+                new = ~done[i, j]
+                if not bool(new.any()):
+                    continue
+                log_prob = self.recompute(unet, samples, i, j).log_prob
+                log_probs[i[new], j[new]] = log_prob[new]
+                done[i, j] = True
         return log_probs
 
     def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -686,11 +701,18 @@ class Trainer:
         self, samples: Trajectories, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of ``N`` (trajectory ``i``, step ``j``) pairs (``[N]`` each) in **one** UNet call, with diagnostics."""
-        t = self.config.train
+        t, scheduler_name = self.config.train, self.config.sample.scheduler
         out = self.recompute(self.unet, samples, i, j)
-        loss, info = LOSSES[t.algorithm](out.log_prob, samples.log_probs[i, j], weights[i], t.clip_range)
+        log_prob, old_log_prob = out.log_prob, samples.log_probs[i, j]
+        if t.ratio_form == "flow_grpo":  # Flow-GRPO's log-ratio: the true one times a per-step factor
+            scale = flow_grpo_log_ratio_scale(scheduler_name, out.std)
+            log_prob, old_log_prob = log_prob * scale, old_log_prob * scale
+        loss, info = LOSSES[t.algorithm](log_prob, old_log_prob, weights[i], t.clip_range)
         if t.kl_coef > 0:
-            kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j), out.std).mean()
+            kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j), out.std)
+            if t.kl_form == "flow_grpo":  # Flow-GRPO's KL: the true one times a per-step factor
+                kl = kl * flow_grpo_kl_scale(self.scheduler, scheduler_name, samples.timesteps[j])
+            kl = kl.mean()
             loss = loss + t.kl_coef * kl
             info["kl"] = kl.detach()
         info["loss"] = loss.detach()
@@ -842,14 +864,8 @@ class Trainer:
     def _truncate_metrics(self, start_epoch: int) -> None:
         """Drop metrics of epochs a resumed run will redo (written after the checkpoint it resumes from), and
         held-out evaluations after that checkpoint (the one at ``start_epoch`` was written before it)."""
-        for name, keep in (("metrics.jsonl", lambda e: e < start_epoch), ("eval.jsonl", lambda e: e <= start_epoch)):
-            path = self.run_dir / name
-            if not path.exists():
-                continue
-            kept = [line for line in path.read_text().splitlines() if line and keep(json.loads(line)["epoch"])]
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+        keep_epochs(self.run_dir / "metrics.jsonl", lambda e: e < start_epoch)
+        keep_epochs(self.run_dir / "eval.jsonl", lambda e: e <= start_epoch)
 
     def old_policy_state(self) -> dict[str, torch.Tensor] | None:
         """The old policy's weights (DiffusionNFT, AWM with train.awm_ema_kl) by trainable-parameter name (``old_policy.<name>``), or None."""
@@ -866,31 +882,47 @@ class Trainer:
         """Atomically write ``checkpoints/checkpoint_<epochs_done>`` (all processes must call this)."""
         acc = self.accelerator
         folder = self.run_dir / "checkpoints"
+        final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
+        previous = checkpoint.latest(folder)
         tmp = checkpoint.begin(folder) if acc.is_main_process else None
         tmp = Path(gather_object([str(tmp)])[0]) if acc.num_processes > 1 else tmp
-        if acc.is_main_process:
-            checkpoint.write_payload(
-                tmp,
-                self.trainable_state(),
-                self.optimizer.state_dict(),
-                self.reward.state_dict(),
-                self.old_policy_state(),
-            )
-            kill_point("checkpoint_payload")
-        checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
-        acc.wait_for_everyone()
-        final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
-        if acc.is_main_process:
-            state = {
-                "epoch": epochs_done,
-                "global_step": self.global_step,
-                "tracker": self.tracker.state_dict() if self.tracker is not None else None,
-                "num_processes": acc.num_processes,
-                "trainable_names": self.trainable_names,
-            }
-            final = checkpoint.commit(tmp, folder, epochs_done, state, self.config.keep_checkpoints)
+        with self._removed_on_failure(tmp if acc.is_main_process else None, final.name, previous):
+            if acc.is_main_process:
+                checkpoint.write_payload(
+                    tmp,
+                    self.trainable_state(),
+                    self.optimizer.state_dict(),
+                    self.reward.state_dict(),
+                    self.old_policy_state(),
+                )
+                kill_point("checkpoint_payload")
+            checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {
+                    "epoch": epochs_done,
+                    "global_step": self.global_step,
+                    "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+                    "num_processes": acc.num_processes,
+                    "trainable_names": self.trainable_names,
+                }
+                final = checkpoint.commit(tmp, folder, epochs_done, state, self.config.keep_checkpoints)
         acc.wait_for_everyone()
         return final
+
+    @contextlib.contextmanager
+    def _removed_on_failure(self, tmp: Path | None, name: str, previous: Path | None):
+        """Remove the temporary folder ``tmp`` of ``name`` (a checkpoint or ``final/``) when writing it fails or is
+        interrupted; a full disk becomes one :class:`TrainingError` naming ``previous``, the checkpoint to resume
+        from."""
+        try:
+            yield
+        except BaseException as err:
+            if tmp is not None:
+                checkpoint.discard(tmp)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TrainingError(disk_full_message(err, name, previous, self.run_dir)) from err
+            raise
 
     def _load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
@@ -953,14 +985,15 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             tmp = self.run_dir / f".final-tmp-{os.getpid()}"
-            unet = acc.unwrap_model(self.unet)
-            if self.config.model.use_lora:
-                self.family.save_lora(tmp, lora_state_dict(unet), lora_metadata(unet))
-            else:
-                self.family.set_denoiser(unet)
-                self.pipe.save_pretrained(tmp, safe_serialization=True)
-            kill_point("final_payload")
-            checkpoint.replace_dir(tmp, final)
+            with self._removed_on_failure(tmp, "final/", checkpoint.latest(self.run_dir / "checkpoints")):
+                unet = acc.unwrap_model(self.unet)
+                if self.config.model.use_lora:
+                    self.family.save_lora(tmp, lora_state_dict(unet), lora_metadata(unet))
+                else:
+                    self.family.set_denoiser(unet)
+                    self.pipe.save_pretrained(tmp, safe_serialization=True)
+                kill_point("final_payload")
+                checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
 
@@ -1049,9 +1082,18 @@ def lost_process_message(err: BaseException, num_processes: int, config: RunConf
     return (
         f"another of the {num_processes} processes died or stopped answering (each waits at most "
         f"process_timeout_seconds={config.process_timeout_seconds} s for the others), so a collective operation "
-        f"failed: {detail}. The last checkpoint is intact: see the other process's output for why it stopped, then "
+        f"failed: {detail}. {checkpoint_note(run_dir)} See the other process's output for why it stopped, then "
         f"resume with the same number of processes (--resume {run_dir})"
     )
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """The sentence of an error that stops a run about what it leaves to resume from: its newest checkpoint (written
+    atomically, so intact), or none yet."""
+    latest = checkpoint.latest(Path(run_dir) / "checkpoints")
+    if latest is None:
+        return "No checkpoint was written yet, so a resume starts the run over."
+    return f"The last checkpoint, {latest.name}, is intact."
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -1075,6 +1117,29 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a writable output_dir"
         ) from None
+
+
+def disk_full_message(err: OSError, name: str, previous: Path | None, run_dir: Path) -> str:
+    """One line for a disk that filled up while ``name`` (a checkpoint or ``final/``) was written."""
+    intact = f"{previous.name} is intact" if previous is not None else "no earlier checkpoint exists"
+    return (
+        f"the disk is full ({err.strerror or err}) while writing {name} under {run_dir}; its unfinished files were "
+        f"removed and {intact}. Free some space, then continue with `ddpo train --resume {run_dir}`"
+    )
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """One line for a run stopped by Ctrl-C (SIGINT): its last intact checkpoint, or none, and the resume command."""
+    latest = checkpoint.latest(Path(run_dir) / "checkpoints")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return f"ddpo: interrupted before {run_dir} held a run (nothing to resume); run the same command again"
+    if latest is None:
+        return f"ddpo: interrupted; no checkpoint was written yet; start it over with: ddpo train --resume {run_dir}"
+    epochs = int(latest.name[len(checkpoint.PREFIX) :])
+    return (
+        f"ddpo: interrupted; the last intact checkpoint is {latest} ({epochs} epoch{'s' * (epochs != 1)} done); "
+        f"continue with: ddpo train --resume {run_dir}"
+    )
 
 
 def train(config: RunConfig, run_dir: Path | None = None) -> Path:

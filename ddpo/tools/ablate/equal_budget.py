@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from ...training import rundir
 from ...training.evaluation import mean_and_se
 from ...training.runlog import read_jsonl
 from .runner import run_finished
@@ -32,7 +32,7 @@ def finished(run: Path) -> bool:
     (:func:`~ddpo.tools.ablate.runner.run_finished`): a run still training has neither."""
     if not (run / "config.yaml").is_file():
         return False
-    epochs = yaml.safe_load((run / "config.yaml").read_text()).get("num_epochs")
+    epochs = rundir.read_run_config(run).get("num_epochs")
     return isinstance(epochs, int) and run_finished(run, epochs)
 
 

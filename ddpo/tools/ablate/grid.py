@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ...training import rundir
 from ...training.config import DEFAULT_PRESET, ConfigError, RunConfig, build_config, read_yaml, to_dict
 
 GRID_KEYS = {
@@ -290,7 +291,7 @@ def load_grid(path: str | Path, output_dir: str | Path | None = None, parallel: 
     """Read and validate a grid file (see :func:`parse_grid`)."""
     path = Path(path)
     try:
-        data = read_yaml(path)
+        data = read_yaml(path, what="grid file")
     except ConfigError as err:
         raise GridError(str(err)) from err
     return parse_grid(data, path.parent, output_dir, parallel, default_name=path.stem)
@@ -349,7 +350,7 @@ def _check_existing_run(cell: Cell) -> None:
     if not config_file.is_file():
         return
     try:
-        old = to_dict(build_config(base=yaml.safe_load(config_file.read_text())))
+        old = to_dict(build_config(base=rundir.read_run_config(cell.run_dir)))
     except (ConfigError, yaml.YAMLError) as err:
         raise GridError(f"cell {cell.run_name}: {config_file} is unreadable ({err}); delete {cell.run_dir}") from err
     new = to_dict(cell.config)

@@ -1,0 +1,133 @@
+"""The rules of a run directory (``output_dir/run_name``), checked before a model loads.
+
+* A new run takes an absent or empty folder only: it never truncates or replaces files it did not write
+  (:func:`check_new_run_dir`).
+* Nothing the run reads, writes or prunes leads out of the run directory through a symbolic link
+  (:func:`check_inside`): ``config.yaml``, the logs, ``checkpoints/`` and each checkpoint's files, ``final/``, ...
+* A run's ``config.yaml`` is read by the config loader, with its size bound, and must hold a config
+  (:func:`read_run_config`).
+* A resume leaves the run where it is: ``run_name`` / ``output_dir`` overrides may only name its own folder
+  (:func:`check_resume_overrides`).
+* Temporary files of a crashed run (a checkpoint or ``final/`` being written) are removed when the run starts again
+  (:func:`remove_debris`).
+
+The package's own layout is described in docs/run-directory.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, parse_override, read_yaml
+
+PROBE_PREFIX = ".ddpo-write-test-"
+"""Files :func:`ddpo.training.trainer.check_run_dir` writes and deletes at once to test that a folder is writable."""
+
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", "final", "samples", "tensorboard")
+"""What a run writes directly under its folder."""
+
+DEBRIS = (
+    "checkpoints/.tmp-*",  # a checkpoint being written
+    "checkpoints/.old-*",  # a checkpoint being replaced
+    ".final-tmp-*",  # final/ being written
+    ".old-final-*",  # final/ being replaced
+    ".config.yaml.tmp",
+    ".metrics.jsonl.tmp",
+    ".eval.jsonl.tmp",
+)
+"""Temporary files and folders a run removes on success; a crash (SIGKILL, power cut) can leave them behind."""
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Raise :class:`ConfigError` unless ``run_dir`` is absent or empty: a new run never truncates or replaces
+    files it did not write (``metrics.jsonl``, ``final/``, ...)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with `ddpo train --resume {run_dir}` "
+            "or choose another run_name / output_dir"
+        )
+    if not run_dir.is_dir():
+        return
+    ours = (PROBE_PREFIX, ".config.yaml.tmp")  # a writability probe, a config.yaml not yet renamed into place
+    names = sorted(p.name for p in islice(run_dir.iterdir(), 100) if not p.name.startswith(ours))
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"{run_dir} holds files but no config.yaml ({shown}); a new run there would overwrite them. Choose "
+            f"another run_name or output_dir, or empty the folder; to continue a run there, it needs its "
+            f"config.yaml (`ddpo train --resume {run_dir}`)"
+        )
+
+
+def check_inside(run_dir: Path) -> None:
+    """Raise :class:`ConfigError` when a path the run reads, writes or prunes is a symbolic link that leads out of
+    ``run_dir`` (the run directory itself may be a link). Nothing is followed before this check."""
+    run_dir = Path(run_dir)
+    root = run_dir.resolve()
+    paths = [run_dir / name for name in RUN_ENTRIES]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        for entry in checkpoints.iterdir():
+            paths.append(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                paths.extend(entry.iterdir())
+    for path in paths:
+        if os.path.lexists(path) and not path.resolve().is_relative_to(root):
+            raise ConfigError(
+                f"{path} is a symbolic link to {path.resolve()}, outside the run directory {run_dir}; ddpo never "
+                "reads, writes or deletes through such a link. Replace it with the folder or file itself"
+            )
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The settings of ``run_dir/config.yaml``, read by the config loader (:func:`~ddpo.training.config.read_yaml`:
+    a regular file of at most ``MAX_CONFIG_BYTES``, one line for a YAML error) and never empty, else
+    :class:`ConfigError` (``FileNotFoundError`` when there is none)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
+    data = read_yaml(path)
+    if not data:
+        raise ConfigError(
+            f"{path} is empty; a run's config.yaml holds its whole config (ddpo train writes it): restore it from a "
+            "backup, or start a new run"
+        )
+    return data
+
+
+def check_resume_overrides(run_dir: Path, overrides: list[str]) -> None:
+    """Raise :class:`ConfigError` for a ``run_name`` / ``output_dir`` override of a resume that names a folder other
+    than ``run_dir``: the resumed run stays where it is (an override naming its own folder records it)."""
+    run_dir = Path(run_dir)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "run_name" and value != run_dir.name:
+            problem = f"run_name={value!r}"
+        elif key == "output_dir" and Path(str(value)).resolve() != run_dir.resolve().parent:
+            problem = f"output_dir={value!r}"
+        else:
+            continue
+        raise ConfigError(
+            f"ddpo train --resume {run_dir}: {problem} would name another folder; a resumed run stays in {run_dir}. "
+            "Drop the override, or copy the folder and resume the copy"
+        )
+
+
+def remove_debris(run_dir: Path) -> list[str]:
+    """Remove the temporary files of :data:`DEBRIS` under ``run_dir``; their paths relative to it."""
+    run_dir = Path(run_dir)
+    removed = []
+    for pattern in DEBRIS:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path.relative_to(run_dir)))
+    return removed
