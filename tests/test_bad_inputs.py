@@ -469,6 +469,15 @@ CASES = [
         True,
     ),
     (
+        "report: metrics.jsonl line without reward_mean",
+        lambda t, f, m: (
+            ["report", str(_stub_run(t, f, {"metrics.jsonl": '{"epoch": 0, "samples": 4}\n'})), "--no-samples"],
+            {},
+        ),
+        "metrics.jsonl line 1 has no 'reward_mean'",
+        True,
+    ),
+    (
         "metrics.jsonl not UTF-8",
         lambda t, f, m: (_resume_stub(t, f, {"metrics.jsonl": b'{"epoch": 0}\n{"a": "\xff"}\n'}), {}),
         "metrics.jsonl line 2 is not UTF-8 text",

@@ -101,15 +101,21 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
 
 
+METRICS_KEYS = ("epoch", "samples", "reward_mean")
+"""Keys of every ``metrics.jsonl`` line that the report plots (a line without one is named, not a traceback)."""
+EVAL_KEYS = ("epoch", "reward_mean")
+"""Keys of every ``eval.jsonl`` line that the report plots."""
+
+
 def load_run(run_dir: str | Path) -> Run:
     """Read ``config.yaml``, ``metrics.jsonl`` and the list of sample grids of a run directory."""
     path = Path(run_dir)
     if not is_run_dir(path):
         raise FileNotFoundError(f"{path} is not a run directory (it needs config.yaml and metrics.jsonl)")
     config = rundir.read_run_config(path)
-    metrics = pd.DataFrame(read_jsonl(path / "metrics.jsonl"))
+    metrics = pd.DataFrame(read_jsonl(path / "metrics.jsonl", required=METRICS_KEYS))
     grids = sorted((int(p.stem.split("_")[-1]), p) for p in (path / "samples").glob("epoch_*.png"))
-    evals = pd.DataFrame(read_jsonl(path / "eval.jsonl"))
+    evals = pd.DataFrame(read_jsonl(path / "eval.jsonl", required=EVAL_KEYS))
     return Run(path, config, metrics, grids, evals)
 
 

@@ -77,9 +77,19 @@ def _open_log(path: Path):
     return f
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of the non-empty lines of ``path``, in order; empty when the file does not exist."""
-    return [record for _, _, record in iter_jsonl(path)]
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The JSON objects of the non-empty lines of ``path``, in order; empty when the file does not exist. A line
+    without one of the ``required`` keys raises :class:`RunLogError` naming the file, the line and the key."""
+    records = []
+    for number, _, record in iter_jsonl(path):
+        missing = next((key for key in required if key not in record), None)
+        if missing is not None:
+            raise RunLogError(
+                f"{path} line {number} has no {missing!r}; every line of this log is written by ddpo train with "
+                f"{', '.join(required)}: repair or delete the line"
+            )
+        records.append(record)
+    return records
 
 
 def epoch_of(path: Path, number: int, record: dict[str, Any]) -> int:
