@@ -35,6 +35,19 @@ from rewards.remote import decode_batch, encode_batch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class _PlainHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in HTTP server's handler: answers 200 with a body, logs nothing."""
+
+    def _send(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 @contextlib.contextmanager
 def thread_server(reward, token: str | None = None, **limits):
     """The real app under uvicorn in a thread, on a free 127.0.0.1 port; stopped on exit."""
@@ -167,22 +180,13 @@ def test_a_server_that_is_down_is_named_after_the_retries():
     ],
 )
 def test_malformed_answers_are_named(answer, message):
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_PlainHandler):
         def do_GET(self):  # /health
             self._send(json.dumps({"status": "ok", "reward": "odd"}).encode())
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             self._send(answer)
-
-        def _send(self, body: bytes):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -384,7 +388,7 @@ def test_the_client_retries_a_connection_broken_mid_answer():
     expected = get_reward("brightness")(images, prompts)
     posts = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_PlainHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):  # /health
@@ -405,15 +409,6 @@ def test_the_client_retries_a_connection_broken_mid_answer():
                 self.close_connection = True
                 return
             self._send(body)
-
-        def _send(self, body: bytes):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
 
     class Server(http.server.ThreadingHTTPServer):
         def handle_error(self, request, client_address):  # the reset connection's flush fails: expected
