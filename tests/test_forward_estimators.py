@@ -252,16 +252,16 @@ def test_nft_samples_with_the_old_policy_unless_told_otherwise(fast_overrides, t
     trainer = Trainer.from_config(build_config(preset="tiny", overrides=overrides), tmp_path / "run")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param, old in zip(trainer.trainable_names, trainer.params, trainer.old_params, strict=True):
+        for name, param, old in zip(trainer.trainable_names, trainer.params, trainer.estimator.old_params, strict=True):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
                 old.zero_()
-    assert trainer.samples_with_old_policy
+    assert trainer.estimator.samples_with_old_policy
     with_old = trainer.sample_and_score(0)[0].latents
     trainer.config.train.nft_sample_policy = "current"
-    assert not trainer.samples_with_old_policy
+    assert not trainer.estimator.samples_with_old_policy
     with_current = trainer.sample_and_score(0)[0].latents
-    with trainer.base_model():
+    with trainer.policy.base_model():
         base = trainer.sample_and_score(0)[0].latents
     assert torch.equal(with_old, base)
     assert not torch.allclose(with_current, base)

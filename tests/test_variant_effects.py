@@ -98,9 +98,9 @@ def test_kl_to_the_base_model_matches_gaussians_by_hand(make_trainer):
             param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
     _, info = trainer.minibatch_loss(samples, weights, i, j)
     with torch.no_grad():
-        policy = trainer.recompute(trainer.unet, samples, i, j)
+        policy = trainer.estimator.recompute(trainer.unet, samples, i, j)
         base = Trainer(trainer.config, trainer.run_dir.with_name("base"))  # a fresh, unadapted copy of the model
-        reference = base.recompute(base.accelerator.unwrap_model(base.unet), samples, i, j)
+        reference = base.estimator.recompute(base.accelerator.unwrap_model(base.unet), samples, i, j)
     std = policy.std.view(-1, 1, 1, 1).expand_as(policy.mean)
     expected = torch.distributions.kl_divergence(
         torch.distributions.Normal(policy.mean, std), torch.distributions.Normal(reference.mean, std)

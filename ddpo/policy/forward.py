@@ -51,9 +51,6 @@ import torch
 from .flow import flow_step_index
 from .schedulers import predict_x0_eps
 
-FORWARD_ALGORITHMS = ("awm", "nft")
-"""``train.algorithm`` values that train on clean samples through the forward process (no per-step log-probs)."""
-
 
 def alpha_bar(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``abar_t`` ``[N]`` float32 for integer ``timesteps`` ``[N]`` of a DDPM-style schedule."""

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import torch
 
-ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse", "awm", "nft")
-"""Every ``train.algorithm``: the log-prob estimators of :data:`LOSSES` and the forward-process ones of
-:mod:`ddpo.policy.forward` (``awm``, ``nft``)."""
-
 
 def _ratio_info(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float) -> dict[str, torch.Tensor]:
     """Diagnostics of the importance ratio: approx KL = mean((log ratio)^2) / 2, clip fraction, ratio mean/max."""
@@ -75,23 +71,3 @@ def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tenso
     averaged over latent dims (the same reduction as the log-probs). ``[N, C, H, W], [N, C, H, W], [N] -> [N]``."""
     diff = (mean.float() - ref_mean.float()) ** 2
     return (diff / (2 * std.float().view(-1, 1, 1, 1) ** 2)).mean(dim=(1, 2, 3))
-
-
-LOSSES = {
-    "ddpo_is": ddpo_is_loss,
-    "ddpo_sf": ddpo_sf_loss,
-    "rwr": weighted_regression_loss,
-    "rwr_sparse": weighted_regression_loss,
-}
-
-
-def trajectory_weights(
-    algorithm: str, advantages: torch.Tensor, rwr_temperature: float, rwr_quantile: float
-) -> torch.Tensor:
-    """The per-trajectory weight each loss of :data:`LOSSES` takes: the (clipped) advantages for DDPO, the
-    exponentiated (RWR) or thresholded (sparse RWR) weights of the advantages for RWR. ``[N] -> [N]``."""
-    if algorithm == "rwr":
-        return rwr_weights(advantages, rwr_temperature)
-    if algorithm == "rwr_sparse":
-        return sparse_rwr_weights(advantages, rwr_quantile)
-    return advantages

@@ -45,7 +45,6 @@ import torch
 
 from ..policy import sampling
 from ..policy.conditioning import Conditioning
-from ..policy.losses import LOSSES
 from ..policy.sampling import AUTOCAST_DTYPES, Trajectories, autocast, encode_prompts, uses_cfg
 from ..training.config import to_dict
 from ..training.prompts import derive_seed, draw_prompts
@@ -193,7 +192,8 @@ def reference_minibatch_loss(trainer, samples, weights: torch.Tensor, i: torch.T
     with autocast(latents.device, c.mixed_precision):
         noise_pred = reference_guided_output(trainer.unet, latents, timesteps, embeds, s.guidance_scale, do_cfg)
         _, log_prob = reference_ddim_step(trainer.scheduler, noise_pred, timesteps, latents, s.eta, next_latents)
-    loss, info = LOSSES[t.algorithm](log_prob.float(), samples.log_probs[i, j], weights[i], t.clip_range)
+    loss_function = type(trainer.estimator).loss_function  # the run's per-step log-prob loss (ddpo.policy.losses)
+    loss, info = loss_function(log_prob.float(), samples.log_probs[i, j], weights[i], t.clip_range)
     info["loss"] = loss.detach()
     return loss, info
 
@@ -705,7 +705,7 @@ def calibrate(config, repeats: int = 3, pairs: int = 32) -> dict[str, Any]:
                     ii, jj = i[first : first + call], j[first : first + call]
                     if forward_only:
                         with torch.no_grad():
-                            tr.recompute(unet, samples, ii, jj)
+                            tr.estimator.recompute(unet, samples, ii, jj)
                     else:
                         loss, _ = tr.minibatch_loss(samples, weights, ii, jj)
                         loss.backward()

@@ -638,11 +638,8 @@ def _value(config: RunConfig, key: str) -> Any:
 
 def validate(config: RunConfig) -> None:
     """Check values and their combinations; raise :class:`ConfigError` naming the key and the fix."""
-    from ..models.schedulers import SCHEDULERS, is_known_scheduler
     from ..policy.advantages import ADVANTAGES
-    from ..policy.forward import FORWARD_ALGORITHMS
-    from ..policy.losses import ALGORITHMS
-    from ..policy.schedulers import STEP_FUNCTIONS
+    from .estimators import validate_estimators
 
     s, t = config.sample, config.train
 
@@ -674,21 +671,17 @@ def validate(config: RunConfig) -> None:
         config.mixed_precision in ("no", "bf16", "fp16"),
         f"mixed_precision must be no, bf16 or fp16; got {config.mixed_precision!r}",
     )
-    forward = t.algorithm in FORWARD_ALGORITHMS
-    if forward:
+    flow_sde = s.scheduler in ("flow_sde", "flow_cps")
+    for key, what in (("kl_form", "KL"), ("ratio_form", "PPO ratio")):
+        value = getattr(t, key)
+        need(value in ("gaussian", "flow_grpo"), f"train.{key} must be gaussian or flow_grpo; got {value!r}")
         need(
-            is_known_scheduler(s.scheduler),
-            f"sample.scheduler={s.scheduler!r} is not a sampler: use one of {', '.join(SCHEDULERS)} or a diffusers "
-            "scheduler class name (e.g. DPMSolverMultistepScheduler)",
+            value == "gaussian" or flow_sde,
+            f"train.{key}=flow_grpo is Flow-GRPO's {what} of a flow SDE step: it needs sample.scheduler=flow_sde or "
+            f"flow_cps; got {s.scheduler!r} (use train.{key}=gaussian)",
         )
-    else:
-        need(
-            s.scheduler in STEP_FUNCTIONS,
-            f"train.algorithm={t.algorithm} needs a sampler with per-step log-probabilities: sample.scheduler must be "
-            f"ddim or ddpm, or flow_sde / flow_cps for flow-matching models (got {s.scheduler!r}); the "
-            "forward-process estimators train.algorithm=awm|nft take any sampler",
-        )
-        need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
+    # The chosen estimator's needs (its sampler first), and every estimator's own settings.
+    estimator = validate_estimators(config, need)
     eta_error = eta_problem(s.eta, s.scheduler)
     need(eta_error is None, str(eta_error))
     need(s.num_steps >= 2, f"sample.num_steps must be >= 2; got {s.num_steps}")
@@ -699,9 +692,9 @@ def validate(config: RunConfig) -> None:
     need(s.scheduler != "ddpm" or s.eta == 1.0, "sample.eta must be 1.0 with sample.scheduler=ddpm")
     if s.sde_window is not None:
         need(
-            s.scheduler in ("flow_sde", "flow_cps") and not forward,
+            flow_sde and estimator.uses_log_probs,
             f"sample.sde_window (Flow-GRPO-Fast) needs a flow SDE sampler, sample.scheduler=flow_sde or flow_cps, and "
-            f"a log-prob algorithm; got sample.scheduler={s.scheduler!r}, train.algorithm={t.algorithm}",
+            f"a log-prob algorithm; got sample.scheduler={s.scheduler!r}, train.algorithm={estimator.name}",
         )
         need(
             len(s.sde_window) == 2 and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps,
@@ -729,7 +722,6 @@ def validate(config: RunConfig) -> None:
         not s.share_initial_noise or s.samples_per_prompt > 1,
         "sample.share_initial_noise=true needs sample.samples_per_prompt > 1 (a group of samples to share x_T)",
     )
-    need(t.algorithm in ALGORITHMS, f"train.algorithm must be one of {', '.join(ALGORITHMS)}; got {t.algorithm!r}")
     untrusted = trust.refusal(config.reward.name, config.reward.options)
     need(untrusted is None, str(untrusted))
     for path in trust.reward_import_paths(config.reward.name, config.reward.options):
@@ -744,8 +736,6 @@ def validate(config: RunConfig) -> None:
         need(0 <= getattr(t, key) < 1, f"train.{key} must be in [0, 1) (an Adam moment's decay); got {getattr(t, key)}")
     need(t.adam_epsilon >= 0, f"train.adam_epsilon must be >= 0; got {t.adam_epsilon}")
     need(t.adam_weight_decay >= 0, f"train.adam_weight_decay must be >= 0; got {t.adam_weight_decay}")
-    need(t.rwr_temperature > 0, f"train.rwr_temperature must be > 0; got {t.rwr_temperature}")
-    need(0 <= t.rwr_quantile < 1, f"train.rwr_quantile must be in [0, 1); got {t.rwr_quantile}")
     for key in ("per_prompt_buffer_size", "per_prompt_min_count"):
         need(getattr(t, key) >= 1, f"train.{key} must be >= 1; got {getattr(t, key)}")
     need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (0: no warm-up); got {t.lr_warmup_steps}")
@@ -765,39 +755,6 @@ def validate(config: RunConfig) -> None:
     )
     need(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0; got {t.adv_clip_max}")
     need(t.kl_coef >= 0, f"train.kl_coef must be >= 0; got {t.kl_coef}")
-    flow_sde = s.scheduler in ("flow_sde", "flow_cps")
-    for key, what in (("kl_form", "KL"), ("ratio_form", "PPO ratio")):
-        value = getattr(t, key)
-        need(value in ("gaussian", "flow_grpo"), f"train.{key} must be gaussian or flow_grpo; got {value!r}")
-        need(
-            value == "gaussian" or flow_sde,
-            f"train.{key}=flow_grpo is Flow-GRPO's {what} of a flow SDE step: it needs sample.scheduler=flow_sde or "
-            f"flow_cps; got {s.scheduler!r} (use train.{key}=gaussian)",
-        )
-    need(
-        t.kl_form == "gaussian" or not forward,
-        f"train.kl_form=flow_grpo is the KL of a log-prob step; train.algorithm={t.algorithm} has its own KL in the "
-        "model's prediction space (use train.kl_form=gaussian)",
-    )
-    need(
-        t.ratio_form == "gaussian" or t.algorithm == "ddpo_is",
-        f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got {t.algorithm} "
-        "(use train.ratio_form=gaussian)",
-    )
-    need(t.nft_beta > 0, f"train.nft_beta must be > 0; got {t.nft_beta}")
-    need(t.awm_ema_kl >= 0, f"train.awm_ema_kl must be >= 0; got {t.awm_ema_kl}")
-    need(
-        t.awm_ema_kl == 0 or t.algorithm == "awm",
-        f"train.awm_ema_kl is AWM's stabiliser and does nothing with train.algorithm={t.algorithm}: set it back to 0 "
-        "or use train.algorithm=awm",
-    )
-    need(
-        t.nft_sample_policy in ("old", "current"),
-        f"train.nft_sample_policy must be old or current; got {t.nft_sample_policy!r}",
-    )
-    need(t.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0; got {t.old_policy_flat}")
-    need(t.old_policy_uprate >= 0, f"train.old_policy_uprate must be >= 0; got {t.old_policy_uprate}")
-    need(0 <= t.old_policy_uphold < 1, f"train.old_policy_uphold must be in [0, 1); got {t.old_policy_uphold}")
     need(
         t.old_log_probs in ("auto", "sampled", "recompute"),
         f"train.old_log_probs must be auto, sampled or recompute; got {t.old_log_probs!r}",
@@ -810,10 +767,6 @@ def validate(config: RunConfig) -> None:
         "training shapes) or equal batch sizes",
     )
     need(t.optimizer in ("adamw", "adamw8bit"), f"train.optimizer must be adamw or adamw8bit; got {t.optimizer!r}")
-    need(
-        t.algorithm != "ddpo_sf" or t.num_inner_epochs == 1,
-        "train.algorithm=ddpo_sf is only unbiased on-policy: set train.num_inner_epochs=1 (or use ddpo_is)",
-    )
     pairs = s.batch_size * s.num_batches_per_epoch * train_steps_per_trajectory(config)
     per_step = t.batch_size * t.gradient_accumulation_steps
     need(
@@ -845,13 +798,11 @@ def validate(config: RunConfig) -> None:
 
 
 def recomputes_old_log_probs(config: RunConfig) -> bool:
-    """Whether the old log-probs are re-scored in the training shapes (``train.old_log_probs``, ``auto`` resolved)."""
-    from ..policy.forward import FORWARD_ALGORITHMS
+    """Whether the old log-probs are re-scored in the training shapes (``train.old_log_probs``, ``auto`` resolved;
+    never for an estimator without log-probs)."""
+    from .estimators import estimator_for
 
-    if config.train.algorithm in FORWARD_ALGORITHMS:  # no log-probs at all
-        return False
-    mode = config.train.old_log_probs
-    return mode == "recompute" or (mode == "auto" and config.train.batch_size != config.sample.batch_size)
+    return estimator_for(config).recomputes_old_log_probs(config)
 
 
 def train_steps_per_trajectory(config: RunConfig) -> int:

@@ -65,3 +65,13 @@ def _mix(*values: int) -> int:
 def derive_seed(*values: int) -> int:
     """A seed for one stream of the run (e.g. sampling noise of epoch e, batch b, process p)."""
     return _mix(*values)
+
+
+# The stream id (the second value given to derive_seed) of each random stream of training; 1 is the prompt draws
+# (draw_prompts), 4, 5 and 7 the held-out evaluation's (evaluation.py).
+SAMPLING_NOISE_STREAM = 2
+"""Sampling noise of training batches: ``(seed, 2, epoch, batch, process)``."""
+SHUFFLE_STREAM = 3
+"""The (trajectory, step) pairs of an inner epoch: ``(seed, 3, epoch, inner, process)``."""
+FORWARD_NOISE_STREAM = 6
+"""The forward-process estimators' re-noising: ``(seed, 6, epoch, inner, process)``."""

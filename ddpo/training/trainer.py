@@ -33,59 +33,36 @@ from rewards import RewardError, check_reward_output, get_reward
 
 from ..models import absent_components, add_lora, latent_size, load_code, load_model, lora_metadata, lora_state_dict
 from ..policy.advantages import build_advantage, clip_advantages
-from ..policy.flow import flow_grpo_kl_scale, flow_grpo_log_ratio_scale
-from ..policy.forward import (
-    FORWARD_ALGORITHMS,
-    add_noise,
-    alpha_bar,
-    awm_loss,
-    ema_update,
-    flow_add_noise,
-    flow_predictions,
-    flow_sigmas,
-    matching_target,
-    nft_loss,
-    old_policy_decay,
-    prediction_kl,
-    predictions,
-)
-from ..policy.losses import LOSSES, kl_to_reference, trajectory_weights
 from ..policy.pairs import training_pairs
 from ..policy.sampling import (
     AUTOCAST_DTYPES,
     CleanSamples,
     Trajectories,
-    autocast,
     check_schedule,
-    recompute_pairs,
     sample_clean,
     sample_trajectories,
     uses_cfg,
 )
-from ..policy.schedulers import StepOutput
 from . import checkpoint, rundir
 from .config import (
     ConfigError,
     RunConfig,
     build_config,
     model_options,
-    recomputes_old_log_probs,
     sampler_settings,
     to_dict,
     train_step_offset,
     train_steps_per_trajectory,
     train_window_steps,
 )
+from .estimators import Estimator, Policy, estimator_for
 from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
 from .killpoints import kill_point
 from .optim import get_optimizer_class, learning_rate_at, set_learning_rate
 from .progress import EpochProgress, describe_batch_sizes
-from .prompts import derive_seed, draw_prompts, load_prompts
+from .prompts import SAMPLING_NOISE_STREAM, SHUFFLE_STREAM, derive_seed, draw_prompts, load_prompts
 from .runlog import append_jsonl, check_epochs, keep_epochs, read_jsonl, reward_against_samples
 from .visualize import save_image_grid
-
-# Stream identifiers for derive_seed: each random stream of the run gets its own (4 and 5: held-out evaluation).
-SAMPLING_NOISE_STREAM, SHUFFLE_STREAM, FORWARD_NOISE_STREAM = 2, 3, 6
 
 TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
 
@@ -140,8 +117,8 @@ class Trainer:
             latent_channels=self.family.latent_channels(),
             schedule_kwargs=tuple(self.family.schedule_kwargs(s.num_steps, self.latent_size).items()),
         )
-        self.forward_process = t.algorithm in FORWARD_ALGORITHMS  # awm / nft: clean samples, no log-probs
-        if not self.forward_process:
+        estimator_class = estimator_for(c)
+        if estimator_class.uses_log_probs:  # awm / nft and the like take clean samples from any sampler
             check_schedule(self.scheduler, self.settings)
         device = acc.device
         pipe.vae.requires_grad_(False)
@@ -205,10 +182,19 @@ class Trainer:
         self.progress: EpochProgress | None = None
         self.samples_per_epoch = s.batch_size * s.num_batches_per_epoch * acc.num_processes
         self.steps_per_trajectory = train_steps_per_trajectory(c)
-        # The old policy of DiffusionNFT (and of AWM's proximal term): an EMA of the trained weights, updated once
-        # per epoch (saved in checkpoints).
-        uses_old = t.algorithm == "nft" or (t.algorithm == "awm" and t.awm_ema_kl > 0)
-        self.old_params = [p.detach().clone() for p in params] if uses_old else None
+        self.policy = Policy(
+            config=c,
+            family=self.family,
+            scheduler=self.scheduler,
+            settings=self.settings,
+            accelerator=acc,
+            model=self.unet,
+            params=params,
+            trainable_names=self.trainable_names,
+            reference=self.ref_unet,
+        )
+        # The run's estimator: its loss, its extra state (an old policy) and its per-epoch hooks.
+        self.estimator: Estimator = estimator_class(self.policy)
         if resume_checkpoint is not None:
             self._load_checkpoint(resume_checkpoint)
         self._write_run_files()
@@ -397,8 +383,7 @@ class Trainer:
         reward_info.update(self.reward.update(all_images, all_prompts))
         train_start = time.perf_counter()
         train_info = self.optimise(epoch, samples, weights)
-        if self.old_params is not None:
-            train_info["old_policy_decay"] = self.update_old_policy()
+        train_info.update(self.estimator.end_epoch(self.global_step))
         timings["training_seconds"] = time.perf_counter() - train_start
         metrics = {
             "epoch": epoch,
@@ -502,14 +487,11 @@ class Trainer:
         overlap = self.overlaps_scoring()
         sampling_start = time.perf_counter()
         self._phase("sampling")
-        # DiffusionNFT collects its samples with the old policy its implicit policies are built around, as the
-        # reference implementation does (train.nft_sample_policy=current: with the trained weights).
-        sampling_policy = self.old_policy_weights if self.samples_with_old_policy else contextlib.nullcontext
         for b in range(s.num_batches_per_epoch):
             prompts = draw_prompts(
                 self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
             )
-            with sampling_policy():
+            with self.estimator.sampling_weights():  # DiffusionNFT: its old policy
                 trajectories = self.sample(
                     unet,
                     prompts,
@@ -544,13 +526,13 @@ class Trainer:
         self, unet, prompts: list[str], seed: int, share_initial_noise: bool = False
     ) -> Trajectories | CleanSamples:
         """Trajectories of ``prompts`` with the run's sampler settings, the noise drawn from a generator seeded ``seed``
-        (``share_initial_noise``: one ``x_T`` per group of consecutive equal prompts, for training batches). The
-        forward-process estimators get :class:`~ddpo.policy.sampling.CleanSamples` from any sampler instead."""
+        (``share_initial_noise``: one ``x_T`` per group of consecutive equal prompts, for training batches). An
+        estimator without log-probs gets :class:`~ddpo.policy.sampling.CleanSamples` from any sampler instead."""
         device = self.accelerator.device
         embeds = self.family.encode(prompts, device, self.latent_size)
         settings = dataclasses.replace(self.settings, share_initial_noise=share_initial_noise)
         generator = torch.Generator(device=device).manual_seed(seed)
-        sample = sample_clean if self.forward_process else sample_trajectories
+        sample = sample_trajectories if self.estimator.uses_log_probs else sample_clean
         denoiser = self.family.bind(unet, settings.guidance_scale)
         return sample(
             denoiser, self.pipe.vae, self.scheduler, embeds, self.negative_embeds, prompts, generator, settings
@@ -589,17 +571,16 @@ class Trainer:
         return self.accelerator.gather(rewards), gather_object(prompts)
 
     def compute_weights(self, all_rewards: torch.Tensor, all_prompts: list[str]) -> torch.Tensor:
-        """Per-trajectory weights of this process's samples: advantages (DDPO) or RWR weights."""
+        """Per-trajectory weights of this process's samples: the estimator's weights of the clipped advantages
+        (the advantages themselves for DDPO, RWR's weights for RWR)."""
         t, acc = self.config.train, self.accelerator
         advantages = clip_advantages(self.advantage(all_rewards, all_prompts), t.adv_clip_max)
-        weights = trajectory_weights(t.algorithm, advantages, t.rwr_temperature, t.rwr_quantile)
+        weights = self.estimator.trajectory_weights(advantages)
         return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 
     def optimise(self, epoch: int, samples: Trajectories | CleanSamples, weights: torch.Tensor) -> dict[str, float]:
-        """Inner epochs over shuffled (trajectory, timestep) minibatches; returns the epoch's mean diagnostics.
-
-        The forward-process estimators re-noise each pair's clean sample at the pair's timestep with noise drawn, in
-        minibatch order, from the run's stream ``(seed, FORWARD_NOISE_STREAM, epoch, inner, process)``."""
+        """Inner epochs over shuffled (trajectory, timestep) minibatches of the estimator's loss; returns the epoch's
+        mean diagnostics."""
         t, acc = self.config.train, self.accelerator
         unet = self.unet
         unet.train()
@@ -608,31 +589,22 @@ class Trainer:
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
         history: dict[str, list[torch.Tensor]] = {}
         grad_norms: list[torch.Tensor] = []
-        extra: dict[str, torch.Tensor] = {}
         first_step_kl: list[torch.Tensor] = []
-        if recomputes_old_log_probs(self.config):
-            inner_pairs = [self.training_pairs(epoch, inner, num_samples) for inner in range(t.num_inner_epochs)]
-            recomputed = self.old_log_probs(samples, inner_pairs)
-            extra["old_log_prob_change_max"] = (recomputed - samples.log_probs).abs().max()
-            samples = dataclasses.replace(samples, log_probs=recomputed)
-            kill_point("old_log_probs")
+        samples, extra = self.estimator.prepare_epoch(
+            samples, lambda inner: self.training_pairs(epoch, inner, num_samples)
+        )
         self._phase("training")
         for inner in range(t.num_inner_epochs):
             pair_traj, pair_step = self.training_pairs(epoch, inner, num_samples)
-            noise = None
-            if self.forward_process:
-                seed = derive_seed(self.config.seed, FORWARD_NOISE_STREAM, epoch, inner, acc.process_index)
-                noise = torch.Generator().manual_seed(seed)
+            self.estimator.begin_inner_epoch(epoch, inner)
             for first in range(0, num_samples * k, t.batch_size):
                 i = pair_traj[first : first + t.batch_size]
                 j = pair_step[first : first + t.batch_size]
                 with acc.accumulate(unet):
-                    if self.forward_process:
-                        loss, info = self.forward_minibatch_loss(samples, weights, i, j, noise)
-                    else:
-                        loss, info = self.minibatch_loss(samples, weights, i, j)
-                        if not grad_norms:  # the epoch's first optimiser step: no update yet, so the ratio must be 1
-                            first_step_kl.append(info["approx_kl"].float())
+                    loss, info = self.estimator.loss(samples, weights, i, j)
+                    if not grad_norms and "approx_kl" in info:
+                        # the epoch's first optimiser step: no update yet, so a per-step ratio must be 1
+                        first_step_kl.append(info["approx_kl"].float())
                     acc.backward(loss)
                     kill_point("backward")
                     if acc.sync_gradients:
@@ -660,32 +632,6 @@ class Trainer:
         means.update({key: acc.reduce(value, reduction="max") for key, value in extra.items()})
         return {key: value.item() for key, value in means.items()}
 
-    @torch.no_grad()
-    def old_log_probs(
-        self, samples: Trajectories, inner_pairs: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
-        """The samples' log-probs ``[B, T]`` with every pair of every inner epoch (``inner_pairs[k]``: inner epoch
-        ``k``'s ``(pair_traj, pair_step)``, ``[P]`` each, in training order) re-scored by the current UNet in the
-        training call's exact minibatches (``train.batch_size`` pairs per call, train mode, same autocast): inner
-        epoch 0's minibatches, then each minibatch of a later inner epoch that holds pairs not re-scored yet (only
-        those are written; with ``timestep_fraction=1`` inner epoch 0 holds them all). Before the first optimiser step
-        training recomputes each pair in the same shapes from the same weights, so the PPO ratio is exactly 1 whatever
-        the kernels do with batch size, and later inner epochs compare with old log-probs of the same layout."""
-        size = self.config.train.batch_size
-        unet = self.accelerator.unwrap_model(self.unet)
-        log_probs = samples.log_probs.clone()
-        done = torch.zeros_like(log_probs, dtype=torch.bool)
-        for pair_traj, pair_step in inner_pairs:
-            for first in range(0, pair_traj.numel(), size):
-                i, j = pair_traj[first : first + size], pair_step[first : first + size]
-                new = ~done[i, j]
-                if not bool(new.any()):
-                    continue
-                log_prob = self.recompute(unet, samples, i, j).log_prob
-                log_probs[i[new], j[new]] = log_prob[new]
-                done[i, j] = True
-        return log_probs
-
     def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The shuffled (trajectory, step) pairs of inner epoch ``inner`` of ``epoch`` (see
         :func:`ddpo.policy.pairs.training_pairs`), from the run's shuffle stream: two ``[num_samples * k]`` long
@@ -698,139 +644,12 @@ class Trainer:
         return trajs.to(acc.device), (steps + train_step_offset(c)).to(acc.device)
 
     def minibatch_loss(
-        self, samples: Trajectories, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+        self, samples: Trajectories | CleanSamples, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of ``N`` (trajectory ``i``, step ``j``) pairs (``[N]`` each) in **one** UNet call, with diagnostics."""
-        t, scheduler_name = self.config.train, self.config.sample.scheduler
-        out = self.recompute(self.unet, samples, i, j)
-        log_prob, old_log_prob = out.log_prob, samples.log_probs[i, j]
-        if t.ratio_form == "flow_grpo":  # Flow-GRPO's log-ratio: the true one times a per-step factor
-            scale = flow_grpo_log_ratio_scale(scheduler_name, out.std)
-            log_prob, old_log_prob = log_prob * scale, old_log_prob * scale
-        loss, info = LOSSES[t.algorithm](log_prob, old_log_prob, weights[i], t.clip_range)
-        if t.kl_coef > 0:
-            kl = kl_to_reference(out.mean, self._reference_mean(samples, i, j), out.std)
-            if t.kl_form == "flow_grpo":  # Flow-GRPO's KL: the true one times a per-step factor
-                kl = kl * flow_grpo_kl_scale(self.scheduler, scheduler_name, samples.timesteps[j])
-            kl = kl.mean()
-            loss = loss + t.kl_coef * kl
-            info["kl"] = kl.detach()
-        info["loss"] = loss.detach()
-        return loss, info
-
-    def forward_minibatch_loss(
-        self,
-        samples: CleanSamples,
-        weights: torch.Tensor,
-        i: torch.Tensor,
-        j: torch.Tensor,
-        generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The forward-process loss (``awm`` or ``nft``) of ``N`` pairs (sample ``i``, sampler step ``j``, ``[N]`` each):
-        the clean latents re-noised at the step's timestep with noise from ``generator``, one UNet call (plus one
-        without gradient for the old policy or the KL reference)."""
-        t = self.config.train
-        x0 = samples.latents[i]
-        timesteps = samples.timesteps[j]
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
-        if self.family.flow_matching:  # x_t = (1 - sigma) x0 + sigma eps
-            abar = flow_sigmas(self.scheduler, timesteps)
-            x_t = flow_add_noise(x0, noise, abar)
-        else:  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
-            abar = alpha_bar(self.scheduler.alphas_cumprod, timesteps)
-            x_t = add_noise(x0, noise, abar)
-        embeds = samples.prompt_embeds[i]
-        needs_old = self.old_params is not None  # NFT, or AWM with its proximal term
-        if needs_old:  # before the policy's call: swapping weights after it would corrupt its graph
-            with torch.no_grad(), self.old_policy_weights():
-                x0_old, raw_old = self.denoise(self.unet, x_t, timesteps, embeds, abar)
-        x0_pred, raw = self.denoise(self.unet, x_t, timesteps, embeds, abar)
-        if t.algorithm == "awm":
-            target = matching_target(x0, noise, abar, self.prediction_space)
-            loss, info = awm_loss(raw, target, weights[i], raw_old if needs_old else None, t.awm_ema_kl)
-        else:
-            loss, info = nft_loss(x0_pred, x0_old, x0, weights[i], t.nft_beta, t.adv_clip_max)
-        if t.kl_coef > 0:
-            with torch.no_grad(), self.base_model() as base:
-                _, raw_ref = self.denoise(base, x_t, timesteps, embeds, abar)
-            kl = prediction_kl(raw, raw_ref).mean()
-            loss = loss + t.kl_coef * kl
-            info["kl"] = kl.detach()
-        info["loss"] = loss.detach()
-        return loss, info
-
-    @property
-    def prediction_space(self) -> str:
-        """The space of the model's pretraining loss (:func:`~ddpo.policy.forward.matching_target`): ``flow`` for a
-        flow-matching model, else the scheduler's ``prediction_type``."""
-        return "flow" if self.family.flow_matching else self.scheduler.config.prediction_type
-
-    def denoise(
-        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds, abar: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0_hat, output)`` float32 of ``model`` at ``(x_t, t, c)`` (the conditional model, no CFG), under the
-        run's autocast: its ``x0`` prediction whatever the model's prediction type, and its raw output (the velocity
-        of a flow-matching model, else noise, v or x0 as the scheduler's ``prediction_type`` says; ``abar``:
-        ``alpha_bar_t``, or ``sigma`` for a flow-matching model)."""
-        denoiser = self.family.bind(model, self.settings.guidance_scale)
-        with autocast(x_t.device, self.config.mixed_precision):
-            output = denoiser(x_t, timesteps, embeds)
-        if self.family.flow_matching:
-            return flow_predictions(output, x_t, abar)[0], output.float()
-        return predictions(output, x_t, abar, self.scheduler.config.prediction_type)[0], output.float()
-
-    @contextlib.contextmanager
-    def old_policy_weights(self):
-        """Within the context the trained weights hold the old policy's (DiffusionNFT), restored on exit."""
-        with torch.no_grad():
-            current = [p.detach().clone() for p in self.params]
-            for param, old in zip(self.params, self.old_params, strict=True):
-                param.copy_(old)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for param, value in zip(self.params, current, strict=True):
-                    param.copy_(value)
-
-    @property
-    def samples_with_old_policy(self) -> bool:
-        """Whether training batches are sampled with the old policy's weights (DiffusionNFT, as its reference does)."""
-        t = self.config.train
-        return t.algorithm == "nft" and t.nft_sample_policy == "old"
-
-    def update_old_policy(self) -> float:
-        """DiffusionNFT's once-per-epoch update ``old = d * old + (1 - d) * current`` with ``d`` from the global step
-        (:func:`~ddpo.policy.forward.old_policy_decay`); returns ``d``."""
-        t = self.config.train
-        decay = old_policy_decay(self.global_step, t.old_policy_flat, t.old_policy_uprate, t.old_policy_uphold)
-        ema_update(self.old_params, self.params, decay)
-        return decay
-
-    def recompute(self, model, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> StepOutput:
-        """The policy step of ``model`` at stored pairs ``(i, j)``, exactly as sampled (same CFG, autocast, eta)."""
-        denoiser = self.family.bind(model, self.settings.guidance_scale)
-        return recompute_pairs(denoiser, self.scheduler, samples, i, j, self.settings)
-
-    @torch.no_grad()
-    def _reference_mean(self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Mean of the frozen base policy at the same pairs."""
-        with self.base_model() as base:
-            return self.recompute(base, samples, i, j).mean
-
-    @contextlib.contextmanager
-    def base_model(self):
-        """The frozen base model, the KL reference: with LoRA the UNet with its adapters off (restored on exit), for
-        full fine-tuning the frozen copy."""
-        if self.ref_unet is not None:
-            yield self.ref_unet
-            return
-        model = self.accelerator.unwrap_model(self.unet)
-        model.disable_adapters()
-        try:
-            yield model
-        finally:
-            model.enable_adapters()
+        """The estimator's loss of ``N`` (trajectory ``i``, step ``j``) pairs (``[N]`` each), with diagnostics, as a
+        training minibatch computes it (a forward-process estimator draws its noise from the current inner epoch's
+        stream: :meth:`Estimator.begin_inner_epoch`)."""
+        return self.estimator.loss(samples, weights, i, j)
 
     # ------------------------------------------------------------------ outputs
 
@@ -867,12 +686,6 @@ class Trainer:
         keep_epochs(self.run_dir / "metrics.jsonl", lambda e: e < start_epoch)
         keep_epochs(self.run_dir / "eval.jsonl", lambda e: e <= start_epoch)
 
-    def old_policy_state(self) -> dict[str, torch.Tensor] | None:
-        """The old policy's weights (DiffusionNFT, AWM with train.awm_ema_kl) by trainable-parameter name (``old_policy.<name>``), or None."""
-        if self.old_params is None:
-            return None
-        return {f"old_policy.{name}": p for name, p in zip(self.trainable_names, self.old_params, strict=True)}
-
     def trainable_state(self) -> dict[str, torch.Tensor]:
         unet = self.accelerator.unwrap_model(self.unet)
         named = dict(unet.named_parameters())
@@ -893,7 +706,7 @@ class Trainer:
                     self.trainable_state(),
                     self.optimizer.state_dict(),
                     self.reward.state_dict(),
-                    self.old_policy_state(),
+                    self.estimator.state_dict(),
                 )
                 kill_point("checkpoint_payload")
             checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
@@ -955,17 +768,7 @@ class Trainer:
             for name, value in data["trainable"].items():
                 named[name].copy_(value.to(named[name].device, named[name].dtype))
         self.optimizer.load_state_dict(data["optimizer"])
-        if self.old_params is not None:
-            old = data["extra"] or {}
-            missing = [name for name in self.trainable_names if f"old_policy.{name}" not in old]
-            if missing:
-                raise ValueError(
-                    f"{path} has no old-policy weights for {missing[:3]}; was it a run of train.algorithm=nft, or awm "
-                    "with train.awm_ema_kl > 0?"
-                )
-            with torch.no_grad():
-                for name, param in zip(self.trainable_names, self.old_params, strict=True):
-                    param.copy_(old[f"old_policy.{name}"].to(param.device, param.dtype))
+        self.estimator.load_state_dict(data["extra"], str(path))
         if self.tracker is not None:
             if state["tracker"] is None:
                 raise ValueError(f"{path} has no per-prompt tracker state but train.advantage is per_prompt")

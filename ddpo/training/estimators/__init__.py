@@ -1,0 +1,21 @@
+"""Estimators: what turns an epoch's samples and their weights into a loss (:mod:`.base`), one module per family
+(:mod:`.log_prob`: DDPO-IS/SF, RWR, sparse RWR; :mod:`.forward_process`: AWM, DiffusionNFT), and the registry from
+``train.algorithm`` to a class (:mod:`.registry`).
+
+The trainer imports this package (the interface and the registry), never a family's module.
+"""
+
+from __future__ import annotations
+
+from .base import Estimator, Policy
+from .registry import ESTIMATORS, estimator_for, register_estimator, unregister_estimator, validate_estimators
+
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "Policy",
+    "estimator_for",
+    "register_estimator",
+    "unregister_estimator",
+    "validate_estimators",
+]
