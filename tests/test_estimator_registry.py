@@ -30,6 +30,13 @@ class ToyWeightedDenoising(Estimator):
         self.minibatches = torch.zeros((), dtype=torch.int64)
         self.noise: torch.Generator | None = None
 
+    @classmethod
+    def validate(cls, config, chosen, need) -> None:
+        need(
+            chosen is not cls or config.train.kl_coef == 0,
+            f"train.algorithm={cls.name} has no KL term; set train.kl_coef=0",
+        )
+
     def begin_inner_epoch(self, epoch: int, inner: int) -> None:
         self.noise = torch.Generator().manual_seed(derive_seed(self.config.seed, TOY_NOISE_STREAM, epoch, inner))
 
@@ -101,3 +108,18 @@ def test_an_unregistered_estimator_is_refused_by_the_config(toy_estimator):
     unregister_estimator("toy")
     with pytest.raises(ConfigError, match="train.algorithm must be one of ddpo_is, .*; got 'toy'"):
         build_config(preset="tiny", overrides=["train.algorithm=toy"])
+
+
+def test_an_estimators_config_rules_apply_as_it_declares(toy_estimator):
+    """A combination rule of an estimator applies only when it is chosen (the toy refuses a KL term, DDPO-SF several
+    inner epochs); the value range of an estimator's own key is refused whichever estimator runs, so a config stays
+    valid when a grid switches ``train.algorithm``."""
+    assert build_config(preset="tiny", overrides=["train.kl_coef=0.1"]).train.kl_coef == 0.1
+    with pytest.raises(ConfigError, match="^train.algorithm=toy has no KL term; set train.kl_coef=0$"):
+        build_config(preset="tiny", overrides=["train.algorithm=toy", "train.kl_coef=0.1"])
+    assert build_config(preset="tiny", overrides=["train.num_inner_epochs=2"]).train.num_inner_epochs == 2
+    with pytest.raises(ConfigError, match="train.algorithm=ddpo_sf is only unbiased on-policy"):
+        build_config(preset="tiny", overrides=["train.algorithm=ddpo_sf", "train.num_inner_epochs=2"])
+    for algorithm in ("ddpo_is", "toy", "nft"):
+        with pytest.raises(ConfigError, match="^train.nft_beta must be > 0; got 0.0$"):
+            build_config(preset="tiny", overrides=[f"train.algorithm={algorithm}", "train.nft_beta=0"])

@@ -1,6 +1,7 @@
 """Training machinery: the run config (:mod:`.config`), the trainer that orchestrates an epoch (:mod:`.trainer`),
-checkpoints (:mod:`.checkpoint`), run logs (:mod:`.runlog`), prompt sets and random streams (:mod:`.prompts`),
-held-out evaluation (:mod:`.evaluation`) and image grids (:mod:`.visualize`).
+the estimators and their registry (:mod:`.estimators`), checkpoints (:mod:`.checkpoint`), run logs
+(:mod:`.runlog`), prompt sets and random streams (:mod:`.prompts`), held-out evaluation (:mod:`.evaluation`) and
+image grids (:mod:`.visualize`).
 
 It imports :mod:`ddpo.policy` and :mod:`ddpo.models`, never :mod:`ddpo.tools` or the CLI.
 """
