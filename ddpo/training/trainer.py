@@ -133,11 +133,11 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         if c.model.channels_last:
             unet.to(memory_format=torch.channels_last)
-        self.ref_unet = None
-        if t.kl_coef > 0 and not c.model.use_lora:  # full fine-tuning keeps a frozen copy as the KL reference
-            import copy
-
-            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device)
+        # The estimator's frozen copy of the base denoiser, if it keeps one (the KL reference of full fine-tuning),
+        # taken before anything trains or casts the denoiser.
+        self.ref_unet = estimator_class.frozen_reference(unet, c)
+        if self.ref_unet is not None:
+            self.ref_unet.to(device)
         autocast_dtype = AUTOCAST_DTYPES[c.mixed_precision]
         if autocast_dtype is not None and c.model.use_lora:
             # Frozen weights are only ever used under autocast, which casts them to this dtype anyway: storing them

@@ -125,6 +125,17 @@ class Estimator:
         """Whether the epoch's old log-probs are re-scored in the training shapes (log-prob estimators only)."""
         return False
 
+    @classmethod
+    def frozen_reference(cls, denoiser: torch.nn.Module, config: RunConfig) -> torch.nn.Module | None:
+        """A frozen copy of the base ``denoiser`` (before training), kept as :attr:`Policy.reference`, or None. The
+        default keeps one for the KL to the base model of full fine-tuning (``train.kl_coef > 0``,
+        ``model.use_lora=false``); with LoRA the denoiser with its adapters off is the base model, no copy needed."""
+        if config.train.kl_coef > 0 and not config.model.use_lora:
+            import copy
+
+            return copy.deepcopy(denoiser).requires_grad_(False)
+        return None
+
     # ------------------------------------------------------------------ sampling
 
     def sampling_weights(self) -> contextlib.AbstractContextManager:
