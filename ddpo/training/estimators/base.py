@@ -5,7 +5,8 @@ An estimator turns an epoch's samples and their per-trajectory weights into a lo
 evaluates and checkpoints; it never asks which estimator it runs. Each estimator owns:
 
 * what it needs from sampling (:attr:`Estimator.uses_log_probs`): trajectories with per-step log-probs from a
-  log-prob sampler, or clean samples from any sampler (and which weights sample them, :meth:`Estimator.sampling_weights`);
+  log-prob sampler, or clean samples from any sampler (and which weights sample them,
+  :meth:`Estimator.sampling_weights`);
 * its part of the config validation (:meth:`Estimator.validate`);
 * the per-trajectory weights it takes (:meth:`Estimator.trajectory_weights`) and its minibatch loss
   (:meth:`Estimator.loss`);

@@ -138,14 +138,14 @@ class ForwardProcessEstimator(Estimator):
         self.noise = torch.Generator().manual_seed(seed)
 
     def renoise(self, x0: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, noise, abar)``: the clean latents ``x0`` ``[N, C, h, w]`` re-noised at ``timesteps`` ``[N]`` with
-        noise drawn from the inner epoch's generator; ``abar`` ``[N]`` is ``alpha_bar_t``, or ``sigma`` for a
-        flow-matching model."""
+        """``(x_t, noise, level)``: the clean latents ``x0`` ``[N, C, h, w]`` re-noised at ``timesteps`` ``[N]`` with
+        noise drawn from the inner epoch's generator; the noise ``level`` ``[N]`` is ``alpha_bar_t``, or ``sigma`` for
+        a flow-matching model."""
         scheduler = self.policy.scheduler
         noise = torch.randn(x0.shape, generator=self.noise, dtype=torch.float32).to(x0.device)
         if self.policy.family.flow_matching:  # x_t = (1 - sigma) x0 + sigma eps
-            abar = flow_sigmas(scheduler, timesteps)
-            return flow_add_noise(x0, noise, abar), noise, abar
+            sigma = flow_sigmas(scheduler, timesteps)
+            return flow_add_noise(x0, noise, sigma), noise, sigma
         abar = alpha_bar(scheduler.alphas_cumprod, timesteps)  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
         return add_noise(x0, noise, abar), noise, abar
 
@@ -156,19 +156,19 @@ class ForwardProcessEstimator(Estimator):
         return "flow" if self.policy.family.flow_matching else self.policy.scheduler.config.prediction_type
 
     def denoise(
-        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds, abar: torch.Tensor
+        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds, level: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0_hat, output)`` float32 ``[N, C, h, w]`` each, of ``model`` at ``(x_t, t, c)`` (the conditional model,
         no CFG), under the run's autocast: its ``x0`` prediction whatever the model's prediction type, and its raw
         output (the velocity of a flow-matching model, else noise, v or x0 as the scheduler's ``prediction_type``
-        says; ``abar`` ``[N]``: ``alpha_bar_t``, or ``sigma`` for a flow-matching model)."""
+        says; the noise ``level`` ``[N]``: ``alpha_bar_t``, or ``sigma`` for a flow-matching model)."""
         p = self.policy
         denoiser = p.family.bind(model, p.settings.guidance_scale)
         with autocast(x_t.device, self.config.mixed_precision):
             output = denoiser(x_t, timesteps, embeds)
         if p.family.flow_matching:
-            return flow_predictions(output, x_t, abar)[0], output.float()
-        return predictions(output, x_t, abar, p.scheduler.config.prediction_type)[0], output.float()
+            return flow_predictions(output, x_t, level)[0], output.float()
+        return predictions(output, x_t, level, p.scheduler.config.prediction_type)[0], output.float()
 
     def loss(
         self, samples: CleanSamples, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
@@ -178,17 +178,17 @@ class ForwardProcessEstimator(Estimator):
         t, model = self.config.train, self.policy.model
         x0 = samples.latents[i]
         timesteps = samples.timesteps[j]
-        x_t, noise, abar = self.renoise(x0, timesteps)
+        x_t, noise, level = self.renoise(x0, timesteps)
         embeds = samples.prompt_embeds[i]
         old = None
         if self.old_params is not None:  # before the policy's call: swapping weights after it would corrupt its graph
             with torch.no_grad(), self.old_policy_weights():
-                old = self.denoise(model, x_t, timesteps, embeds, abar)
-        x0_pred, raw = self.denoise(model, x_t, timesteps, embeds, abar)
-        loss, info = self.estimator_loss(x0, noise, abar, x0_pred, raw, old, weights[i])
+                old = self.denoise(model, x_t, timesteps, embeds, level)
+        x0_pred, raw = self.denoise(model, x_t, timesteps, embeds, level)
+        loss, info = self.estimator_loss(x0, noise, level, x0_pred, raw, old, weights[i])
         if t.kl_coef > 0:
             with torch.no_grad(), self.policy.base_model() as base:
-                _, raw_ref = self.denoise(base, x_t, timesteps, embeds, abar)
+                _, raw_ref = self.denoise(base, x_t, timesteps, embeds, level)
             kl = prediction_kl(raw, raw_ref).mean()
             loss = loss + t.kl_coef * kl
             info["kl"] = kl.detach()
@@ -199,15 +199,16 @@ class ForwardProcessEstimator(Estimator):
         self,
         x0: torch.Tensor,
         noise: torch.Tensor,
-        abar: torch.Tensor,
+        level: torch.Tensor,
         x0_pred: torch.Tensor,
         raw: torch.Tensor,
         old: tuple[torch.Tensor, torch.Tensor] | None,
         weights: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The family member's loss of ``N`` re-noised pairs: clean latents ``x0``, their ``noise`` (``[N, C, h, w]``),
-        ``abar`` ``[N]``, the policy's ``x0`` prediction and raw output (``[N, C, h, w]``, differentiable), the old
-        policy's ``(x0_hat, output)`` (no gradient) or None, and the pairs' weights ``[N]``."""
+        the noise ``level`` ``[N]`` (``alpha_bar_t`` or ``sigma``), the policy's ``x0`` prediction and raw output
+        (``[N, C, h, w]``, differentiable), the old policy's ``(x0_hat, output)`` (no gradient) or None, and the pairs'
+        weights ``[N]``."""
         raise NotImplementedError
 
 
@@ -231,8 +232,8 @@ class AdvantageWeightedMatching(ForwardProcessEstimator):
             "to 0 or use train.algorithm=awm",
         )
 
-    def estimator_loss(self, x0, noise, abar, x0_pred, raw, old, weights):
-        target = matching_target(x0, noise, abar, self.prediction_space)
+    def estimator_loss(self, x0, noise, level, x0_pred, raw, old, weights):
+        target = matching_target(x0, noise, level, self.prediction_space)
         return awm_loss(raw, target, weights, old[1] if old is not None else None, self.config.train.awm_ema_kl)
 
 
@@ -264,6 +265,6 @@ class DiffusionNFT(ForwardProcessEstimator):
     def sampling_weights(self) -> contextlib.AbstractContextManager:
         return self.old_policy_weights() if self.samples_with_old_policy else contextlib.nullcontext()
 
-    def estimator_loss(self, x0, noise, abar, x0_pred, raw, old, weights):
+    def estimator_loss(self, x0, noise, level, x0_pred, raw, old, weights):
         t = self.config.train
         return nft_loss(x0_pred, old[0], x0, weights, t.nft_beta, t.adv_clip_max)

@@ -55,8 +55,8 @@ class LogProbEstimator(Estimator):
         need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
         need(
             t.ratio_form == "gaussian" or cls.uses_ppo_ratio,
-            f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got {cls.name} "
-            "(use train.ratio_form=gaussian)",
+            f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got "
+            f"{cls.name} (use train.ratio_form=gaussian)",
         )
 
     @classmethod
