@@ -56,12 +56,13 @@ from .config import (
     train_window_steps,
 )
 from .estimators import Estimator, Policy, estimator_for
-from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list, paired_change
+from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list
 from .killpoints import kill_point
 from .optim import get_optimizer_class, learning_rate_at, set_learning_rate
 from .progress import EpochProgress, describe_batch_sizes
 from .prompts import SAMPLING_NOISE_STREAM, SHUFFLE_STREAM, derive_seed, draw_prompts, load_prompts
-from .runlog import append_jsonl, check_epochs, keep_epochs, read_jsonl, reward_against_samples
+from .reporting import log_image, run_summary, trackers
+from .runlog import append_jsonl, check_epochs, keep_epochs, read_jsonl
 from .visualize import save_image_grid
 
 TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
@@ -321,56 +322,12 @@ class Trainer:
             print(text, flush=True)
 
     def summary(self) -> str:
-        """A few lines for the end of a run: reward of the first and last epochs, where the outputs are."""
-        metrics = read_jsonl(self.run_dir / "metrics.jsonl")
-        lines = [f"ddpo: done after {len(metrics)} epochs; run directory {self.run_dir.resolve()}"]
-        if metrics:
-            first, last = metrics[0], metrics[-1]
-            lines.append(
-                f"  training batches, reward ({self.reward.name}): epoch {first['epoch']} {first['reward_mean']:.4g} "
-                f"(std {first['reward_std']:.3g}) -> epoch {last['epoch']} {last['reward_mean']:.4g} "
-                f"(std {last['reward_std']:.3g})"
-            )
-        evals = self.read_evals()
-        if len(evals) >= 2:
-            first, last = evals[0], evals[-1]
-            lines.append(
-                f"  held-out ({self.config.eval_prompts}, the same {first['samples']} prompts and noise each time): "
-                f"reward {first['reward_mean']:.4g} before epoch {first['epoch']} -> {last['reward_mean']:.4g} "
-                f"after epoch {last['epoch']}"
-            )
-            if (change := paired_change(first.get("rewards"), last.get("rewards"))) is not None:
-                mean, se = change
-                lines.append(
-                    f"    paired change {mean:+.4f} +- {se:.2g} (standard error over the {first['samples']} images; "
-                    "a change within about 2 standard errors is not distinguishable from noise)"
-                )
-            parts = [
-                f"{key.removeprefix('reward/')} {first[key]:.3g} -> {last[key]:.3g}"
-                for key in first
-                if key.startswith("reward/") and key.endswith("_mean") and key in last
-            ]
-            if parts:
-                lines.append("    " + ", ".join(parts))
-            seen = [r for r in reward_against_samples(metrics, evals) if r["heldout_reward"] is not None]
-            if seen:
-                lines.append(
-                    "    held-out reward against samples seen: "
-                    + ", ".join(f"{r['samples_seen']:,} -> {r['heldout_reward']:.4g}" for r in seen)
-                )
-            grids = sorted((self.run_dir / "samples").glob("eval_epoch_*.png"))
-            if grids:
-                lines.append(f"  held-out grids (same prompts and noise): {grids[0].resolve()} vs {grids[-1].name}")
-        lines.append(f"  image grids: {(self.run_dir / 'samples').resolve()}/epoch_*.png")
+        """A few lines for the end of a run (:func:`~ddpo.training.reporting.run_summary`)."""
         m = self.config.model
-        final = self.run_dir / "final"
-        lines.append(f"  weights:     {final.resolve()}; load them with their base model ({m.pretrained}):")
-        code = load_code(m.pretrained, final, m.use_lora, m.revision, self.family.name, absent_components(self.pipe))
-        lines += ["", *(f"    {line}" if line else "" for line in code.splitlines()), ""]
-        lines.append(
-            f"  or sample and compare: ddpo sample --run {self.run_dir} --prompt '...'; ddpo eval {self.run_dir}"
+        code = load_code(
+            m.pretrained, self.run_dir / "final", m.use_lora, m.revision, self.family.name, absent_components(self.pipe)
         )
-        return "\n".join(lines)
+        return run_summary(self.run_dir, self.config, self.reward.name, code)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch; returns (and logs) its metrics."""
@@ -671,14 +628,8 @@ class Trainer:
             self.log_image("samples", grid, epoch)
 
     def log_image(self, tag: str, image, step: int) -> None:
-        """An image grid (PIL) to every tracker that takes images (TensorBoard, wandb)."""
-        import numpy as np
-
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images({tag: np.asarray(image)[None]}, step=step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                tracker.log_images({tag: [image]}, step=step)
+        """An image grid (PIL) to every tracker that takes images (:func:`~ddpo.training.reporting.log_image`)."""
+        log_image(self.accelerator.trackers, tag, image, step)
 
     def _truncate_metrics(self, start_epoch: int) -> None:
         """Drop metrics of epochs a resumed run will redo (written after the checkpoint it resumes from), and
@@ -799,34 +750,6 @@ class Trainer:
                 checkpoint.replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
-
-
-def trackers(config: RunConfig, run_dir: Path) -> list:
-    """``log_with`` -> accelerate trackers: ``"tensorboard"`` and a wandb tracker (project ``ddpo``, named after the
-    run, its config attached), built only when asked; wandb is imported only then."""
-    names = [name.strip() for name in config.log_with.split(",")]
-    if names == ["none"]:
-        return []
-    out: list = []
-    for name in names:
-        if name == "tensorboard":
-            out.append("tensorboard")
-        elif name == "wandb":
-            try:
-                import wandb  # noqa: F401
-            except ImportError as err:
-                raise ConfigError(
-                    "log_with=wandb needs the wandb package: pip install 'ddpo[wandb]' (or pip install wandb), then "
-                    "`wandb login` (or WANDB_MODE=offline); or log_with=tensorboard"
-                ) from err
-            from accelerate.tracking import WandBTracker
-
-            out.append(WandBTracker("ddpo", name=run_dir.name, dir=str(run_dir), config=to_dict(config)))
-        else:
-            raise ConfigError(
-                f"log_with must be tensorboard, wandb, 'tensorboard,wandb' or none; got {config.log_with!r}"
-            )
-    return out
 
 
 def overlap_scoring(requested: bool, device: torch.device, io_bound: bool = False) -> bool:

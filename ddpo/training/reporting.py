@@ -1,0 +1,102 @@
+"""What a run reports outside its logs: the trackers it logs to (TensorBoard, wandb) and the summary printed at its end.
+
+(The per-prompt advantage statistics, :class:`~ddpo.policy.advantages.PerPromptStatTracker`, are another thing.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, to_dict
+from .evaluation import paired_change
+from .runlog import read_jsonl, reward_against_samples
+
+
+def trackers(config: RunConfig, run_dir: Path) -> list:
+    """``log_with`` -> accelerate trackers: ``"tensorboard"`` and a wandb tracker (project ``ddpo``, named after the
+    run, its config attached), built only when asked; wandb is imported only then."""
+    names = [name.strip() for name in config.log_with.split(",")]
+    if names == ["none"]:
+        return []
+    out: list = []
+    for name in names:
+        if name == "tensorboard":
+            out.append("tensorboard")
+        elif name == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError as err:
+                raise ConfigError(
+                    "log_with=wandb needs the wandb package: pip install 'ddpo[wandb]' (or pip install wandb), then "
+                    "`wandb login` (or WANDB_MODE=offline); or log_with=tensorboard"
+                ) from err
+            from accelerate.tracking import WandBTracker
+
+            out.append(WandBTracker("ddpo", name=run_dir.name, dir=str(run_dir), config=to_dict(config)))
+        else:
+            raise ConfigError(
+                f"log_with must be tensorboard, wandb, 'tensorboard,wandb' or none; got {config.log_with!r}"
+            )
+    return out
+
+
+def log_image(trackers: list[Any], tag: str, image, step: int) -> None:
+    """An image grid (PIL) to every accelerate tracker in ``trackers`` that takes images (TensorBoard, wandb)."""
+    import numpy as np
+
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: np.asarray(image)[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [image]}, step=step)
+
+
+def run_summary(run_dir: Path, config: RunConfig, reward_name: str, code: str) -> str:
+    """A few lines for the end of a run: reward of the first and last epochs and of the held-out evaluations, where
+    the outputs are, and ``code``, the Python that loads the final weights (:func:`ddpo.models.load_code`)."""
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    lines = [f"ddpo: done after {len(metrics)} epochs; run directory {run_dir.resolve()}"]
+    if metrics:
+        first, last = metrics[0], metrics[-1]
+        lines.append(
+            f"  training batches, reward ({reward_name}): epoch {first['epoch']} {first['reward_mean']:.4g} "
+            f"(std {first['reward_std']:.3g}) -> epoch {last['epoch']} {last['reward_mean']:.4g} "
+            f"(std {last['reward_std']:.3g})"
+        )
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        lines.append(
+            f"  held-out ({config.eval_prompts}, the same {first['samples']} prompts and noise each time): "
+            f"reward {first['reward_mean']:.4g} before epoch {first['epoch']} -> {last['reward_mean']:.4g} "
+            f"after epoch {last['epoch']}"
+        )
+        if (change := paired_change(first.get("rewards"), last.get("rewards"))) is not None:
+            mean, se = change
+            lines.append(
+                f"    paired change {mean:+.4f} +- {se:.2g} (standard error over the {first['samples']} images; "
+                "a change within about 2 standard errors is not distinguishable from noise)"
+            )
+        parts = [
+            f"{key.removeprefix('reward/')} {first[key]:.3g} -> {last[key]:.3g}"
+            for key in first
+            if key.startswith("reward/") and key.endswith("_mean") and key in last
+        ]
+        if parts:
+            lines.append("    " + ", ".join(parts))
+        seen = [r for r in reward_against_samples(metrics, evals) if r["heldout_reward"] is not None]
+        if seen:
+            lines.append(
+                "    held-out reward against samples seen: "
+                + ", ".join(f"{r['samples_seen']:,} -> {r['heldout_reward']:.4g}" for r in seen)
+            )
+        grids = sorted((run_dir / "samples").glob("eval_epoch_*.png"))
+        if grids:
+            lines.append(f"  held-out grids (same prompts and noise): {grids[0].resolve()} vs {grids[-1].name}")
+    lines.append(f"  image grids: {(run_dir / 'samples').resolve()}/epoch_*.png")
+    final = run_dir / "final"
+    lines.append(f"  weights:     {final.resolve()}; load them with their base model ({config.model.pretrained}):")
+    lines += ["", *(f"    {line}" if line else "" for line in code.splitlines()), ""]
+    lines.append(f"  or sample and compare: ddpo sample --run {run_dir} --prompt '...'; ddpo eval {run_dir}")
+    return "\n".join(lines)
