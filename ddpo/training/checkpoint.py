@@ -278,6 +278,31 @@ def load(path: Path, process_index: int = 0) -> dict[str, Any]:
     }
 
 
+def restore_trainable(path: Path, trainable: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's trained weights ``trainable`` into the model's trainable ``params`` (by name), after
+    checking that their names and shapes match; ``ValueError`` naming the checkpoint ``path`` otherwise."""
+    missing = sorted(set(params) - set(trainable))
+    unexpected = sorted(set(trainable) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: trained weights do not match the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); was the run's model or LoRA config changed?"
+        )
+    wrong = [
+        f"{name} {tuple(value.shape)} vs {tuple(params[name].shape)}"
+        for name, value in trainable.items()
+        if value.shape != params[name].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{path}: {len(wrong)} trained weights do not fit the model's shapes (checkpoint vs model: "
+            f"{'; '.join(wrong[:3])}); was model.lora_rank or the model changed? Resume with the run's own values"
+        )
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Atomically put the folder ``tmp`` at ``final`` (replacing an older ``final`` only once ``tmp`` is complete)."""
     if final.exists():

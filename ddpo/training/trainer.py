@@ -697,27 +697,8 @@ class Trainer:
                 f"{path} was written by {state['num_processes']} processes; resume with the same number "
                 f"(now {acc.num_processes}) so that the random streams match"
             )
-        missing = sorted(set(self.trainable_names) - set(data["trainable"]))
-        unexpected = sorted(set(data["trainable"]) - set(self.trainable_names))
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: trained weights do not match the model (missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}); was the run's model or LoRA config changed?"
-            )
         named = dict(acc.unwrap_model(self.unet).named_parameters())
-        wrong = [
-            f"{name} {tuple(value.shape)} vs {tuple(named[name].shape)}"
-            for name, value in data["trainable"].items()
-            if value.shape != named[name].shape
-        ]
-        if wrong:
-            raise ValueError(
-                f"{path}: {len(wrong)} trained weights do not fit the model's shapes (checkpoint vs model: "
-                f"{'; '.join(wrong[:3])}); was model.lora_rank or the model changed? Resume with the run's own values"
-            )
-        with torch.no_grad():
-            for name, value in data["trainable"].items():
-                named[name].copy_(value.to(named[name].device, named[name].dtype))
+        checkpoint.restore_trainable(path, data["trainable"], {name: named[name] for name in self.trainable_names})
         self.optimizer.load_state_dict(data["optimizer"])
         self.estimator.load_state_dict(data["extra"], str(path))
         if self.tracker is not None:
