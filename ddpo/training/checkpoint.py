@@ -177,10 +177,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(path: Path) -> None:
-    """Raise :class:`CheckpointError` naming the file unless every file of the checkpoint matches its manifest
-    (size and SHA-256). The manifest is written last, so a checkpoint without one (or without ``state.json``) is
-    damaged: an unfinished copy, or a file deleted since."""
+def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The checkpoint ``path``'s manifest: ``{file name: {"bytes", "sha256"}}``. :class:`CheckpointError` when it is
+    missing (the manifest is written last: the checkpoint is damaged), unreadable, or an entry is not a file of the
+    checkpoint with its size and checksum."""
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise CheckpointError(f"{path.name}: {MANIFEST} is missing (a complete checkpoint always has one: damaged)")
@@ -190,24 +190,39 @@ def verify(path: Path) -> None:
             raise TypeError(f"'files' is a {type(files).__name__}, not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path.name}: {MANIFEST} is unreadable ({err})") from err
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"{path.name}: state.json is missing")
     for name, expected in files.items():
         if not _plain_entry(name, expected):
             raise CheckpointError(
                 f"{path.name}: {MANIFEST} is unreadable (its entry {str(name)[:80]!r} is not a file "
                 "of the checkpoint with bytes and sha256)"
             )
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path.name}: {name} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(
-                f"{path.name}: {name} has {size} bytes, the manifest says {expected['bytes']} (truncated?)"
-            )
-        if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{path.name}: {name} does not match its SHA-256 checksum (corrupted)")
+    return files
+
+
+def verify_file(path: Path, name: str, expected: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint ``path``'s file ``name`` exists and matches its manifest
+    entry ``expected`` (size, then SHA-256)."""
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{path.name}: {name} is missing")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(
+            f"{path.name}: {name} has {size} bytes, the manifest says {expected['bytes']} (truncated?)"
+        )
+    if _sha256(file) != expected["sha256"]:
+        raise CheckpointError(f"{path.name}: {name} does not match its SHA-256 checksum (corrupted)")
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the file unless every file of the checkpoint matches its manifest
+    (size and SHA-256). The manifest is written last, so a checkpoint without one (or without ``state.json``) is
+    damaged: an unfinished copy, or a file deleted since."""
+    files = read_manifest(path)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{path.name}: state.json is missing")
+    for name, expected in files.items():
+        verify_file(path, name, expected)
 
 
 def _plain_entry(name: Any, expected: Any) -> bool:
@@ -325,16 +340,11 @@ def final_reward_state(run_dir: Path, epochs: int) -> dict[str, Any] | None:
     path = Path(run_dir) / "checkpoints" / f"{PREFIX}{epochs:06d}"
     if not path.is_dir():
         raise CheckpointError(f"{path} is missing (the checkpoint written with final/)")
-    try:
-        files = read_json(path / MANIFEST)["files"]
-        expected = files.get("reward.pt")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{path.name}: {MANIFEST} is missing or unreadable ({err})") from err
+    expected = read_manifest(path).get("reward.pt")
     if expected is None:
         return None
+    verify_file(path, "reward.pt", expected)
     file = path / "reward.pt"
-    if not file.is_file() or file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
-        raise CheckpointError(f"{path.name}: reward.pt is missing or does not match its manifest (damaged)")
     try:
         return torch.load(file, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises its own types
