@@ -107,6 +107,9 @@ class Estimator:
     uses_log_probs: ClassVar[bool] = False
     """What it needs from sampling: True for trajectories with per-step log-probs (a sampler of
     :data:`~ddpo.policy.schedulers.STEP_FUNCTIONS`), False for clean samples from any sampler."""
+    uses_ppo_ratio: ClassVar[bool] = False
+    """Whether the loss clips a PPO ratio (then ``train.ratio_form`` may change it; :meth:`validate` refuses
+    ``train.ratio_form=flow_grpo`` for every other estimator)."""
 
     def __init__(self, policy: Policy):
         self.policy = policy
@@ -120,6 +123,11 @@ class Estimator:
         ``chosen``: the run's estimator class. The rules of a combination (its sampler, inner epochs, ...) apply only
         when ``chosen is cls``; the value ranges of its own keys are checked either way, so that a config stays valid
         when an ablation grid switches its ``train.algorithm``."""
+        need(
+            chosen is not cls or config.train.ratio_form == "gaussian" or cls.uses_ppo_ratio,
+            f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got "
+            f"{cls.name} (use train.ratio_form=gaussian)",
+        )
 
     @classmethod
     def recomputes_old_log_probs(cls, config: RunConfig) -> bool:

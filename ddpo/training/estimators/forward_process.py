@@ -73,11 +73,7 @@ class ForwardProcessEstimator(Estimator):
                 f"train.kl_form=flow_grpo is the KL of a log-prob step; train.algorithm={cls.name} has its own KL in "
                 "the model's prediction space (use train.kl_form=gaussian)",
             )
-            need(
-                t.ratio_form == "gaussian",
-                f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got "
-                f"{cls.name} (use train.ratio_form=gaussian)",
-            )
+            super().validate(config, chosen, need)  # train.ratio_form
         need(t.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0; got {t.old_policy_flat}")
         need(t.old_policy_uprate >= 0, f"train.old_policy_uprate must be >= 0; got {t.old_policy_uprate}")
         need(0 <= t.old_policy_uphold < 1, f"train.old_policy_uphold must be in [0, 1); got {t.old_policy_uphold}")

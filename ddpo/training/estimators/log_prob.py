@@ -38,14 +38,12 @@ class LogProbEstimator(Estimator):
     uses_log_probs = True
     loss_function: ClassVar[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]]
     """``(log_prob [N], old_log_prob [N], weights [N], clip_range) -> (loss, info)`` of :mod:`ddpo.policy.losses`."""
-    uses_ppo_ratio: ClassVar[bool] = False
-    """Whether the loss clips a PPO ratio (then ``train.ratio_form`` may change it)."""
 
     @classmethod
     def validate(cls, config, chosen: type[Estimator], need: Need) -> None:
         if chosen is not cls:
             return
-        s, t = config.sample, config.train
+        s = config.sample
         need(
             s.scheduler in STEP_FUNCTIONS,
             f"train.algorithm={cls.name} needs a sampler with per-step log-probabilities: sample.scheduler must be "
@@ -53,11 +51,7 @@ class LogProbEstimator(Estimator):
             "forward-process estimators train.algorithm=awm|nft take any sampler",
         )
         need(s.eta > 0, f"sample.eta must be > 0 (eta = 0 is deterministic and has no log-probability); got {s.eta}")
-        need(
-            t.ratio_form == "gaussian" or cls.uses_ppo_ratio,
-            f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got "
-            f"{cls.name} (use train.ratio_form=gaussian)",
-        )
+        super().validate(config, chosen, need)  # train.ratio_form
 
     @classmethod
     def recomputes_old_log_probs(cls, config) -> bool:
