@@ -303,8 +303,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = sample.read_run_config(args.runs[-1]) if args.runs else None
     out = Path(args.out) if args.out else (Path(args.runs[-1]) / "eval" if args.runs else Path("ddpo-eval"))
     _check_sampling_arguments(args, config.get("sample", {}) if config else _preset_sampler(args.model), out)
-    if args.count is not None and args.count < 1:
-        raise ValueError(f"--count must be at least 1; got {args.count}")
+    sample.check_count(args.count)  # before the reward loads
     if args.pass_at:
         sample.pass_at_seeds(args.pass_at, args.seeds)  # checks k and --seeds before the reward and models load
     reward = _eval_reward(args, config)

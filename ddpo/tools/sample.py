@@ -27,6 +27,7 @@ import torch
 from ..models import load_pipeline, resolve_family
 from ..models.family import LOAD_OPTIONS
 from ..models.schedulers import SCHEDULERS, build_scheduler, is_known_scheduler
+from ..training import rundir
 from ..training.config import SampleConfig, eta_problem, guidance_problem
 from ..training.evaluation import clustered_change, eval_prompt_list, image_noise_seed, mean_and_se, pass_at_k
 from ..training.prompts import load_prompts
@@ -38,6 +39,7 @@ __all__ = [
     "Model",
     "PassAtK",
     "SamplerOptions",
+    "check_count",
     "evaluate",
     "load_model",
     "noise_seeds",
@@ -96,9 +98,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{run} is not a run directory: it has no config.yaml (give the folder ddpo train wrote)"
         )
-    from ..training.rundir import read_run_config as read_config  # bounded; one line for bad YAML or an empty file
-
-    return read_config(run)
+    return rundir.read_run_config(run)  # bounded; one line for bad YAML or an empty file
 
 
 def load_model(model: str | None = None, run: str | Path | None = None, scheduler: str = "ddim") -> Model:
@@ -172,9 +172,14 @@ def resolve_prompts(
             "no prompts: give --prompt TEXT (repeatable) or --prompts SET_OR_FILE (`ddpo prompts` lists sets)"
         )
     prompts = load_prompts(name)
+    check_count(count)
+    return eval_prompt_list(prompts, count or len(prompts))
+
+
+def check_count(count: int | None) -> None:
+    """Raise ValueError for a ``--count`` below 1 (None: not given)."""
     if count is not None and count < 1:
         raise ValueError(f"--count must be at least 1; got {count}")
-    return eval_prompt_list(prompts, count or len(prompts))
 
 
 def sample_images(pipe, prompts: list[str], seeds: list[int], options: SamplerOptions) -> torch.Tensor:
@@ -259,7 +264,7 @@ def check_output_dir(out: str | Path, flag: str = "--out") -> None:
             where = "is a file" if parent == out else f"would be under {parent}, which is a file"
             raise ValueError(f"{flag} {out} {where}, not a folder; choose another output folder")
         try:
-            os.rmdir(tempfile.mkdtemp(prefix=".ddpo-write-test-", dir=parent))
+            os.rmdir(tempfile.mkdtemp(prefix=rundir.PROBE_PREFIX, dir=parent))
         except OSError as err:
             raise ValueError(f"cannot write {flag} {out} ({err.strerror or err}); choose a writable folder") from None
         return

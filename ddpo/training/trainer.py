@@ -815,7 +815,7 @@ def check_run_dir(run_dir: Path) -> None:
                     "choose another output_dir / run_name"
                 )
             break
-    probe = run_dir / f".ddpo-write-test-{os.getpid()}"
+    probe = run_dir / f"{rundir.PROBE_PREFIX}{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
