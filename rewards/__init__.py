@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (register rewards)
     aesthetic,
     clip_score,
     compression,
+    diversity,
     discriminator,
     preference,
     remote,
