@@ -144,6 +144,9 @@ class AestheticReward(Reward):
 
     name = "aesthetic"
 
+    #: Tensor-op preprocessing, frozen backbone and head (eval mode, ``requires_grad=False``), no ``no_grad``.
+    differentiable = True
+
     def __init__(
         self,
         clip_model: str = "ViT-L-14",

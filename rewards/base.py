@@ -13,7 +13,8 @@ Plain functions with that signature are rewards. Classes derived from :class:`Re
 
 * report per-component statistics of the last call (``last_info``), logged to ``metrics.jsonl``,
 * learn online (``update``, called once per epoch with the fresh samples, e.g. a discriminator),
-* carry state that must survive a checkpoint (``state_dict`` / ``load_state_dict``).
+* carry state that must survive a checkpoint (``state_dict`` / ``load_state_dict``),
+* declare themselves ``differentiable`` (see :attr:`Reward.differentiable`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class Reward:
     #: Name used in logs; set by the registry when built through :func:`get_reward`.
     name: str = "reward"
 
+    #: Whether the reward is a differentiable function of the pixels that may be called with gradients: no
+    #: ``no_grad`` and nothing that cuts the graph (``detach``, NumPy, PIL) between ``images`` and the returned
+    #: values, and no gradient ever reaching the reward's own weights (frozen, ``requires_grad=False``, or used
+    #: detached). Such a reward follows torch's ambient grad mode: under ``torch.no_grad()`` (how the trainer scores
+    #: for policy gradients) it builds no graph; under ``torch.enable_grad()`` with ``images.requires_grad`` the
+    #: returned values carry a gradient to the pixels (direct reward backpropagation: DRaFT, AlignProp). The values
+    #: are the same bit for bit in both modes. Default False: a reward is differentiable only if it says so.
+    differentiable: bool = False
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -67,6 +77,12 @@ class Reward:
             raise ValueError(f"reward {self.name!r} is stateless but the checkpoint holds state keys {sorted(state)}")
 
 
+def is_differentiable(reward: Any) -> bool:
+    """Whether ``reward`` (a :class:`Reward` or any reward callable) declares ``differentiable = True``; a reward
+    that says nothing (or anything but ``True``) is not differentiable."""
+    return getattr(reward, "differentiable", False) is True
+
+
 def accepts_metadata(fn: Callable) -> bool:
     """Whether ``fn`` takes a ``metadata`` keyword argument (or ``**kwargs``)."""
     try:
@@ -83,6 +99,9 @@ class FunctionReward(Reward):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "reward")
         self._takes_metadata = accepts_metadata(fn)
+        # A plain function is not differentiable unless it declares it (``fn.differentiable = True``, or
+        # ``@reward_function(differentiable=True)``).
+        self.differentiable = is_differentiable(fn)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         if metadata is not None and self._takes_metadata:
@@ -108,11 +127,20 @@ def register(name: str) -> Callable:
     return wrap
 
 
-def reward_function(fn: Callable) -> Callable:
+def reward_function(fn: Callable | None = None, *, differentiable: bool = False) -> Callable:
     """Decorator: declare ``fn(images, prompts) -> float32 Tensor[B]`` a reward, so that it may be given by import
-    path (``reward.name: my_pkg.my_module:fn``). It takes no options."""
-    fn.__ddpo_reward__ = "function"
-    return fn
+    path (``reward.name: my_pkg.my_module:fn``). It takes no options.
+
+    ``@reward_function(differentiable=True)`` also declares it differentiable (:attr:`Reward.differentiable`): the
+    author promises that gradients reach the pixels and that the function follows the ambient grad mode."""
+
+    def wrap(fn: Callable) -> Callable:
+        fn.__ddpo_reward__ = "function"
+        if differentiable:
+            fn.differentiable = True
+        return fn
+
+    return wrap if fn is None else wrap(fn)
 
 
 def reward_factory(fn: Callable) -> Callable:
@@ -132,6 +160,24 @@ HOW_TO_DECLARE = (
 def available() -> list[str]:
     """Names of the registered rewards, sorted."""
     return sorted(_REGISTRY)
+
+
+def differentiability(name: str) -> str:
+    """How the registered reward ``name`` declares :attr:`Reward.differentiable`, for ``ddpo rewards``: ``"yes"``,
+    ``"no"``, or the condition under which it is (a factory's ``differentiable_when``, e.g. ``weighted``)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}")
+    factory = _REGISTRY[name]
+    condition = getattr(factory, "differentiable_when", None)
+    if isinstance(condition, str) and condition:
+        return condition
+    return "yes" if is_differentiable(factory) else "no"
+
+
+def listing() -> list[tuple[str, str]]:
+    """``[(name, differentiable), ...]`` for every registered reward, sorted by name: the table of ``ddpo rewards``
+    (``differentiable`` as :func:`differentiability` words it)."""
+    return [(name, differentiability(name)) for name in available()]
 
 
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")

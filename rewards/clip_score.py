@@ -35,6 +35,10 @@ class ClipScoreReward(Reward):
 
     name = "clip_score"
 
+    #: The image path has no ``no_grad`` (frozen weights, tensor-op preprocessing); the text embeddings are constants
+    #: (computed under ``no_grad`` and cached), as they do not depend on the pixels.
+    differentiable = True
+
     def __init__(
         self,
         model: str = "ViT-B-32",

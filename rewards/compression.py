@@ -30,6 +30,9 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 class JpegCompressibility(Reward):
     """Reward = minus the JPEG size in kB (smaller files score higher). Not differentiable (JPEG is discrete)."""
 
+    #: 8-bit quantisation and a PIL encoder on the CPU: piecewise constant in the pixels, no graph.
+    differentiable = False
+
     def __init__(self, quality: int = 95):
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"jpeg quality must be in [1, 100]; got {quality}")

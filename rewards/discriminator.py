@@ -133,6 +133,11 @@ class DiscriminatorReward(Reward):
 
     name = "discriminator"
 
+    #: Scoring is the current discriminator applied to the pixels (differentiable resize, convolutions, LeakyReLU)
+    #: with its weights used detached (:meth:`logits`), so a gradient reaches the pixels and never the weights. It is
+    #: the gradient of *this epoch's* discriminator: :meth:`update` moves it every epoch (a GAN generator's gradient).
+    differentiable = True
+
     def __init__(
         self,
         reference_dir: str | None = None,

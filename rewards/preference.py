@@ -51,6 +51,9 @@ class PickScoreReward(Reward):
 
     name = "pickscore"
 
+    #: Frozen weights, tensor-op preprocessing, no ``no_grad`` on the image path (the text side is a constant).
+    differentiable = True
+
     def __init__(
         self,
         model: str = PICKSCORE_MODEL,
@@ -134,6 +137,9 @@ class HPSv2Reward(Reward):
     """
 
     name = "hpsv2"
+
+    #: Frozen weights, tensor-op preprocessing, no ``no_grad`` on the image path (the text side is a constant).
+    differentiable = True
 
     def __init__(
         self, checkpoint: str | None = None, model: str = "ViT-H-14", device: str | None = None, dtype: str = "float32"

@@ -165,6 +165,9 @@ class RemoteReward(Reward):
     io_bound = True
     """Scoring waits on the network: the trainer overlaps it with sampling even on a CPU."""
 
+    #: The pixels are serialised and sent over HTTP: no gradient comes back, whatever the served reward is.
+    differentiable = False
+
     def __init__(
         self,
         url: str,

@@ -65,6 +65,9 @@ class Brightness(Reward):
 
     name = "brightness"
 
+    #: Plain tensor ops on the pixels, nothing detached: a gradient reaches every pixel the value depends on.
+    differentiable = True
+
     def __init__(self, target: float | None = None):
         if target is not None and not 0.0 <= float(target) <= 1.0:
             raise ValueError(f"brightness target must lie in [0, 1]; got {target}")
@@ -84,6 +87,9 @@ class Contrast(Reward):
 
     name = "contrast"
 
+    #: Plain tensor ops on the pixels, nothing detached: a gradient reaches every pixel the value depends on.
+    differentiable = True
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images)
         return luma(images.float()).flatten(1).std(dim=1, unbiased=False)
@@ -94,6 +100,9 @@ class Saturation(Reward):
     """Mean HSV saturation ``(max - min) / max`` over the pixels (``0`` grey .. ``1`` pure colours)."""
 
     name = "saturation"
+
+    #: Plain tensor ops on the pixels, nothing detached: a gradient reaches every pixel the value depends on.
+    differentiable = True
 
     def __init__(self, eps: float = 1e-6):
         self.eps = float(eps)
@@ -117,6 +126,9 @@ class Colorfulness(Reward):
 
     name = "colorfulness"
 
+    #: Plain tensor ops on the pixels, nothing detached: a gradient reaches every pixel the value depends on.
+    differentiable = True
+
     def __init__(self, eps: float = 1e-8):
         self.eps = float(eps)
 
@@ -139,6 +151,9 @@ class TargetColor(Reward):
     """
 
     name = "target_color"
+
+    #: Plain tensor ops on the pixels, nothing detached: a gradient reaches every pixel the value depends on.
+    differentiable = True
 
     def __init__(self, color: str | Sequence[float] = "red"):
         self.color = parse_color(color)

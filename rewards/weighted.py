@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 
-from .base import Reward, accepts_metadata, check_images, check_reward_output, get_reward, register
+from .base import (
+    Reward,
+    accepts_metadata,
+    check_images,
+    check_reward_output,
+    get_reward,
+    is_differentiable,
+    register,
+)
 
 
 def _parse_component(name: str, spec: Any) -> tuple[float, dict[str, Any]]:
@@ -46,10 +54,16 @@ class WeightedReward(Reward):
     shape or dtype stops the run naming the component and the bad sample indices. :meth:`last_info` returns
     ``{"reward/<name>_mean": float}`` for every component of the last call (plus the components' own info).
     :meth:`update`, :meth:`state_dict` and :meth:`load_state_dict` are forwarded to the components (state keyed by
-    component name).
+    component name). The sum is :attr:`~rewards.Reward.differentiable` when every component is, and its gradient is
+    then the weighted sum of the components' gradients.
     """
 
     name = "weighted"
+
+    #: Per instance: differentiable when every component is (set in ``__init__``; the class says False).
+    differentiable = False
+    #: How ``ddpo rewards`` words the condition (:func:`rewards.differentiability`).
+    differentiable_when = "if all its components are"
 
     def __init__(self, components: Mapping[str, Any]):
         if not isinstance(components, Mapping) or not components:
@@ -62,6 +76,9 @@ class WeightedReward(Reward):
             weight, options = _parse_component(name, spec)
             self.weights[name] = weight
             self.components[name] = get_reward(name, **options)
+        # The sum is a tensor op on the components' values (nothing detached but the logged means), so the whole is
+        # differentiable exactly when every part is; one non-differentiable part makes the sum's gradient wrong.
+        self.differentiable = all(is_differentiable(reward) for reward in self.components.values())
         self._last: dict[str, torch.Tensor] = {}
         self._last_component_info: dict[str, float] = {}
 

@@ -168,6 +168,9 @@ class WorldReward(Reward):
         checks: the checks the reward is the fraction of (default: all four); every check is still reported.
     """
 
+    #: Thresholded pixel counts and connected components on the CPU, under ``no_grad``: piecewise constant.
+    differentiable = False
+
     def __init__(
         self,
         tolerance: float = 0.3,
