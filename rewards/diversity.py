@@ -46,6 +46,7 @@ class ClipDiversityReward(Reward):
     """
 
     name = "clip_diversity"
+    differentiable = False  # a guard, scored without gradients; each value depends on the other images of the call
 
     def __init__(
         self,

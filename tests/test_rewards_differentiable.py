@@ -48,6 +48,7 @@ DIRECTIONS = 3
 EXPECTED = {
     "aesthetic": "yes",  # tensor-op preprocessing, frozen CLIP + head
     "brightness": "yes",
+    "clip_diversity": "no",  # a set measure (each image against the others of its group), scored under no_grad
     "clip_score": "yes",  # image path with gradients; the text embeddings are constants
     "colorfulness": "yes",
     "contrast": "yes",
