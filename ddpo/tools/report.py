@@ -1,8 +1,8 @@
 """Load runs and ablations and plot them: reward curves, diagnostics, sample grids, before/after samples.
 
-The notebooks in ``notebooks/`` and ``ddpo report`` call these functions (``from ddpo import report`` is this module), so both show the same figures::
+The notebooks in ``notebooks/`` and ``ddpo report`` call these functions, so both show the same figures::
 
-    from ddpo import report
+    from ddpo.tools import report
 
     run = report.load_run("runs/my-run")
     report.plot_rewards(run)                 # reward vs reward queries (matplotlib Figure)
