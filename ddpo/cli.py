@@ -285,7 +285,7 @@ the sampler of the preset of the same name for them."""
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .tools import sample
+    from .tools import paired_eval, pass_at, sample
 
     if len(args.runs) > 2:
         raise ValueError("ddpo eval: give one run (base vs run) or two runs (run vs run)")
@@ -305,7 +305,7 @@ def _eval(args: argparse.Namespace) -> int:
     _check_sampling_arguments(args, config.get("sample", {}) if config else _preset_sampler(args.model), out)
     sample.check_count(args.count)  # before the reward loads
     if args.pass_at:
-        sample.pass_at_seeds(args.pass_at, args.seeds)  # checks k and --seeds before the reward and models load
+        pass_at.pass_at_seeds(args.pass_at, args.seeds)  # checks k and --seeds before the reward and models load
     reward = _eval_reward(args, config)
     if config is not None and not args.reward:  # the run's own reward, with the state it was trained to (if any)
         from .training.checkpoint import restore_final_reward
@@ -323,7 +323,7 @@ def _eval(args: argparse.Namespace) -> int:
     # pass@k is over the whole prompt set unless --count says otherwise; the paired evaluation draws 64 by default.
     count = args.count if args.count is not None else (None if args.pass_at else 64)
     prompts = sample.resolve_prompts(args.prompt, args.prompts, count, default_set)
-    seeds = sample.pass_at_seeds(args.pass_at, args.seeds) if args.pass_at else (args.seeds or [0])
+    seeds = pass_at.pass_at_seeds(args.pass_at, args.seeds) if args.pass_at else (args.seeds or [0])
     if args.model:
         models = [sample.load_model(model=args.model)]
         models[0].sampler = _preset_sampler(args.model)
@@ -339,14 +339,14 @@ def _eval(args: argparse.Namespace) -> int:
         models = [before, after]
     options = _sampler_options(args, models[-1])
     if args.pass_at:
-        results = [sample.pass_at_k_eval(m, reward, prompts, seeds, args.pass_at, options) for m in models]
-        path = sample.write_pass_at_k(results, out)
-        print(sample.format_pass_at_k(results))
+        results = [pass_at.pass_at_k_eval(m, reward, prompts, seeds, args.pass_at, options) for m in models]
+        path = pass_at.write_pass_at_k(results, out)
+        print(pass_at.format_pass_at_k(results))
         print(f"  per-image checks: {path.with_suffix('.csv')}; tables: {path}")
         return 0
-    result = sample.evaluate(models[0], models[1], reward, prompts, seeds, options)
-    paths = sample.write_eval(result, out)
-    print(sample.format_summary(result.summary()))
+    result = paired_eval.evaluate(models[0], models[1], reward, prompts, seeds, options)
+    paths = paired_eval.write_eval(result, out)
+    print(paired_eval.format_summary(result.summary()))
     print(f"  per-image scores: {paths['scores']}; before/after grid: {paths['grid']}")
     return 0
 
