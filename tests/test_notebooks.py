@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from ddpo.ablate import parse_grid, run_grid, write_outputs
+from ddpo.tools.ablate import parse_grid, run_grid, write_outputs
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -8,14 +8,15 @@ on the model: two models sampled with the same prompts and seeds see the same ``
 ``ddpo sample`` seeds image ``i`` with its ``--seeds`` value itself (one ``x_T`` per seed, shared by the prompts of a
 grid column); ``ddpo eval`` gives every (prompt, seed) its own generator seed (:func:`noise_seeds`), because noise shared
 across prompts makes their scores correlated and the mean over prompts much noisier than its standard error says.
+
+This module loads models, draws images (:func:`sample_images`) and scores them (:func:`score`); ``ddpo eval``'s
+comparisons are built on it: base vs fine-tuned in :mod:`.paired_eval`, pass@k in :mod:`.pass_at`.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import inspect
-import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -29,26 +30,18 @@ from ..models.family import LOAD_OPTIONS
 from ..models.schedulers import SCHEDULERS, build_scheduler, is_known_scheduler
 from ..training import rundir
 from ..training.config import SampleConfig, eta_problem, guidance_problem
-from ..training.evaluation import clustered_change, eval_prompt_list, image_noise_seed, mean_and_se, pass_at_k
+from ..training.evaluation import eval_prompt_list, image_noise_seed
 from ..training.prompts import load_prompts
 from ..training.visualize import image_grid
 
 __all__ = [
-    "PASS_AT_SEED_BASE",
-    "EvalResult",
     "Model",
-    "PassAtK",
     "SamplerOptions",
     "check_count",
-    "evaluate",
     "load_model",
     "noise_seeds",
-    "pass_at_k_eval",
-    "pass_at_seeds",
     "resolve_prompts",
     "sample_images",
-    "write_eval",
-    "write_pass_at_k",
     "write_samples",
 ]
 
@@ -104,11 +97,9 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 def load_model(model: str | None = None, run: str | Path | None = None, scheduler: str = "ddim") -> Model:
     """The base model ``model`` (any ``model.pretrained`` value), or the result of the run ``run``: its base model
     (``model.pretrained``/``model.revision`` of its ``config.yaml``) with ``final/`` loaded as plain diffusers does."""
-    from .report import _quiet_loading
-
     if (model is None) == (run is None):
         raise ValueError("give either a base model (--model) or a run directory (--run), not both")
-    with _quiet_loading():
+    with quiet_loading():
         if model is not None:
             return Model(_load(model, None, scheduler), label=model)
         run = Path(run)
@@ -127,6 +118,28 @@ def load_model(model: str | None = None, run: str | Path | None = None, schedule
         else:
             pipe = _load(str(final), None, scheduler, family, options)
     return Model(pipe, label=str(run), run_config=config, sampler=dict(config.get("sample", {})))
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide diffusers' / transformers' loading progress bars and info warnings (e.g. "no LoRA keys for the text
+    encoder", expected for UNet-only LoRA) while loading pipelines: ``ddpo sample`` / ``eval`` and the report's
+    before/after samples."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
 
 
 def _load(pretrained: str, revision: str | None, scheduler: str, family: str = "auto", options: dict | None = None):
@@ -285,58 +298,6 @@ def write_samples(images: torch.Tensor, prompts: list[str], seeds: list[int], ou
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# ddpo eval
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalResult:
-    """Per-image scores of two models on the same (prompt, seed) pairs, and their paired comparison."""
-
-    labels: tuple[str, str]
-    prompts: list[str]
-    seeds: list[int]
-    """The ``--seeds`` value of each image."""
-    noise_seeds: list[int]
-    """The generator seed of each image (:func:`noise_seeds`)."""
-    before: list[float]
-    after: list[float]
-    components_before: dict[str, list[float]]
-    """Per-image values of each component of a ``weighted`` reward (empty otherwise)."""
-    components_after: dict[str, list[float]]
-    info_before: dict[str, float]
-    """Means of the reward's own per-batch scalars (``last_info()``), weighted by batch size."""
-    info_after: dict[str, float]
-    reward: str
-    images_before: torch.Tensor | None = None
-    images_after: torch.Tensor | None = None
-
-    def summary(self) -> dict[str, Any]:
-        n = len(self.before)
-        change = clustered_change(self.before, self.after, self.prompts)
-        mean_before, mean_after = sum(self.before) / n, sum(self.after) / n
-        out: dict[str, Any] = {
-            "before": self.labels[0],
-            "after": self.labels[1],
-            "reward": self.reward,
-            "images": n,
-            "mean_before": mean_before,
-            "mean_after": mean_after,
-            "change": change[0] if change else mean_after - mean_before,
-            "change_se": change[1] if change else None,
-            "prompts": len(set(self.prompts)),
-        }
-        for name in self.components_before:
-            values_b, values_a = self.components_before[name], self.components_after[name]
-            out[f"component/{name}"] = {"before": sum(values_b) / n, "after": sum(values_a) / n}
-        shown = {f"reward/{name}_mean" for name in self.components_before}  # already above, per image
-        for key in self.info_before:
-            if key in self.info_after and key not in shown:
-                out[f"info/{key}"] = {"before": self.info_before[key], "after": self.info_after[key]}
-        return out
-
-
 def score(reward, images: torch.Tensor, prompts: list[str], batch_size: int):
     """``(values, per-component values, mean of last_info)`` of ``images``, ``batch_size`` at a time."""
     from rewards import check_reward_output
@@ -358,211 +319,3 @@ def score(reward, images: torch.Tensor, prompts: list[str], batch_size: int):
         for key, value in info.items():
             info_sums[key] = info_sums.get(key, 0.0) + float(value) * len(chunk_prompts)
     return values, components, {key: total / len(prompts) for key, total in info_sums.items()}
-
-
-def evaluate(
-    before: Model, after: Model, reward, prompts: list[str], seeds: list[int], options: SamplerOptions
-) -> EvalResult:
-    """Sample every (prompt, seed) from both models with the same noise and score both with ``reward``. Each image has
-    its own noise (:func:`noise_seeds`); the two models see the same noise for the same image."""
-    image_prompts, image_seeds = expand(prompts, seeds)
-    generator_seeds = noise_seeds(image_prompts, image_seeds)
-    images_b = sample_images(before.pipe, image_prompts, generator_seeds, options)
-    images_a = sample_images(after.pipe, image_prompts, generator_seeds, options)
-    values_b, comp_b, info_b = score(reward, images_b, image_prompts, options.batch_size)
-    values_a, comp_a, info_a = score(reward, images_a, image_prompts, options.batch_size)
-    return EvalResult(
-        labels=(before.label, after.label),
-        prompts=image_prompts,
-        seeds=image_seeds,
-        noise_seeds=generator_seeds,
-        before=values_b,
-        after=values_a,
-        components_before=comp_b,
-        components_after=comp_a,
-        info_before=info_b,
-        info_after=info_a,
-        reward=reward.name,
-        images_before=images_b,
-        images_after=images_a,
-    )
-
-
-def write_eval(result: EvalResult, out: str | Path, grid_columns: int = 8) -> dict[str, Path]:
-    """``scores.csv`` (one row per image: prompt, seed, before, after, change, components), ``summary.json`` and
-    ``before_after.png`` (base row above fine-tuned row, the first ``grid_columns`` images, same noise per column)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(result.components_before)
-    with open(out / "scores.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        header = ["index", "prompt", "seed", "noise_seed", "before", "after", "change"]
-        header += [f"{name}_{which}" for name in names for which in ("before", "after")]
-        writer.writerow(header)
-        for i, (prompt, seed) in enumerate(zip(result.prompts, result.seeds)):
-            row = [i, prompt, seed, result.noise_seeds[i], f"{result.before[i]:.8g}", f"{result.after[i]:.8g}"]
-            row.append(f"{result.after[i] - result.before[i]:.8g}")
-            for name in names:
-                row += [f"{result.components_before[name][i]:.8g}", f"{result.components_after[name][i]:.8g}"]
-            writer.writerow(row)
-    (out / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-    paths = {"scores": out / "scores.csv", "summary": out / "summary.json"}
-    if result.images_before is not None and result.images_after is not None:
-        count = min(grid_columns, len(result.prompts))
-        pair = torch.cat([result.images_before[:count], result.images_after[:count]])
-        image_grid(pair, columns=count).save(out / "before_after.png")
-        paths["grid"] = out / "before_after.png"
-    return paths
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a few lines for the terminal."""
-    n = summary["images"]
-    lines = [
-        f"ddpo eval: {summary['reward']} on {n} images (same prompts and noise for both; each image its own noise)",
-        f"  before ({summary['before']}): {summary['mean_before']:.4f}",
-        f"  after  ({summary['after']}): {summary['mean_after']:.4f}",
-    ]
-    if summary["change_se"] is not None:
-        se = summary["change_se"]
-        z = summary["change"] / se if se > 0 else math.inf
-        lines.append(
-            f"  paired change {summary['change']:+.4f} +- {se:.2g} (standard error over {summary['prompts']} prompts; "
-            f"{abs(z):.1f} standard errors"
-            + ("; within 2 of zero: not distinguishable from noise)" if abs(z) < 2 else ")")
-        )
-    else:
-        lines.append(f"  change {summary['change']:+.4f} (one prompt: no standard error)")
-    for key, value in summary.items():
-        if key.startswith(("component/", "info/")):
-            lines.append(f"  {key.split('/', 1)[1]}: {value['before']:.4g} -> {value['after']:.4g}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ddpo eval --pass-at
-# ---------------------------------------------------------------------------------------------------------------------
-
-PASS_AT_SEED_BASE = 1000
-"""``ddpo eval --pass-at K ...`` draws sample ``j`` of every prompt from noise seed ``PASS_AT_SEED_BASE + j`` unless
-``--seeds`` is given: seeds that no preset, test or tuning run of the package uses (the trainer's evaluation draws its
-noise from the run's own streams, ``ddpo eval`` defaults to seed 0, and the all-prompt checks use seeds 10 and 11)."""
-
-
-def pass_at_seeds(ks: list[int], seeds: list[int] | None) -> list[int]:
-    """The noise seeds of a pass@k evaluation: ``seeds`` if given (at least ``max(ks)`` distinct ones), else
-    ``max(ks)`` seeds from :data:`PASS_AT_SEED_BASE`."""
-    if not ks or min(ks) < 1:
-        raise ValueError(f"--pass-at takes one or more k >= 1, e.g. --pass-at 1 4 16; got {ks}")
-    if seeds is None:
-        return list(range(PASS_AT_SEED_BASE, PASS_AT_SEED_BASE + max(ks)))
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct for --pass-at (each is one sample of every prompt); got {seeds}")
-    if len(seeds) < max(ks):
-        raise ValueError(
-            f"--pass-at {max(ks)} needs at least {max(ks)} samples per prompt, but --seeds gives {len(seeds)}: "
-            f"give {max(ks)} seeds or leave --seeds out ({max(ks)} seeds from {PASS_AT_SEED_BASE})"
-        )
-    return list(seeds)
-
-
-@dataclass
-class PassAtK:
-    """pass@k of one model over ``prompts`` (distinct), each sampled once per seed.
-
-    ``passed[check]`` is bool ``[P, n]`` (prompt ``p``, seed ``j``) for each check of the reward and ``all``;
-    ``rewards`` the reward ``[P, n]``."""
-
-    label: str
-    prompts: list[str]
-    seeds: list[int]
-    ks: list[int]
-    passed: dict[str, torch.Tensor]
-    rewards: torch.Tensor
-
-    def table(self) -> dict[str, Any]:
-        """``{"reward_mean": (mean, se), "checks": {check: {k: (mean, se)}}}``; standard errors over prompts."""
-        per_prompt_reward = self.rewards.to(torch.float64).mean(1)
-        checks = {
-            check: {k: mean_and_se(pass_at_k(passed, k)) for k in self.ks} for check, passed in self.passed.items()
-        }
-        return {"reward_mean": mean_and_se(per_prompt_reward), "checks": checks}
-
-
-def pass_at_k_eval(
-    model: Model, reward, prompts: list[str], seeds: list[int], ks: list[int], options: SamplerOptions
-) -> PassAtK:
-    """Sample every prompt with every seed (same noise per seed for every model) and record which checks pass."""
-    prompts = list(dict.fromkeys(prompts))  # pass@k is per prompt: each prompt once
-    image_prompts, image_seeds = expand(prompts, seeds)
-    images = sample_images(model.pipe, image_prompts, noise_seeds(image_prompts, image_seeds), options)
-    values, _, _ = score(reward, images, image_prompts, options.batch_size)
-    passed: dict[str, list[torch.Tensor]] = {}
-    for first in range(0, len(image_prompts), options.batch_size):
-        chunk = images[first : first + options.batch_size]
-        with torch.no_grad():
-            checks = reward.pass_fail(chunk, image_prompts[first : first + options.batch_size])
-        for name, value in checks.items():
-            passed.setdefault(name, []).append(value.bool().cpu())
-    shape = (len(prompts), len(seeds))
-    return PassAtK(
-        label=model.label,
-        prompts=prompts,
-        seeds=list(seeds),
-        ks=list(ks),
-        passed={name: torch.cat(parts).view(shape) for name, parts in passed.items()},
-        rewards=torch.tensor(values).view(shape),
-    )
-
-
-def format_pass_at_k(results: list[PassAtK]) -> str:
-    """One table per model: pass@k per check and for all checks together, mean ± standard error over prompts."""
-    first = results[0]
-    lines = [
-        f"ddpo eval --pass-at: {len(first.prompts)} prompts x {len(first.seeds)} noise seeds "
-        f"({first.seeds[0]}..{first.seeds[-1]}); mean +- standard error over prompts"
-    ]
-    for result in results:
-        table = result.table()
-        mean, se = table["reward_mean"]
-        lines.append(f"  {result.label}: mean reward {mean:.4f} +- {se:.3f}")
-        lines.append("    " + f"{'check':<12}" + "".join(f"{'pass@' + str(k):>18}" for k in result.ks))
-        for check, row in table["checks"].items():
-            cells = "".join(f"{f'{m:.3f} +- {s:.3f}':>18}" for m, s in row.values())
-            lines.append("    " + f"{check:<12}" + cells)
-    return "\n".join(lines)
-
-
-def write_pass_at_k(results: list[PassAtK], out: str | Path) -> Path:
-    """``out/pass_at_k.json`` (every model's table, prompts and seeds) and ``out/pass_at_k.csv`` (one row per model,
-    prompt and seed: the reward and each check)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for result in results:
-        table = result.table()
-        summary.append(
-            {
-                "model": result.label,
-                "prompts": len(result.prompts),
-                "seeds": result.seeds,
-                "reward_mean": table["reward_mean"][0],
-                "reward_mean_se": table["reward_mean"][1],
-                "pass_at": {
-                    check: {str(k): {"mean": m, "se": s} for k, (m, s) in row.items()}
-                    for check, row in table["checks"].items()
-                },
-            }
-        )
-    (out / "pass_at_k.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(out / "pass_at_k.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        checks = list(results[0].passed)
-        writer.writerow(["model", "prompt", "seed", "noise_seed", "reward", *checks])
-        for result in results:
-            for p, prompt in enumerate(result.prompts):
-                for j, seed in enumerate(result.seeds):
-                    noise = image_noise_seed(seed, prompt)
-                    row = [result.label, prompt, seed, noise, f"{result.rewards[p, j].item():.8g}"]
-                    writer.writerow(row + [int(result.passed[c][p, j]) for c in checks])
-    return out / "pass_at_k.json"
