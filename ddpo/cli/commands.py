@@ -114,7 +114,10 @@ def config_command(args: argparse.Namespace) -> int:
 def rewards_command(args: argparse.Namespace) -> int:
     import rewards
 
-    print("\n".join(rewards.available()))
+    rows = [("name", "differentiable"), *rewards.listing()]
+    width = max(len(name) for name, _ in rows)
+    for name, differentiable in rows:
+        print(f"{name:<{width}}  {differentiable}")
     return 0
 
 
