@@ -2,13 +2,13 @@
 
 Every hyper-parameter is named once, in :mod:`.schema`, with its meaning. Unknown keys and values of the wrong type
 are rejected before anything is loaded, with the closest valid key suggested (:mod:`.loading`); so are non-finite
-numbers and every value outside its range (:func:`validate`, one function per section in :mod:`.validate`; the
+numbers and every value outside its range (:func:`validate`, one function per section in :mod:`.validation`; the
 value rules shared with the command line in :mod:`.rules`). YAML is read safely and bounded (:func:`load_yaml` in
 :mod:`.yaml_files`: a key given twice and an alias bomb are refused), and an override sets only the key it names
 (:func:`apply_override`). Settings derived from a config (sampler settings, steps trained per trajectory, ...) live
 in :mod:`.derived`.
 
-The modules import one way only: ``schema`` (and ``rules``) <- ``derived`` <- ``validate`` <- ``loading`` (with
+The modules import one way only: ``schema`` (and ``rules``) <- ``derived`` <- ``validation`` <- ``loading`` (with
 ``yaml_files``); this package re-exports their public names, so ``from ddpo.training.config import X`` is the one
 import path.
 """
@@ -34,7 +34,7 @@ from .loading import (
 )
 from .rules import IMPORT_PATH, MAX_PROCESS_TIMEOUT_SECONDS, eta_problem, guidance_problem, plain_folder_name
 from .schema import ConfigError, ModelConfig, RewardConfig, RunConfig, SampleConfig, TrainConfig, all_keys
-from .validate import validate
+from .validation import validate
 from .yaml_files import MAX_CONFIG_BYTES, MAX_YAML_VALUES, load_yaml, read_yaml
 
 __all__ = [

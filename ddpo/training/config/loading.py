@@ -1,6 +1,6 @@
 """Building a config: defaults <- a resolved config <- preset <- config file <- dotted ``key.sub=value`` overrides
 (:func:`build_config`), each value type-checked against the schema, an unknown key refused with the closest valid
-key suggested, then :func:`~ddpo.training.config.validate.validate`."""
+key suggested, then :func:`~ddpo.training.config.validation.validate`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import trust
 from .schema import ConfigError, RunConfig, _annotation, _field_types, all_keys
-from .validate import validate
+from .validation import validate
 from .yaml_files import load_yaml, read_yaml
 
 DEFAULT_PRESET = "world"
