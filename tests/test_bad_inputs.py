@@ -759,11 +759,45 @@ CASES = [
         )
     ],
     *[
-        (f"rule value: {key}", lambda t, f, m, k=key, v=value: (["train", *T, *f, f"train.{k}={v}"], {}), phrase, True)
+        (
+            f"rule value: {key}",
+            lambda t, f, m, k=key, v=value, a=algorithm: (["train", *T, *f, *a, f"train.{k}={v}"], {}),
+            phrase,
+            True,
+        )
+        for key, value, algorithm, phrase in (
+            # an estimator's own key is validated when that estimator is chosen
+            ("rwr_temperature", "0", ["train.algorithm=rwr"], "train.rwr_temperature must be > 0; got 0.0"),
+            ("rwr_quantile", "5", ["train.algorithm=rwr_sparse"], "train.rwr_quantile must be in [0, 1); got 5.0"),
+            ("per_prompt_buffer_size", "-1", [], "train.per_prompt_buffer_size must be >= 1; got -1"),
+        )
+    ],
+    *[
+        (
+            f"another estimator's key: {key}",
+            lambda t, f, m, k=key, v=value: (["train", *T, *f, f"train.{k}={v}"], {}),
+            phrase,
+            True,
+        )
         for key, value, phrase in (
-            ("rwr_temperature", "0", "train.rwr_temperature must be > 0; got 0.0"),
-            ("rwr_quantile", "5", "train.rwr_quantile must be in [0, 1); got 5.0"),
-            ("per_prompt_buffer_size", "-1", "train.per_prompt_buffer_size must be >= 1; got -1"),
+            (
+                "rwr_temperature",
+                "0",
+                "train.rwr_temperature is RWR's softmax temperature and does nothing with train.algorithm=ddpo_is: set "
+                "it back to 1 or use train.algorithm=rwr",
+            ),
+            (
+                "nft_beta",
+                "0.5",
+                "train.nft_beta is DiffusionNFT's distance b of its implicit policies and does nothing with "
+                "train.algorithm=ddpo_is: set it back to 1 or use train.algorithm=nft",
+            ),
+            (
+                "old_policy_flat",
+                "-1",
+                "train.old_policy_flat is the old (EMA) policy's schedule and does nothing with train.algorithm=ddpo_is: "
+                "set it back to 0 or use train.algorithm=awm or nft",
+            ),
         )
     ],
     (

@@ -453,22 +453,23 @@ def _tracker(buffer_size: int, min_count: int):
 @pytest.mark.parametrize(
     "override, policy_refuses",
     [
-        ("train.rwr_temperature=0", lambda: _rwr(0.0)),
-        ("train.rwr_temperature=-1", lambda: _rwr(-1.0)),
-        ("train.rwr_quantile=5", lambda: _sparse_rwr(5.0)),
-        ("train.rwr_quantile=1", lambda: _sparse_rwr(1.0)),
+        ("train.algorithm=rwr train.rwr_temperature=0", lambda: _rwr(0.0)),
+        ("train.algorithm=rwr train.rwr_temperature=-1", lambda: _rwr(-1.0)),
+        ("train.algorithm=rwr_sparse train.rwr_quantile=5", lambda: _sparse_rwr(5.0)),
+        ("train.algorithm=rwr_sparse train.rwr_quantile=1", lambda: _sparse_rwr(1.0)),
         ("train.per_prompt_buffer_size=-1", lambda: _tracker(-1, 16)),
         ("train.per_prompt_min_count=0", lambda: _tracker(16, 0)),
     ],
 )
 def test_rule_values_the_policy_refuses_are_refused_by_the_config(override, policy_refuses):
     """These were refused only after the model loaded (by the policy maths); the config now refuses the same values
-    before, naming the key."""
+    before, naming the key (an estimator's own key when that estimator is chosen)."""
     with pytest.raises(ValueError):
         policy_refuses()
-    key = override.split("=")[0]
+    overrides = override.split()
+    key = overrides[-1].split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key} must be"):
-        build_config(preset="tiny", overrides=[override])
+        build_config(preset="tiny", overrides=overrides)
 
 
 def test_flow_cps_eta_above_one_is_refused_by_the_config():

@@ -112,14 +112,16 @@ def test_an_unregistered_estimator_is_refused_by_the_config(toy_estimator):
 
 def test_an_estimators_config_rules_apply_as_it_declares(toy_estimator):
     """A combination rule of an estimator applies only when it is chosen (the toy refuses a KL term, DDPO-SF several
-    inner epochs); the value range of an estimator's own key is refused whichever estimator runs, so a config stays
-    valid when a grid switches ``train.algorithm``."""
+    inner epochs); so does the value range of its own keys. Another estimator's key set to other than its default is
+    refused as doing nothing, whatever its value (tests/test_estimator_own_keys.py)."""
     assert build_config(preset="tiny", overrides=["train.kl_coef=0.1"]).train.kl_coef == 0.1
     with pytest.raises(ConfigError, match="^train.algorithm=toy has no KL term; set train.kl_coef=0$"):
         build_config(preset="tiny", overrides=["train.algorithm=toy", "train.kl_coef=0.1"])
     assert build_config(preset="tiny", overrides=["train.num_inner_epochs=2"]).train.num_inner_epochs == 2
     with pytest.raises(ConfigError, match="train.algorithm=ddpo_sf is only unbiased on-policy"):
         build_config(preset="tiny", overrides=["train.algorithm=ddpo_sf", "train.num_inner_epochs=2"])
-    for algorithm in ("ddpo_is", "toy", "nft"):
-        with pytest.raises(ConfigError, match="^train.nft_beta must be > 0; got 0.0$"):
+    with pytest.raises(ConfigError, match="^train.nft_beta must be > 0; got 0.0$"):
+        build_config(preset="tiny", overrides=["train.algorithm=nft", "train.nft_beta=0"])
+    for algorithm in ("ddpo_is", "toy", "awm"):
+        with pytest.raises(ConfigError, match=f"^train.nft_beta is .* does nothing with train.algorithm={algorithm}: "):
             build_config(preset="tiny", overrides=[f"train.algorithm={algorithm}", "train.nft_beta=0"])

@@ -267,7 +267,7 @@ def test_nft_samples_with_the_old_policy_unless_told_otherwise(fast_overrides, t
     assert not torch.allclose(with_current, base)
     assert any(p.abs().sum() > 0 for n, p in zip(trainer.trainable_names, trainer.params) if "lora_B" in n)  # restored
     with pytest.raises(ConfigError, match="nft_sample_policy must be old or current"):
-        build_config(preset="tiny", overrides=["train.nft_sample_policy=ema"])
+        build_config(preset="tiny", overrides=["train.algorithm=nft", "train.nft_sample_policy=ema"])
 
 
 def test_awm_with_its_proximal_term_keeps_an_old_policy_and_resumes_exactly(fast_overrides, tmp_path):

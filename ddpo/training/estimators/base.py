@@ -110,6 +110,11 @@ class Estimator:
     uses_ppo_ratio: ClassVar[bool] = False
     """Whether the loss clips a PPO ratio (then ``train.ratio_form`` may change it; :meth:`validate` refuses
     ``train.ratio_form=flow_grpo`` for every other estimator)."""
+    own_keys: ClassVar[dict[str, str]] = {}
+    """The config keys this class adds, which only it (and its subclasses) read, each with what it is
+    (``{"train.nft_beta": "DiffusionNFT's ..."}``); a subclass inherits its bases' keys. :meth:`validate` checks their
+    values when this estimator is chosen; while another is chosen, a value other than the key's default is refused as
+    doing nothing (:func:`~ddpo.training.estimators.registry.validate_estimators`)."""
 
     def __init__(self, policy: Policy):
         self.policy = policy
@@ -119,10 +124,9 @@ class Estimator:
 
     @classmethod
     def validate(cls, config: RunConfig, chosen: type[Estimator], need: Need) -> None:
-        """Refuse bad settings of this estimator (``need(condition, message)``); called for every registered class.
-        ``chosen``: the run's estimator class. The rules of a combination (its sampler, inner epochs, ...) apply only
-        when ``chosen is cls``; the value ranges of its own keys are checked either way, so that a config stays valid
-        when an ablation grid switches its ``train.algorithm``."""
+        """Refuse bad settings of this estimator (``need(condition, message)``): its combination rules (its sampler,
+        inner epochs, ...) and the value ranges of its :attr:`own_keys`. Called for the chosen class only (``chosen``,
+        the run's estimator class, is ``cls``): an estimator's own keys are validated only when it is chosen."""
         need(
             chosen is not cls or config.train.ratio_form == "gaussian" or cls.uses_ppo_ratio,
             f"train.ratio_form=flow_grpo changes the PPO ratio, which only train.algorithm=ddpo_is uses; got "

@@ -42,6 +42,11 @@ class ForwardProcessEstimator(Estimator):
     ``(seed, FORWARD_NOISE_STREAM, epoch, inner, process)``."""
 
     uses_log_probs = False
+    own_keys = {
+        "train.old_policy_flat": "the old (EMA) policy's schedule",
+        "train.old_policy_uprate": "the old (EMA) policy's schedule",
+        "train.old_policy_uphold": "the old (EMA) policy's schedule",
+    }
 
     def __init__(self, policy: Policy):
         super().__init__(policy)
@@ -213,6 +218,7 @@ class AdvantageWeightedMatching(ForwardProcessEstimator):
     (:func:`~ddpo.policy.forward.awm_loss`)."""
 
     name = "awm"
+    own_keys = {"train.awm_ema_kl": "AWM's stabiliser"}
 
     def uses_old_policy(self) -> bool:
         return self.config.train.awm_ema_kl > 0
@@ -222,11 +228,6 @@ class AdvantageWeightedMatching(ForwardProcessEstimator):
         super().validate(config, chosen, need)
         t = config.train
         need(t.awm_ema_kl >= 0, f"train.awm_ema_kl must be >= 0; got {t.awm_ema_kl}")
-        need(
-            t.awm_ema_kl == 0 or chosen is cls,
-            f"train.awm_ema_kl is AWM's stabiliser and does nothing with train.algorithm={chosen.name}: set it back "
-            "to 0 or use train.algorithm=awm",
-        )
 
     def estimator_loss(self, x0, noise, level, x0_pred, raw, old, weights):
         target = matching_target(x0, noise, level, self.prediction_space)
@@ -239,6 +240,10 @@ class DiffusionNFT(ForwardProcessEstimator):
     ``train.nft_sample_policy=current``."""
 
     name = "nft"
+    own_keys = {
+        "train.nft_beta": "DiffusionNFT's distance b of its implicit policies",
+        "train.nft_sample_policy": "DiffusionNFT's choice of sampling weights",
+    }
 
     def uses_old_policy(self) -> bool:
         return True

@@ -162,6 +162,7 @@ class RewardWeightedRegression(LogProbEstimator):
 
     name = "rwr"
     loss_function = staticmethod(weighted_regression_loss)
+    own_keys = {"train.rwr_temperature": "RWR's softmax temperature"}
 
     @classmethod
     def validate(cls, config, chosen: type[Estimator], need: Need) -> None:
@@ -178,6 +179,7 @@ class SparseRewardWeightedRegression(LogProbEstimator):
 
     name = "rwr_sparse"
     loss_function = staticmethod(weighted_regression_loss)
+    own_keys = {"train.rwr_quantile": "sparse RWR's quantile"}
 
     @classmethod
     def validate(cls, config, chosen: type[Estimator], need: Need) -> None:

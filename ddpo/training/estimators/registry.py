@@ -7,6 +7,9 @@ call before the config is built.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from .base import Estimator, Need, RunConfig
 from .forward_process import AdvantageWeightedMatching, DiffusionNFT
 from .log_prob import (
@@ -48,12 +51,48 @@ def estimator_for(config: RunConfig) -> type[Estimator]:
 
 def validate_estimators(config: RunConfig, need: Need) -> type[Estimator]:
     """The config rules of the estimators (``need(condition, message)``): ``train.algorithm`` names a registered one,
-    and every registered class checks its settings (:meth:`~Estimator.validate`). Returns the chosen class."""
+    the chosen class checks its settings and its own keys (:meth:`~Estimator.validate`; only the chosen one), and
+    another estimator's own key (:attr:`~Estimator.own_keys`) set to other than its default is refused: it would do
+    nothing. Returns the chosen class."""
     algorithm = config.train.algorithm
     need(algorithm in ESTIMATORS, f"train.algorithm must be one of {', '.join(ESTIMATORS)}; got {algorithm!r}")
     chosen = estimator_for(config)
     chosen.validate(config, chosen, need)
-    for cls in dict.fromkeys(ESTIMATORS.values()):
-        if cls is not chosen:
-            cls.validate(config, chosen, need)
+    mine = own_keys(chosen)
+    owners: dict[str, list[str]] = {}
+    what: dict[str, str] = {}
+    for name, cls in ESTIMATORS.items():
+        for key, meaning in own_keys(cls).items():
+            if key not in mine:
+                owners.setdefault(key, []).append(name)
+                what.setdefault(key, meaning)
+    for key, names in owners.items():
+        value, default = _value_and_default(config, key)
+        need(
+            value == default,
+            f"{key} is {what[key]} and does nothing with train.algorithm={chosen.name}: set it back to "
+            f"{_shown(default)} or use train.algorithm={' or '.join(names)}",
+        )
     return chosen
+
+
+def own_keys(cls: type[Estimator]) -> dict[str, str]:
+    """The keys only ``cls`` reads: those its class and its bases declare (:attr:`~Estimator.own_keys`)."""
+    keys: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        keys.update(vars(klass).get("own_keys", {}))
+    return keys
+
+
+def _value_and_default(config: RunConfig, key: str) -> tuple[Any, Any]:
+    """The value of the dotted ``section.name`` key and its dataclass default."""
+    section_name, name = key.split(".")
+    section = getattr(config, section_name)
+    (spec,) = (f for f in dataclasses.fields(section) if f.name == name)
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    return getattr(section, name), default
+
+
+def _shown(value: Any) -> str:
+    """A default as a user writes it: ``0`` (not ``0.0``), ``0.001``, ``old``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
