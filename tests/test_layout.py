@@ -47,3 +47,18 @@ def test_configs_runlogs_reports_and_the_cli_load_without_torch():
         "preset_names()"
     )
     assert "torch" not in loaded and "ddpo" in loaded
+
+
+def test_every_python_package_is_installed():
+    """pyproject.toml lists its packages by hand: a sub-package missing there would be left out of a wheel (an
+    editable install hides it), so every folder with an ``__init__.py`` must be listed."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for top in ("ddpo", "rewards", "world")
+        for init in (root / top).rglob("__init__.py")
+    }
+    assert found - listed == set()
