@@ -296,3 +296,10 @@ def test_copy_run_leaves_the_results_of_the_shorter_run(tmp_path):
     assert copied == ["checkpoints/checkpoint_000001/final/x.txt", "samples/x.txt"]
     assert (tmp_path / "long" / "metrics.jsonl").read_text() == "{}\n"
     assert (source / "final" / "x.txt").is_file()  # the source is untouched
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "ablations").glob("*.yaml")))
+def test_shipped_grids_build_every_cell(path):
+    """Every shipped grid builds and validates all its cells (a preset that changes under a grid breaks it)."""
+    grid = load_grid(path)
+    assert grid.cells
