@@ -1,4 +1,4 @@
-"""Issue 18, item 6: every bad input of ``ddpo train`` ends in one clear message, exit code 2, and no traceback.
+"""Every bad input of ``ddpo train`` ends in one clear message, exit code 2, and no traceback.
 
 One row per bad input of the table in docs/errors.md: the command line (and environment) that provokes it, the key
 phrase of its message, and whether it must fail before the model is loaded (``early``: no pipeline is read; the
@@ -854,6 +854,36 @@ CASES = [
         "--guidance must be a finite number; got inf",
         True,
     ),
+    *[
+        (
+            f"guards: {name}",
+            lambda t, f, m, a=args: (["train", *T, *f, *a], {}),
+            phrase,
+            True,
+        )
+        for name, args, phrase in (
+            ("stop rule without evaluation", ["stop.patience=2"], "stop.patience acts on the held-out evaluations"),
+            (
+                "guard_drop without guards",
+                ["eval_prompts=simple_animals", "stop.guard_drop=0.1"],
+                "name them in eval_rewards",
+            ),
+            ("kl_limit without a KL", ["eval_prompts=simple_animals", "stop.kl_limit=0.1"], "set train.kl_coef > 0"),
+            ("negative rule", ["stop.min_delta=-1"], "stop.min_delta must be >= 0"),
+            ("final_checkpoint", ["final_checkpoint=first"], "final_checkpoint must be last or best"),
+            ("best_metric", ["eval_prompts=simple_animals", "best_metric=loss"], "best_metric must be reward_mean"),
+            (
+                "eval_rewards import path without opt-in",
+                ["eval_prompts=simple_animals", "eval_rewards.bad_rewards_18:nan={}"],
+                "eval_rewards: reward 'bad_rewards_18:nan' is an import path",
+            ),
+            (
+                "eval_rewards options not a mapping",
+                ["eval_prompts=simple_animals", "eval_rewards.brightness=3"],
+                "must be the reward's options",
+            ),
+        )
+    ],
 ]
 
 

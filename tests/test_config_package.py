@@ -1,6 +1,6 @@
-"""Issue 24: ``ddpo/training/config.py`` became the package ``ddpo/training/config`` (schema, YAML files, loading,
-value rules, validation by section, derived settings). The split changes no config: every shipped preset (and the
-defaults) builds to the ``to_dict`` captured from the single-module code in ``tests/data/preset_configs.json``.
+"""The config is a package of small modules (schema, YAML files, loading, value rules, validation by section, derived
+settings), and every shipped preset (and the defaults) builds to the ``to_dict`` recorded in
+``tests/data/preset_configs.json`` (captured from the single-module code, then extended by new keys' defaults only).
 
 A preset or a default changed on purpose: rewrite the file with
 ``python -c "import json; from ddpo.training import config as c; json.dump({**{n: c.to_dict(c.build_config(n)) for n
@@ -43,7 +43,7 @@ def test_validation_is_split_by_section():
     """One short ``validate`` calls one function per section, in this order (the first bad value found is named)."""
     from ddpo.training.config import validation
 
-    sections = ["finite", "run", "algorithm", "sample", "reward", "train", "model"]
+    sections = ["finite", "run", "algorithm", "sample", "reward", "train", "model", "guards"]
     assert all(callable(getattr(validation, f"validate_{name}")) for name in sections)
     body = Path(validation.__file__).read_text().split("def validate(config: RunConfig) -> None:")[1]
     body = body.split("\n\n\n")[0]
@@ -52,7 +52,8 @@ def test_validation_is_split_by_section():
 
 def test_every_public_name_stays_importable_from_the_package():
     names = (
-        "DEFAULT_PRESET ConfigError ModelConfig RewardConfig RunConfig SampleConfig TrainConfig all_keys apply_override "
+        "DEFAULT_PRESET ConfigError ModelConfig RewardConfig RunConfig SampleConfig StopConfig TrainConfig all_keys "
+        "apply_override "
         "build_config eta_problem guidance_problem load_yaml model_options parse_override preset_data preset_names "
         "read_yaml recomputes_old_log_probs sampler_settings to_dict train_step_offset train_steps_per_trajectory "
         "train_window_steps validate MAX_CONFIG_BYTES MAX_YAML_VALUES MAX_PROCESS_TIMEOUT_SECONDS plain_folder_name "

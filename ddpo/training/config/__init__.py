@@ -33,7 +33,16 @@ from .loading import (
     to_dict,
 )
 from .rules import IMPORT_PATH, MAX_PROCESS_TIMEOUT_SECONDS, eta_problem, guidance_problem, plain_folder_name
-from .schema import ConfigError, ModelConfig, RewardConfig, RunConfig, SampleConfig, TrainConfig, all_keys
+from .schema import (
+    ConfigError,
+    ModelConfig,
+    RewardConfig,
+    RunConfig,
+    SampleConfig,
+    StopConfig,
+    TrainConfig,
+    all_keys,
+)
 from .validation import validate
 from .yaml_files import MAX_CONFIG_BYTES, MAX_YAML_VALUES, load_yaml, read_yaml
 
@@ -48,6 +57,7 @@ __all__ = [
     "RewardConfig",
     "RunConfig",
     "SampleConfig",
+    "StopConfig",
     "TrainConfig",
     "all_keys",
     "apply_override",

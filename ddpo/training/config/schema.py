@@ -191,6 +191,20 @@ class RewardConfig:
 
 
 @dataclass
+class StopConfig:
+    guard_drop: float = 0.0
+    """Stop when a guard's held-out mean (``eval_rewards``) falls more than this below its first evaluation, the base
+    model's (0: off)."""
+    kl_limit: float = 0.0
+    """Stop when the policy's KL to the base model passes this (0: off). The KL is the one ``train.kl_coef`` weighs
+    (the mean over the epochs since the previous evaluation), so it needs ``train.kl_coef > 0``."""
+    patience: int = 0
+    """Stop when ``best_metric`` has not risen above its best for this many evaluations in a row (0: off)."""
+    min_delta: float = 0.0
+    """How much ``best_metric`` must rise above its best to count as a rise."""
+
+
+@dataclass
 class RunConfig:
     num_epochs: int = 5
     """Epochs of sample -> score -> train."""
@@ -228,6 +242,18 @@ class RunConfig:
     """Images in each held-out evaluation (split over processes)."""
     eval_every: int = 0
     """Also evaluate after every this many epochs (0: only before the first epoch and after the last)."""
+    eval_rewards: dict[str, Any] = field(default_factory=dict)
+    """Guard rewards, ``{name: options}``: scored on the held-out images at every evaluation beside the training
+    reward (logged as ``guard/<name>_mean``), to see what the training reward does not (a registered reward, e.g.
+    ``clip_diversity`` for mode collapse, or an import path behind the same opt-in as ``reward.name``)."""
+    stop: StopConfig = field(default_factory=StopConfig)
+    """Rules that stop a run early at an evaluation (all off by default)."""
+    final_checkpoint: str = "last"
+    """What ``final/`` holds: ``last`` (the weights after the last epoch) or ``best`` (those of the held-out
+    evaluation with the highest ``best_metric``; the base model's, when no evaluation beat it)."""
+    best_metric: str = "reward_mean"
+    """The held-out evaluation's key that ``final_checkpoint=best`` and ``stop.patience`` maximise: ``reward_mean``
+    (the training reward on the held-out prompts), ``guard/<name>_mean``, or a component ``reward/<name>_mean``."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

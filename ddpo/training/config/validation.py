@@ -33,6 +33,7 @@ def validate(config: RunConfig) -> None:
     validate_reward(config)
     validate_train(config)
     validate_model(config)
+    validate_guards(config)
 
 
 def _float_keys() -> list[str]:
@@ -233,3 +234,64 @@ def validate_model(config: RunConfig) -> None:
         f"model.text_encoder_precision must be auto or fp32; got {m.text_encoder_precision!r}",
     )
     need(m.family == "auto" or m.family in FAMILIES, unknown_family_message(m.family))
+
+
+def validate_guards(config: RunConfig) -> None:
+    """The guards and the rules over evaluations: ``eval_rewards`` (opt-in for import paths, as ``reward.name``),
+    ``stop.*``, ``final_checkpoint`` and ``best_metric``; each needs a held-out evaluation to act on."""
+    stop = config.stop
+    need(
+        isinstance(config.eval_rewards, dict),
+        f"eval_rewards must be a mapping {{name: options}}; got {config.eval_rewards!r}",
+    )
+    for name, options in config.eval_rewards.items():
+        need(
+            options is None or isinstance(options, dict),
+            f"eval_rewards.{name} must be the reward's options (a mapping, or empty); got {options!r}",
+        )
+        untrusted = trust.refusal(name, options or {}, where="eval_rewards: ")
+        need(untrusted is None, str(untrusted))
+        need(
+            ":" not in name or IMPORT_PATH.fullmatch(name) is not None,
+            f"eval_rewards name {name!r} is not an import path of the form package.module:attribute (a registered "
+            "reward's name has no ':'; `ddpo rewards` lists them)",
+        )
+    for key in ("guard_drop", "kl_limit", "min_delta"):
+        need(getattr(stop, key) >= 0, f"stop.{key} must be >= 0 (0: off); got {getattr(stop, key)}")
+    need(stop.patience >= 0, f"stop.patience must be >= 0 (0: off); got {stop.patience}")
+    need(
+        config.final_checkpoint in ("last", "best"),
+        f"final_checkpoint must be last or best; got {config.final_checkpoint!r}",
+    )
+    metric = config.best_metric
+    guards = [f"guard/{name.split(':')[-1]}_mean" for name in config.eval_rewards]
+    need(
+        metric == "reward_mean" or metric in guards or (metric.startswith("reward/") and metric.endswith("_mean")),
+        f"best_metric must be reward_mean, a guard's guard/<name>_mean ({', '.join(guards) or 'no eval_rewards'}) or a "
+        f"reward component's reward/<name>_mean; got {metric!r}",
+    )
+    uses = [
+        what
+        for what, on in (
+            ("eval_rewards", bool(config.eval_rewards)),
+            ("stop.guard_drop", stop.guard_drop > 0),
+            ("stop.kl_limit", stop.kl_limit > 0),
+            ("stop.patience", stop.patience > 0),
+            ("final_checkpoint=best", config.final_checkpoint == "best"),
+        )
+        if on
+    ]
+    need(
+        not uses or bool(config.eval_prompts),
+        f"{', '.join(uses)} {'acts' if len(uses) == 1 else 'act'} on the held-out evaluations: set eval_prompts (e.g. eval_prompts=world_heldout), and "
+        "eval_every to judge during the run",
+    )
+    need(
+        stop.guard_drop == 0 or bool(config.eval_rewards),
+        "stop.guard_drop watches the guards: name them in eval_rewards (e.g. eval_rewards.clip_diversity={...})",
+    )
+    need(
+        stop.kl_limit == 0 or config.train.kl_coef > 0,
+        "stop.kl_limit reads the KL to the base model that train.kl_coef weighs: set train.kl_coef > 0 (a log-prob "
+        "algorithm), or stop.kl_limit=0",
+    )
