@@ -427,7 +427,7 @@ CASES = [
         "sample.sde_window must be [first, end] with 0 <= first < end <= sample.num_steps (4); got [3, 2]",
         True,
     ),
-    # issue 26: run directories and checkpoints
+    # run directories and checkpoints
     *[
         (f"run_name {how}", lambda t, f, m, v=value: (["train", *T, *f, f"run_name={v(t)}"], {}), phrase, True)
         for how, value, phrase in (
@@ -537,7 +537,7 @@ CASES = [
         "process_timeout_seconds must be <= 31536000 (365 days); got 100000000000000",
         True,
     ),
-    # issue 26: published settings and edge cases (CPS window, Flow-GRPO's KL and ratio)
+    # published settings and edge cases (CPS window, Flow-GRPO's KL and ratio)
     (
         "CPS window of the deterministic last step only",
         lambda t, f, m: (
@@ -586,7 +586,7 @@ CASES = [
         "train.kl_form must be gaussian or flow_grpo; got 'flowgrpo'",
         True,
     ),
-    # issue 26: trust boundaries (import-path opt-in, the reward server) and eval's reward options
+    # trust boundaries (import-path opt-in, the reward server) and eval's reward options
     (
         "config opts in to import paths",
         lambda t, f, m: (["train", *T, *f, "reward.trust_import_path=true"], {}),
@@ -662,7 +662,7 @@ CASES = [
         "serve-reward --host no-such-host.invalid: no such address (",
         True,
     ),
-    # issue 26: config loading and validation, `ddpo sample` / `eval` / `config` arguments
+    # config loading and validation, `ddpo sample` / `eval` / `config` arguments
     *[
         (f"non-finite {key}", lambda t, f, m, k=key, v=value: (["train", *T, *f, f"{k}={v}"], {}), phrase, True)
         for key, value, phrase in (

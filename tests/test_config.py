@@ -239,7 +239,7 @@ def test_reward_by_import_path_needs_an_explicit_opt_in(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Issue 26: every bad config input gets one clear line before the model loads
+# every bad config input gets one clear line before the model loads
 # ---------------------------------------------------------------------------------------------------------------------
 
 

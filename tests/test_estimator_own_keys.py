@@ -1,4 +1,4 @@
-"""Issue 24: an estimator's own keys (``Estimator.own_keys``) are validated only when that estimator is chosen, and
+"""An estimator's own keys (``Estimator.own_keys``) are validated only when that estimator is chosen, and
 a key of another estimator set to other than its default is refused, whatever its value: it would do nothing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Flow-GRPO presets' numbers mean what they mean in the reference (issue 26, item 6).
+"""The Flow-GRPO presets' numbers mean what they mean in the reference.
 
 Each test computes one step the way yifan123/flow_grpo does, written out here from its formulas
 (``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``, ``scripts/train_sd3.py``, ``flow_grpo/stat_tracking.py``),

@@ -276,7 +276,7 @@ def test_training_against_a_server_killed_mid_run_stops_cleanly_and_resumes(fast
     assert "remote" in rewards.available()
 
 
-# Issue 26, item 2: a hostile or broken client gets a 4xx with a one-line reason, before the server reads more than
+# a hostile or broken client gets a 4xx with a one-line reason, before the server reads more than
 # its bound, and the server keeps serving.
 
 LIMITS = {"max_batch": 4, "max_image_size": 16}

@@ -242,7 +242,7 @@ def test_sample_uses_the_runs_sampler_or_the_one_asked_for(lora_run, tiny_model_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Issue 26: bad sampler options and output folders are refused before any model loads, by the rules of `ddpo train`
+# bad sampler options and output folders are refused before any model loads, by the rules of `ddpo train`
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -347,7 +347,7 @@ def test_eval_arguments_are_checked_before_the_reward_and_the_model(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Issue 26, item 5: `ddpo eval` of a run samples with the run's sampler and scores with the run's trained reward
+# `ddpo eval` of a run samples with the run's sampler and scores with the run's trained reward
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Issue 18, item 7: no code path deserialises user data with pickle, evaluates it, or reads YAML unsafely; weights
+"""No code path deserialises user data with pickle, evaluates it, or reads YAML unsafely; weights
 are read from safetensors, and any torch.load (legacy .pt/.pth state dicts, optimiser state) passes weights_only=True.
 
 A source scan over every Python file of the packages and scripts: a new unsafe call fails here with its file and line.

@@ -1,4 +1,4 @@
-"""Issue 26, item 1: only the user opts in to rewards given by import path (their module's code runs when imported),
+"""Only the user opts in to rewards given by import path (their module's code runs when imported),
 with ``--trust-import-path`` anywhere on the command line or ``DDPO_TRUST_IMPORT_PATH=1``; a config file, a grid or an
 override cannot. Every entry point that builds a reward from a name (train/config, ``eval RUN``, ``eval --reward``,
 ``report RUN``, ``serve-reward``) refuses before the module is imported: its top-level code (which writes a marker
