@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 SMALL = [
     "num_epochs=2",
     "eval_prompts=",
@@ -56,12 +58,30 @@ VARIANTS: dict[str, list[str]] = {
 TIMING = ("seconds", "time", "eta")
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content; of a safetensors file, of its tensors (name, dtype, shape, bytes, in name order)
+    and its metadata (sorted), since the order of the header's keys differs between processes."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        digest.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name)
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def fingerprint(run_dir: Path) -> dict:
-    """The SHA-256 of every file under ``final/`` and of ``metrics.jsonl`` without its timing keys."""
+    """The digest (:func:`file_digest`) of every file under ``final/`` and ``metrics.jsonl`` without its timing
+    keys."""
     files = {}
     for path in sorted((run_dir / "final").rglob("*")):
         if path.is_file():
-            files[str(path.relative_to(run_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            files[str(path.relative_to(run_dir))] = file_digest(path)
     lines = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
