@@ -16,7 +16,7 @@ from ddpo.models import (
     lora_state_dict,
 )
 from ddpo.models.sdxl import TINY_SDXL_VAE
-from ddpo.models.stable_diffusion import load_code
+from ddpo.models.loading import load_code
 from ddpo.policy.conditioning import Conditioning
 
 CPU = torch.device("cpu")
