@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from world import build_sd_pipeline
 
 from ..policy.conditioning import Conditioning
-from ..policy.sampling import encode_prompts, unet_call
+from ..policy.sampling import denoiser_call, encode_prompts
 from .family import ModelFamily, register_family
 
 TINY = "tiny"
@@ -127,7 +127,7 @@ class StableDiffusionFamily(ModelFamily):
         return {"safety_checker": None, "requires_safety_checker": False}
 
     def bind(self, model, guidance_scale: float = 1.0):
-        return lambda latents, timesteps, cond: unet_call(model, latents, timesteps, cond)
+        return lambda latents, timesteps, cond: denoiser_call(model, latents, timesteps, cond)
 
     def encode(self, prompts: list[str], device: torch.device, latent_size: int) -> Conditioning:
         return Conditioning(encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device))
