@@ -100,7 +100,7 @@ def autocast(device: torch.device, mixed_precision: str):
 
 
 SHARED_FIELDS = ("negative_cond", "timesteps")
-"""Fields every batch of one epoch holds alike: the negative prompt's states and the sampler's timesteps."""
+"""Fields every batch of one epoch holds alike: the negative prompt's conditioning and the sampler's timesteps."""
 
 
 def concatenate_batches(items: list):
