@@ -81,7 +81,7 @@ def test_one_call_and_per_minibatch_calls_give_the_same_loss_and_gradients(bench
 
     latents, log_probs, timesteps = _sample(bench, reference=False)
     samples = Trajectories(["a cat", "a dog"], None, tr.negative_embeds, latents, log_probs, timesteps, None)
-    samples.prompt_embeds = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, samples.prompts, latents.device)
+    samples.cond = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, samples.prompts, latents.device)
     weights = torch.tensor([1.5, -0.7])
     i = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1])
     j = torch.tensor([3, 0, 2, 1, 0, 3, 2, 1])

@@ -45,7 +45,7 @@ class ToyWeightedDenoising(Estimator):
         x0, timesteps = samples.latents[i], samples.timesteps[j]
         noise = torch.randn(x0.shape, generator=self.noise)
         x_t = add_noise(x0, noise, alpha_bar(p.scheduler.alphas_cumprod, timesteps))
-        output = p.family.bind(p.model)(x_t, timesteps, samples.prompt_embeds[i]).float()
+        output = p.family.bind(p.model)(x_t, timesteps, samples.cond[i]).float()
         mse = ((output - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (weights[i] * mse).mean()
         self.minibatches += 1

@@ -15,8 +15,8 @@ from ddpo.models import (
     load_model,
     lora_state_dict,
 )
+from ddpo.models.loading import load_code
 from ddpo.models.sdxl import TINY_SDXL_VAE
-from ddpo.models.stable_diffusion import load_code
 from ddpo.policy.conditioning import Conditioning
 
 CPU = torch.device("cpu")

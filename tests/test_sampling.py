@@ -45,8 +45,8 @@ def test_recomputed_log_probs_give_ratio_one_with_cfg(pipe, mixed_precision):
         traj.latents[i, j],
         traj.latents[i, j + 1],
         traj.timesteps[j],
-        traj.prompt_embeds[i],
-        traj.negative_embeds,
+        traj.cond[i],
+        traj.negative_cond,
         SamplerSettings("ddim", 5, 5.0, 1.0, mixed_precision),
     )
     ratio = torch.exp(out.log_prob - traj.log_probs[i, j])
@@ -61,7 +61,7 @@ def test_trajectory_matches_plain_diffusers_ddim_loop(pipe):
     latents = traj.latents[:, 0]
     for k, t in enumerate(scheduler.timesteps):
         with torch.no_grad():
-            out = guided_model_output(pipe.unet, latents, t, traj.prompt_embeds, traj.negative_embeds, 5.0)
+            out = guided_model_output(pipe.unet, latents, t, traj.cond, traj.negative_cond, 5.0)
         # Recover the noise our sampler drew from the recorded step, then let diffusers take the same step.
         ours = ddim_step_with_logprob(scheduler, out, int(t), latents, prev_sample=traj.latents[:, k + 1])
         noise = (traj.latents[:, k + 1] - ours.mean) / ours.std.view(-1, 1, 1, 1)

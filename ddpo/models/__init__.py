@@ -2,33 +2,37 @@
 
 A layer of its own below :mod:`ddpo.training`, above :mod:`ddpo.policy` (a family builds its conditioning and binds
 its denoiser for the policy maths) and :mod:`world` (the shipped models). One module per family: stable_diffusion,
-sdxl, sd3, flux (docs/model-families.md).
+sdxl, sd3, flux (docs/model-families.md); :mod:`.loading` loads a pipeline of any of them.
 """
 
 from __future__ import annotations
 
 from world import build_clip_tokenizer
 
-from .family import FAMILIES, Denoiser, ModelFamily, family_for_pipeline, get_family, vae_scale_factor
+from .family import (
+    FAMILIES,
+    Denoiser,
+    ModelFamily,
+    family_for_pipeline,
+    get_family,
+    latent_size,
+    vae_scale_factor,
+)
 from .flux import TINY_FLUX, FluxFamily, build_tiny_flux_pipeline, pack_latents, unpack_latents
-from .lora import add_lora, lora_metadata, lora_state_dict
-from .sd3 import TINY_SD3, StableDiffusion3Family, build_tiny_sd3_pipeline
-from .sdxl import TINY_SDXL, StableDiffusionXLFamily, build_tiny_sdxl_pipeline
-from .stable_diffusion import (
+from .loading import (
     SD15_RANDOM,
-    TINY,
     WORLD,
     WORLD_FLOW,
-    StableDiffusionFamily,
     absent_components,
-    build_sd15_architecture,
-    build_tiny_pipeline,
-    latent_size,
     load_code,
     load_model,
     load_pipeline,
     resolve_family,
 )
+from .lora import add_lora, lora_metadata, lora_state_dict
+from .sd3 import TINY_SD3, StableDiffusion3Family, build_tiny_sd3_pipeline
+from .sdxl import TINY_SDXL, StableDiffusionXLFamily, build_tiny_sdxl_pipeline
+from .stable_diffusion import TINY, StableDiffusionFamily, build_sd15_architecture, build_tiny_pipeline
 
 __all__ = [
     "absent_components",

@@ -191,6 +191,27 @@ def family_for_pipeline(pipe) -> type[ModelFamily]:
     return family_for_class_name(type(pipe).__name__)
 
 
+def latent_size(pipe, resolution: int | None) -> int:
+    """The latent side ``h = w`` for images of ``resolution`` pixels (None: the denoiser's native size).
+
+    ``pipe`` is a pipeline of any family or its :class:`~ddpo.models.family.ModelFamily`. Raises ``ValueError``
+    naming ``sample.resolution`` and the valid sizes when ``resolution`` is not a multiple of the VAE's factor (times
+    the transformer's patch size, for SD3 and FLUX).
+    """
+    family = pipe if isinstance(pipe, ModelFamily) else family_for_pipeline(pipe)(pipe)
+    if resolution is None:
+        return family.native_latent_size()
+    factor = family.vae_scale_factor() * family.latent_multiple()
+    if resolution % factor != 0:
+        native = family.native_latent_size() * family.vae_scale_factor()
+        raise ValueError(
+            f"sample.resolution={resolution} is not a multiple of this model's VAE factor {factor}"
+            f"{' (times the transformer patch size)' if family.latent_multiple() > 1 else ''}; use a multiple such as "
+            f"{max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor} (native: {native})"
+        )
+    return resolution // family.vae_scale_factor()
+
+
 def pipeline_class_name(source: str, revision: str | None = None) -> str:
     """The ``_class_name`` of a pipeline folder's or hub repository's ``model_index.json``."""
     local = Path(source).expanduser()

@@ -7,24 +7,25 @@ import torch
 from diffusers import UNet2DConditionModel
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str]) -> None:
-    """Freeze the denoiser ``unet`` (a UNet or a transformer) and add a peft LoRA adapter (B initialised to zero, so
+def add_lora(denoiser: torch.nn.Module, rank: int, alpha: float, target_modules: list[str]) -> None:
+    """Freeze the ``denoiser`` (a UNet or a transformer) and add a peft LoRA adapter (B initialised to zero, so
     the model is unchanged at start)."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
+    denoiser.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
     try:
-        unet.add_adapter(config)
+        denoiser.add_adapter(config)
     except ValueError as err:
         raise ValueError(
-            f"model.lora_target_modules={list(target_modules)} matched no module of the {type(unet).__name__} "
+            f"model.lora_target_modules={list(target_modules)} matched no module of the {type(denoiser).__name__} "
             f"({err}); typical values are to_q, to_k, to_v, to_out.0"
         ) from err
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights in the diffusers format that ``pipe.load_lora_weights`` reads.
+def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``denoiser`` (a UNet or a transformer) in the diffusers format that
+    ``pipe.load_lora_weights`` reads.
 
     A UNet's are converted to diffusers' own key names (``to_q.lora.down``, as diffusers' UNet LoRA scripts save
     them); a transformer's (SD3, FLUX) stay in peft's (``to_q.lora_A``), which is what their pipelines' loaders and
@@ -34,8 +35,8 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet)
-    return convert_state_dict_to_diffusers(state) if isinstance(unet, UNet2DConditionModel) else state
+    state = get_peft_model_state_dict(denoiser)
+    return convert_state_dict_to_diffusers(state) if isinstance(denoiser, UNet2DConditionModel) else state
 
 
 def lora_metadata(model) -> dict:

@@ -18,8 +18,9 @@ from diffusers import StableDiffusionXLPipeline
 from world import CLIP_TEXT_IDS, build_clip_tokenizer
 
 from ..policy.conditioning import Conditioning
+from ..policy.sampling import denoiser_call
 from .family import Denoiser, ModelFamily, register_family
-from .stable_diffusion import TINY_VAE, unet_call
+from .stable_diffusion import TINY_VAE
 
 TINY_SDXL = "tiny_sdxl"
 """``model.pretrained`` value that builds :func:`build_tiny_sdxl_pipeline` instead of loading weights."""
@@ -222,7 +223,7 @@ class StableDiffusionXLFamily(ModelFamily):
         return kwargs
 
     def bind(self, model, guidance_scale: float = 1.0) -> Denoiser:
-        return lambda latents, timesteps, cond: unet_call(model, latents, timesteps, cond)
+        return lambda latents, timesteps, cond: denoiser_call(model, latents, timesteps, cond)
 
     def time_ids(self, batch: int, latent_size: int, device: torch.device) -> torch.Tensor:
         """SDXL's micro-conditioning ``[batch, 6]`` float32: ``(original_size, crop_top_left=(0, 0), target_size)``

@@ -58,7 +58,9 @@ def alpha_bar(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Te
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """``x_t = sqrt(abar) x0 + sqrt(1 - abar) noise``: ``[N, C, h, w]``, ``[N, C, h, w]``, ``[N]`` -> float32."""
+    """``x_t = sqrt(abar) x0 + sqrt(1 - abar) noise`` ``[N, C, h, w]`` float32 (a DDPM-style schedule): ``x0`` and
+    ``noise`` ``[N, C, h, w]``, ``abar`` ``[N]`` the ``alpha_bar_t`` of each row (:func:`alpha_bar`); a flow-matching
+    model re-noises with :func:`flow_add_noise` instead."""
     a = abar.float().view(-1, *([1] * (x0.ndim - 1)))
     return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
 
@@ -66,7 +68,9 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torc
 def predictions(
     model_output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0_hat, eps_hat)`` float32 from a denoiser's output of any prediction type (see the module docstring)."""
+    """``(x0_hat, eps_hat)`` float32 ``[N, C, h, w]`` each from a DDPM-style denoiser's output ``[N, C, h, w]`` of any
+    prediction type (see the module docstring) at ``x_t`` ``[N, C, h, w]``; ``abar`` ``[N]`` is ``alpha_bar_t``
+    (:func:`alpha_bar`). A flow-matching model's velocity goes through :func:`flow_predictions` instead."""
     return predict_x0_eps(model_output, x_t, abar, prediction_type)
 
 
@@ -109,15 +113,19 @@ def _mean_over_latents(values: torch.Tensor) -> torch.Tensor:
     return values.mean(dim=tuple(range(1, values.ndim)))
 
 
-def matching_target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, space: str) -> torch.Tensor:
-    """The regression target of a model's pretraining loss at ``x_t`` made from ``x0`` and ``noise``, float32.
+def matching_target(x0: torch.Tensor, noise: torch.Tensor, noise_level: torch.Tensor, space: str) -> torch.Tensor:
+    """The regression target ``[N, C, h, w]`` float32 of a model's pretraining loss at ``x_t`` made from ``x0`` and
+    ``noise``.
 
     Args:
         x0: clean latents ``[N, C, h, w]``.
         noise: the noise that made ``x_t`` ``[N, C, h, w]``.
-        abar: ``[N]``: ``alpha_bar_t`` of a DDPM-style schedule, or ``sigma`` of a flow-matching one.
+        noise_level: ``[N]``, the level ``x_t`` was noised at, whatever the family: ``alpha_bar_t`` of a DDPM-style
+            schedule (:func:`add_noise`), or ``sigma`` of a flow-matching one (:func:`flow_add_noise`). Only
+            ``v_prediction`` reads it (as ``alpha_bar_t``); the other targets do not depend on it.
         space: ``flow`` (target ``noise - x0``, the velocity), ``epsilon`` (``noise``), ``v_prediction``
-            (``sqrt(abar) noise - sqrt(1 - abar) x0``) or ``sample`` (``x0``): the model's prediction type.
+            (``sqrt(abar) noise - sqrt(1 - abar) x0`` with ``abar = noise_level``) or ``sample`` (``x0``): the model's
+            prediction type.
     """
     x0, noise = x0.float(), noise.float()
     if space == "flow":
@@ -127,8 +135,8 @@ def matching_target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, s
     if space == "sample":
         return x0
     if space == "v_prediction":
-        a = abar.float().view(-1, *([1] * (x0.ndim - 1)))
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
+        abar = noise_level.float().view(-1, *([1] * (x0.ndim - 1)))  # a DDPM-style schedule's alpha_bar_t
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
     raise ValueError(f"unknown prediction space {space!r}: expected flow, epsilon, v_prediction or sample")
 
 

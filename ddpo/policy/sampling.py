@@ -29,11 +29,11 @@ class SamplerSettings:
         num_steps: denoising steps per trajectory.
         guidance_scale: classifier-free guidance scale; CFG is on when :func:`uses_cfg` says so (> 1).
         eta: DDIM stochasticity (``sigma_t`` scale); 1 is DDPM-like.
-        mixed_precision: autocast of the UNet/VAE: ``no`` | ``bf16`` | ``fp16`` (log-probs stay float32).
+        mixed_precision: autocast of the denoiser/VAE: ``no`` | ``bf16`` | ``fp16`` (log-probs stay float32).
         decode_chunk_size: images per VAE decode call.
         share_initial_noise: a prompt group's samples start from one ``x_T`` (see :func:`sample_trajectories`).
-        latent_size: side of the square latents ``h = w`` (None: the UNet's ``sample_size``).
-        latent_channels: latent channels ``C`` (None: the UNet's ``in_channels``).
+        latent_size: side of the square latents ``h = w`` (None: the denoiser's ``sample_size``).
+        latent_channels: latent channels ``C`` (None: the denoiser's ``in_channels``).
         schedule_kwargs: extra ``(key, value)`` pairs for ``scheduler.set_timesteps`` (FLUX: ``sigmas``, ``mu``).
         sde_window: ``(first, end)``: only steps ``first <= k < end`` are stochastic (Flow-GRPO-Fast); the others
             are the deterministic ODE step (noise level 0, log-prob 0, never trained on). None: every step.
@@ -68,20 +68,21 @@ Denoiser = Callable[[torch.Tensor, Any, Conditioning], torch.Tensor]
 its family's calling convention (:meth:`ddpo.models.family.ModelFamily.bind`)."""
 
 
-def unet_call(unet, latents: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
-    """``UNet2DConditionModel`` output ``[B, C, h, w]`` at ``(latents, timesteps, cond)``; SDXL's pooled embedding and
-    time ids go in as ``added_cond_kwargs`` when ``cond`` has them."""
+def denoiser_call(denoiser, latents: torch.Tensor, timesteps, cond: Conditioning) -> torch.Tensor:
+    """Output ``[B, C, h, w]`` of a ``UNet2DConditionModel`` ``denoiser`` (Stable Diffusion 1.x/2.x, SDXL) at
+    ``(latents, timesteps, cond)``; SDXL's pooled embedding and time ids go in as ``added_cond_kwargs`` when ``cond``
+    has them. (SD3 and FLUX transformers are called by their family's :meth:`~ddpo.models.family.ModelFamily.bind`.)"""
     added = None
     if cond.pooled is not None:
         added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-    return unet(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+    return denoiser(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
 
 
 def as_denoiser(model) -> Denoiser:
     """``model`` as a :data:`Denoiser`: a bound denoiser is returned as is, a bare UNet module is called the
-    Stable Diffusion way (:func:`unet_call`)."""
+    Stable Diffusion way (:func:`denoiser_call`)."""
     if isinstance(model, torch.nn.Module):
-        return lambda latents, timesteps, cond: unet_call(model, latents, timesteps, cond)
+        return lambda latents, timesteps, cond: denoiser_call(model, latents, timesteps, cond)
     return model
 
 
@@ -91,15 +92,15 @@ def uses_cfg(guidance_scale: float) -> bool:
 
 
 def autocast(device: torch.device, mixed_precision: str):
-    """The UNet/VAE/text-encoder autocast context for ``mixed_precision`` in ``no | bf16 | fp16``."""
+    """The denoiser/VAE/text-encoder autocast context for ``mixed_precision`` in ``no | bf16 | fp16``."""
     dtype = AUTOCAST_DTYPES[mixed_precision]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-SHARED_FIELDS = ("negative_embeds", "timesteps")
-"""Fields every batch of one epoch holds alike: the negative prompt's states and the sampler's timesteps."""
+SHARED_FIELDS = ("negative_cond", "timesteps")
+"""Fields every batch of one epoch holds alike: the negative prompt's conditioning and the sampler's timesteps."""
 
 
 def concatenate_batches(items: list):
@@ -125,9 +126,10 @@ class Trajectories:
 
     Attributes:
         prompts: ``B`` prompt strings.
-        prompt_embeds: the prompts' :class:`Conditioning` ``[B, ...]`` (float32; a bare ``[B, L, D]`` tensor for
-            Stable Diffusion 1.x is accepted).
-        negative_embeds: the negative prompt's, ``[1, ...]``, shared by the batch (None without CFG).
+        cond: the prompts' :class:`Conditioning` ``[B, ...]`` (float32; a bare ``[B, L, D]`` tensor of text-encoder
+            states, Stable Diffusion 1.x/2.x's, is accepted).
+        negative_cond: the negative prompt's :class:`Conditioning` ``[1, ...]``, shared by the batch (None without
+            CFG).
         latents: ``[B, T + 1, C, h, w]`` float32: ``x_T, ..., x_0``.
         log_probs: ``[B, T]`` float32: ``log pi(x_{t-1} | x_t, c)`` of each step (0 for deterministic steps).
         timesteps: ``[T]``: the scheduler timestep of each step (long; float ``sigma * 1000`` for flow matching).
@@ -135,8 +137,8 @@ class Trajectories:
     """
 
     prompts: list[str]
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
+    cond: Conditioning | torch.Tensor
+    negative_cond: Conditioning | torch.Tensor | None
     latents: torch.Tensor
     log_probs: torch.Tensor
     timesteps: torch.Tensor
@@ -162,8 +164,8 @@ def guided_model_output(
     denoiser,
     latents: torch.Tensor,
     timesteps: torch.Tensor | int | float,
-    prompt_embeds: torch.Tensor | Conditioning,
-    negative_embeds: torch.Tensor | Conditioning | None,
+    cond: Conditioning | torch.Tensor,
+    negative_cond: Conditioning | torch.Tensor | None,
     guidance_scale: float,
 ) -> torch.Tensor:
     """The denoiser output with classifier-free guidance as **one** batched call. Returns float32 ``[B, C, h, w]``.
@@ -172,12 +174,12 @@ def guided_model_output(
         denoiser: a :data:`Denoiser` (or a bare Stable Diffusion UNet, see :func:`as_denoiser`).
         latents: ``x_t`` ``[B, C, h, w]`` (float32; autocast, if active, casts inside the model).
         timesteps: a scalar or ``[B]``.
-        prompt_embeds: the prompts' :class:`Conditioning` ``[B, ...]`` (a bare ``[B, L, D]`` tensor is SD 1.x's);
-            negative_embeds: the negative prompt's, ``[1, ...]`` or ``[B, ...]`` (None: no CFG rows, e.g. FLUX,
+        cond: the prompts' :class:`Conditioning` ``[B, ...]`` (a bare ``[B, L, D]`` tensor is SD 1.x's);
+            negative_cond: the negative prompt's, ``[1, ...]`` or ``[B, ...]`` (None: no CFG rows, e.g. FLUX,
             whose guidance is an input of the bound denoiser).
     """
     denoiser = as_denoiser(denoiser)
-    cond, negative = as_conditioning(prompt_embeds), as_conditioning(negative_embeds)
+    cond, negative = as_conditioning(cond), as_conditioning(negative_cond)
     batch = latents.shape[0]
     if negative is None or not uses_cfg(guidance_scale):
         return denoiser(latents, timesteps, cond).float()
@@ -207,14 +209,20 @@ def consecutive_groups(prompts: list[str]) -> torch.Tensor:
 
 
 def initial_noise(
-    unet, scheduler, prompts: list[str], generator: torch.Generator, settings: SamplerSettings, device: torch.device
+    denoiser: torch.nn.Module | None,
+    scheduler,
+    prompts: list[str],
+    generator: torch.Generator,
+    settings: SamplerSettings,
+    device: torch.device,
 ) -> torch.Tensor:
     """``x_T`` ``[B, C, h, w]`` float32 for ``B = len(prompts)``: the first draw of ``generator``, scaled by the
-    scheduler's ``init_noise_sigma`` (call ``set_timesteps`` first). The shape comes from ``settings`` (``unet``'s
-    config where they leave it open; ``unet`` may be None when they set both). With ``settings.share_initial_noise`` one draw per
-    run of consecutive equal prompts, shared by its samples (:func:`consecutive_groups`)."""
-    size = settings.latent_size or unet.config.sample_size
-    channels = settings.latent_channels or unet.config.in_channels
+    scheduler's ``init_noise_sigma`` (call ``set_timesteps`` first). The shape comes from ``settings`` (the
+    ``denoiser`` module's config where they leave it open; ``denoiser`` may be None when they set both). With
+    ``settings.share_initial_noise`` one draw per run of consecutive equal prompts, shared by its samples
+    (:func:`consecutive_groups`)."""
+    size = settings.latent_size or denoiser.config.sample_size
+    channels = settings.latent_channels or denoiser.config.in_channels
     group = consecutive_groups(prompts) if settings.share_initial_noise else torch.arange(len(prompts))
     shape = (int(group.max()) + 1, channels, size, size)
     latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)[group.to(device)]
@@ -223,11 +231,11 @@ def initial_noise(
 
 @torch.no_grad()
 def sample_trajectories(
-    unet,
+    denoiser,
     vae,
     scheduler,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
+    cond: Conditioning | torch.Tensor,
+    negative_cond: Conditioning | torch.Tensor | None,
     prompts: list[str],
     generator: torch.Generator,
     settings: SamplerSettings,
@@ -235,7 +243,9 @@ def sample_trajectories(
     """Sample ``B = len(prompts)`` trajectories from ``x_T ~ N(0, I)`` and decode their final latents.
 
     Args:
-        prompt_embeds: ``[B, L, D]`` float32; negative_embeds: ``[1, L, D]`` (None without CFG).
+        denoiser: a :data:`Denoiser` bound by its family, or a bare Stable Diffusion UNet (:func:`as_denoiser`).
+        cond: the prompts' :class:`Conditioning` ``[B, ...]`` float32 (a bare ``[B, L, D]`` tensor is SD 1.x's);
+            negative_cond: the negative prompt's, ``[1, ...]`` (None without CFG).
         prompts: the ``B`` prompt strings (recorded; with ``share_initial_noise`` they define the groups).
         generator: the only source of randomness (``x_T`` and every step's noise).
 
@@ -247,18 +257,16 @@ def sample_trajectories(
     No host-device synchronisation happens inside the loop: timesteps are Python ints and log-probs stay on the
     device. Call :func:`check_schedule` once beforehand (the step here skips its zero-variance check).
     """
-    device = prompt_embeds.device
+    device = cond.device
     set_timesteps(scheduler, settings)
     step = STEP_FUNCTIONS[settings.scheduler]
-    latents = initial_noise(_module(unet), scheduler, prompts, generator, settings, device)
-    denoiser = as_denoiser(unet)
+    latents = initial_noise(_module(denoiser), scheduler, prompts, generator, settings, device)
+    denoiser = as_denoiser(denoiser)
     all_latents, all_log_probs = [latents], []
     timesteps = scheduler.timesteps.tolist()
     for index, t in enumerate(timesteps):
         with autocast(device, settings.mixed_precision):
-            model_output = guided_model_output(
-                denoiser, latents, t, prompt_embeds, negative_embeds, settings.guidance_scale
-            )
+            model_output = guided_model_output(denoiser, latents, t, cond, negative_cond, settings.guidance_scale)
         eta = settings.step_eta(index)
         out = step(scheduler, model_output, t, latents, eta=eta, generator=generator, check=False)
         latents = out.prev_sample
@@ -267,8 +275,8 @@ def sample_trajectories(
     images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return Trajectories(
         prompts=list(prompts),
-        prompt_embeds=prompt_embeds,
-        negative_embeds=negative_embeds,
+        cond=cond,
+        negative_cond=negative_cond,
         latents=torch.stack(all_latents, dim=1),
         log_probs=torch.stack(all_log_probs, dim=1),
         timesteps=torch.tensor(timesteps, dtype=scheduler.timesteps.dtype, device=device),
@@ -289,35 +297,37 @@ def decode_latents(vae, latents: torch.Tensor, mixed_precision: str = "no", chun
 
 
 def recompute_step(
-    unet,
+    denoiser,
     scheduler,
     latents: torch.Tensor,
     next_latents: torch.Tensor,
     timesteps: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
+    cond: Conditioning | torch.Tensor,
+    negative_cond: Conditioning | torch.Tensor | None,
     settings: SamplerSettings,
 ) -> StepOutput:
-    """Log-prob of stored actions under the current UNet, for ``N`` (trajectory, timestep) pairs in one UNet call.
+    """Log-prob of stored actions under the current denoiser, for ``N`` (trajectory, timestep) pairs in one denoiser
+    call.
 
     Args:
+        denoiser: a :data:`Denoiser` bound by its family, or a bare Stable Diffusion UNet (:func:`as_denoiser`).
         latents: ``x_t`` ``[N, C, h, w]``; next_latents: the stored ``x_{t-1}`` ``[N, C, h, w]``.
-        timesteps: ``[N]`` long, one per pair; prompt_embeds ``[N, L, D]``.
+        timesteps: ``[N]``, one per pair (long; float ``sigma * 1000`` for flow matching).
+        cond: the pairs' :class:`Conditioning` ``[N, ...]`` (a bare ``[N, L, D]`` tensor is SD 1.x's);
+            negative_cond: the negative prompt's ``[1, ...]`` (None without CFG).
         settings: the sampling settings the pairs were drawn with (scheduler, CFG, eta, autocast).
     Returns:
         :class:`~ddpo.policy.schedulers.StepOutput` with differentiable ``log_prob [N]`` and ``mean``.
     """
     with autocast(latents.device, settings.mixed_precision):
-        model_output = guided_model_output(
-            unet, latents, timesteps, prompt_embeds, negative_embeds, settings.guidance_scale
-        )
+        model_output = guided_model_output(denoiser, latents, timesteps, cond, negative_cond, settings.guidance_scale)
     return STEP_FUNCTIONS[settings.scheduler](
         scheduler, model_output, timesteps, latents, eta=settings.eta, prev_sample=next_latents, check=False
     )
 
 
 def recompute_pairs(
-    unet,
+    denoiser,
     scheduler,
     trajectories: Trajectories,
     i: torch.Tensor,
@@ -327,13 +337,13 @@ def recompute_pairs(
     """:func:`recompute_step` at the stored pairs ``(trajectory i[k], step j[k])`` of ``trajectories`` (``i``, ``j``:
     long ``[N]``), with the trajectories' own negative prompt: the policy step exactly as it was sampled."""
     return recompute_step(
-        unet,
+        denoiser,
         scheduler,
         trajectories.latents[i, j],
         trajectories.latents[i, j + 1],
         trajectories.timesteps[j],
-        trajectories.prompt_embeds[i],
-        trajectories.negative_embeds,
+        trajectories.cond[i],
+        trajectories.negative_cond,
         settings,
     )
 
@@ -344,8 +354,9 @@ class CleanSamples:
 
     Attributes:
         prompts: ``B`` prompt strings.
-        prompt_embeds: ``[B, L, D]`` float32 text-encoder states.
-        negative_embeds: ``[1, L, D]`` (None without CFG).
+        cond: the prompts' :class:`Conditioning` ``[B, ...]`` float32 (a bare ``[B, L, D]`` tensor of text-encoder
+            states, Stable Diffusion 1.x/2.x's, is accepted).
+        negative_cond: the negative prompt's :class:`Conditioning` ``[1, ...]`` (None without CFG).
         latents: ``[B, C, h, w]`` float32: the clean ``x_0`` the sampler ended at.
         timesteps: ``[T]``: the sampler's timesteps (the forward-process loss re-noises at these): long for a
             DDPM-style schedule, float ``sigma * 1000`` for flow matching.
@@ -353,8 +364,8 @@ class CleanSamples:
     """
 
     prompts: list[str]
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
+    cond: Conditioning | torch.Tensor
+    negative_cond: Conditioning | torch.Tensor | None
     latents: torch.Tensor
     timesteps: torch.Tensor
     images: torch.Tensor
@@ -389,11 +400,11 @@ def _step_kwargs(scheduler, eta: float, generator: torch.Generator) -> dict:
 
 @torch.no_grad()
 def sample_clean(
-    unet,
+    denoiser,
     vae,
     scheduler,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
+    cond: Conditioning | torch.Tensor,
+    negative_cond: Conditioning | torch.Tensor | None,
     prompts: list[str],
     generator: torch.Generator,
     settings: SamplerSettings,
@@ -403,24 +414,23 @@ def sample_clean(
     The loop of diffusers' pipelines (``scale_model_input``, one batched CFG call, ``scheduler.step``), with every
     random draw from ``generator``: ``x_T`` first, then whatever the scheduler's step draws (none for DDIM with
     ``eta = 0``, DPM-Solver++ or Euler). ``settings.share_initial_noise`` shares ``x_T`` within prompt groups.
+    ``denoiser``, ``cond`` and ``negative_cond`` as in :func:`sample_trajectories`.
     """
-    device = prompt_embeds.device
+    device = cond.device
     set_timesteps(scheduler, settings, device)
-    latents = initial_noise(_module(unet), scheduler, prompts, generator, settings, device)
-    denoiser = as_denoiser(unet)
+    latents = initial_noise(_module(denoiser), scheduler, prompts, generator, settings, device)
+    denoiser = as_denoiser(denoiser)
     extra = _step_kwargs(scheduler, settings.eta, generator)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         with autocast(device, settings.mixed_precision):
-            output = guided_model_output(
-                denoiser, model_input, t, prompt_embeds, negative_embeds, settings.guidance_scale
-            )
+            output = guided_model_output(denoiser, model_input, t, cond, negative_cond, settings.guidance_scale)
         latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0].float()
     images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return CleanSamples(
         prompts=list(prompts),
-        prompt_embeds=prompt_embeds,
-        negative_embeds=negative_embeds,
+        cond=cond,
+        negative_cond=negative_cond,
         latents=latents,
         timesteps=_stored_timesteps(scheduler).to(device),
         images=images,

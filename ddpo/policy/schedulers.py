@@ -8,7 +8,7 @@ Log-probabilities are **averaged over the latent dimensions** (``C * H * W``), n
 code: the PPO clip range (1e-4 in the paper) and the learning rate then do not depend on the latent size. A
 summed log-prob is ``log_prob * C * H * W``; the ratio would change by the same factor in the exponent.
 
-Every timestep argument may be a Python int or a ``LongTensor [B]`` (one timestep per sample), so that one UNet
+Every timestep argument may be a Python int or a ``LongTensor [B]`` (one timestep per sample), so that one denoiser
 call can train on (trajectory, timestep) pairs of different timesteps.
 
 The Gaussian primitives (:class:`StepOutput`, :func:`gaussian_log_prob`, the sample-or-score rule) live in
@@ -81,7 +81,9 @@ def _alphas(scheduler, timestep, batch: int, device: torch.device) -> tuple[torc
 def predict_x0_eps(
     model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted ``x_0`` and ``epsilon`` from the model output, for epsilon, v and sample prediction (float32)."""
+    """Predicted ``x_0`` and ``epsilon`` (float32, ``[B, C, H, W]`` each) from the model output ``[B, C, H, W]`` at
+    ``sample`` ``x_t`` ``[B, C, H, W]``, for epsilon, v and sample prediction; ``alpha_t`` ``[B]`` (or a scalar) is
+    the schedule's cumulative ``alpha_bar_t`` (``alphas_cumprod``), as in the DDIM paper's notation."""
     a = alpha_t.view(-1, 1, 1, 1)
     model_output, sample = model_output.float(), sample.float()
     if prediction_type == "epsilon":
@@ -120,7 +122,7 @@ def ddim_step_with_logprob(
 
     Args:
         scheduler: a ``diffusers.DDIMScheduler`` after ``set_timesteps``.
-        model_output: the (guided) UNet output ``[B, C, H, W]`` (any dtype; cast to float32).
+        model_output: the (guided) denoiser output ``[B, C, H, W]`` (any dtype; cast to float32).
         timestep: int or ``LongTensor [B]``.
         sample: ``x_t`` ``[B, C, H, W]``.
         eta: 1.0 gives the DDPM posterior variance.

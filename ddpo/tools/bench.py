@@ -185,7 +185,7 @@ def reference_minibatch_loss(trainer, samples, weights: torch.Tensor, i: torch.T
     (No KL-to-base term: :func:`main` refuses ``train.kl_coef > 0`` in the reference mode.)"""
     c, s, t = trainer.config, trainer.config.sample, trainer.config.train
     do_cfg = trainer.negative_embeds is not None and uses_cfg(s.guidance_scale)
-    embeds = _plain(samples.prompt_embeds[i])
+    embeds = _plain(samples.cond[i])
     if do_cfg:
         embeds = torch.cat([_plain(trainer.negative_embeds).expand(len(i), -1, -1), embeds])
     latents, next_latents, timesteps = samples.latents[i, j], samples.latents[i, j + 1], samples.timesteps[j]

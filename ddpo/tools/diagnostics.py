@@ -111,19 +111,20 @@ def score_scales(scheduler, scheduler_name: str, num_steps: int, eta: float = 1.
 
 
 def log_prob_gradients(
-    unet,
+    denoiser,
     scheduler,
     trajectories: Trajectories,
     params: list[torch.Tensor],
     settings: SamplerSettings,
 ) -> torch.Tensor:
     """``[B, T, P]``: the gradient of each sample's log-prob at each step with respect to the ``P`` weights ``params``
-    (one UNet call per (sample, step), through :func:`~ddpo.policy.sampling.recompute_pairs`): the per-sample terms
-    of :func:`gradient_noise_scale`."""
+    (one ``denoiser`` call per (sample, step), through :func:`~ddpo.policy.sampling.recompute_pairs`: a bound
+    :data:`~ddpo.policy.sampling.Denoiser` or a bare Stable Diffusion UNet): the per-sample terms of
+    :func:`gradient_noise_scale`."""
     batch, steps = trajectories.log_probs.shape
     grads = torch.zeros(batch, steps, sum(p.numel() for p in params))
     for i in range(batch):
         for j in range(steps):
-            out = recompute_pairs(unet, scheduler, trajectories, torch.tensor([i]), torch.tensor([j]), settings)
+            out = recompute_pairs(denoiser, scheduler, trajectories, torch.tensor([i]), torch.tensor([j]), settings)
             grads[i, j] = torch.cat([g.flatten() for g in torch.autograd.grad(out.log_prob.sum(), params)])
     return grads

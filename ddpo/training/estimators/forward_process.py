@@ -180,7 +180,7 @@ class ForwardProcessEstimator(Estimator):
         x0 = samples.latents[i]
         timesteps = samples.timesteps[j]
         x_t, noise, level = self.renoise(x0, timesteps)
-        embeds = samples.prompt_embeds[i]
+        embeds = samples.cond[i]
         old = None
         if self.old_params is not None:  # before the policy's call: swapping weights after it would corrupt its graph
             with torch.no_grad(), self.old_policy_weights():
