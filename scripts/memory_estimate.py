@@ -4,8 +4,9 @@ How the numbers are obtained (docs/gpu-memory.md explains the model and the tabl
 
 * **Parameters are counted**: each preset's denoiser (Stable Diffusion 1.5 or SDXL base UNet, SD3.5 Medium or
   FLUX.1-dev transformer), VAE and text encoders (CLIP ViT-L/14, OpenCLIP bigG, T5 v1.1 XXL) are built from their
-  published configs (kept in the family modules: ``SD15_UNET``, ``SDXL_BASE_UNET``, ``SD35_MEDIUM_TRANSFORMER``,
-  ``FLUX1_DEV_TRANSFORMER``, ``T5_XXL_ENCODER``, ...) on ``torch.device("meta")`` (no weights, no memory, no
+  published configs (Stable Diffusion 1.5's ``SD15_UNET``, ... in ``ddpo.models.stable_diffusion``, which builds
+  from them; the others, ``SDXL_BASE_UNET``, ``SD35_MEDIUM_TRANSFORMER``, ``FLUX1_DEV_TRANSFORMER``,
+  ``T5_XXL_ENCODER``, ..., in ``scripts/memory_tables.py`` beside this script) on ``torch.device("meta")`` (no weights, no memory, no
   download) and their parameters (and stored buffers: SD3's positional table) summed; LoRA parameters are counted
   by adding the preset's peft adapter to that denoiser (``ddpo.models.lora.add_lora``).
 * **Activations are counted at full size on the meta device**: one denoiser call (and one VAE decode) runs on meta
@@ -34,11 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpo.models.flux import FLUX1_DEV_TRANSFORMER, FLUX1_VAE
-from ddpo.models.sd3 import SD3_VAE, SD35_MEDIUM_TRANSFORMER, T5_XXL_ENCODER
-from ddpo.models.sdxl import CLIP_BIGG_TEXT_ENCODER, SDXL_BASE_UNET, SDXL_TEXT_ENCODER, SDXL_VAE
 from ddpo.models.stable_diffusion import SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE
 from world.pipeline import CLIP_TEXT_IDS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # memory_tables.py beside this script, however it is loaded
+from memory_tables import (  # noqa: E402
+    CLIP_BIGG_TEXT_ENCODER,
+    FLUX1_DEV_TRANSFORMER,
+    FLUX1_VAE,
+    SD3_VAE,
+    SD35_MEDIUM_TRANSFORMER,
+    SDXL_BASE_UNET,
+    SDXL_TEXT_ENCODER,
+    SDXL_VAE,
+    T5_XXL_ENCODER,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -25,15 +25,16 @@ trained")::
 Single-threaded processes (``--threads 1``): on a shared 2-core machine two threads per process oversubscribe the
 cores and run several times slower.
 
-Checkpoints go to ``--work`` every ``--save-every`` steps; rerunning the same command resumes.
+Checkpoints go to ``--work`` every ``--save-every`` steps; rerunning the same command resumes. The helpers this script
+shares with scripts/pretrain_world_flow.py (seeding, schedules, the denoiser loop, the evaluation) are in
+scripts/pretrain_world_common.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,90 +42,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import world
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_world_common import (  # noqa: E402
+    caption_tokens,
+    captioned_latents,
+    cosine_lr,
+    eval_prompts,
+    eval_result,
+    load_ckpt,
+    load_ema,
+    log,
+    optimizer_step,
+    parser,
+    resume,
+    sample_and_score,
+    save_ckpt,
+    save_eval_samples,
+    save_grid,
+    start,
+    step_seed,
+    train_denoiser,
+)
 
-PHASE_IDS = {"vae": 1, "unet": 2, "clip": 3, "eval": 4, "decoder": 5, "transformer": 6, "tune": 7}
-"""Phase ids of :func:`step_seed` (``transformer`` and ``tune`` are scripts/pretrain_world_flow.py's; its ``eval`` reuses
-the UNet model's evaluation prompts and noise seeds)."""
-
-
-def step_seed(seed: int, phase: str, step: int) -> int:
-    """Seed of the data/noise of one step of one phase."""
-    return int(np.random.SeedSequence([seed, PHASE_IDS[phase], step]).generate_state(1)[0])
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cosine_lr(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.1) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def captioned_latents(
-    seed: int, train_captions: list[str], batch: int, cond_drop: float, vae
-) -> tuple[list[str], torch.Tensor, torch.Generator]:
-    """One denoiser-training batch, a pure function of ``seed``: scenes of ``batch`` random ``train_captions``, their
-    captions (each dropped to "" with probability ``cond_drop``, for classifier-free guidance) and VAE latents drawn
-    from the posterior, shifted and scaled as the pipeline decodes them (``(z - shift_factor) * scaling_factor``; no
-    shift for the UNet model's VAE). Returns the step's generator too, for the step's further draws."""
-    rng = np.random.default_rng(seed)
-    scenes = [world.sample_scene(rng, train_captions[i]) for i in rng.integers(len(train_captions), size=batch)]
-    prompts = [world.caption(sc) if rng.random() >= cond_drop else "" for sc in scenes]
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        posterior = vae.encode(world.render(scenes) * 2 - 1).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-    return prompts, latents, generator
-
-
-def ema_step(loss: torch.Tensor, opt, params: list, lr: float, ema: list, ema_decay: float, step: int) -> torch.Tensor:
-    """Set the learning rate, back-propagate ``loss``, clip the gradient norm at 1, step ``opt`` and move the EMA
-    ``ema`` of ``params`` (decay ``min(ema_decay, (1 + step) / (10 + step))``). Returns the gradient norm."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    decay = min(ema_decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            e.lerp_(p.detach(), 1 - decay)
-    return grad_norm
-
-
-@torch.no_grad()
-def load_ema(ema: list, params: list) -> None:
-    """Copy the EMA weights into ``params`` (in place)."""
-    for e, p in zip(ema, params):
-        p.copy_(e)
-
-
-def save_ckpt(path: Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_ckpt(path: Path) -> dict | None:
-    return torch.load(path, weights_only=True) if path.exists() else None
-
-
-def resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, phase: str) -> int:
-    """Load a phase's ``{"model", "opt", "step"}`` checkpoint into ``model`` and ``opt`` if it exists; the step to
-    continue from (0 without one)."""
-    if (ckpt := load_ckpt(path)) is None:
-        return 0
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    log(f"{phase}: resumed at step {ckpt['step']}")
-    return ckpt["step"]
-
+import world  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------------
 # Phase 1: VAE
@@ -153,12 +93,7 @@ def train_vae(pipe, args) -> None:
         rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + args.vae_kl * kl
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(loss, opt, vae.parameters(), cosine_lr(step, args.vae_steps, args.vae_lr))
         if step % 50 == 0 or step == args.vae_steps - 1:
             log(f"vae step {step} rec {rec.item():.4f} kl/dim {kl.item():.3f} ({time.time() - t0:.0f}s)")
         if (step + 1) % args.save_every == 0 or step == args.vae_steps - 1:
@@ -217,12 +152,7 @@ def train_decoder(pipe, args) -> None:
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(z).sample
         loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.decoder_steps, args.decoder_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
-        opt.step()
+        optimizer_step(loss, opt, decoder_params, cosine_lr(step, args.decoder_steps, args.decoder_lr))
         if step % 50 == 0 or step == args.decoder_steps - 1:
             log(f"decoder step {step} rec {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % args.save_every == 0 or step == args.decoder_steps - 1:
@@ -239,54 +169,23 @@ def train_decoder(pipe, args) -> None:
     save_grid(torch.cat([images[:16], recon[:16]]).add(1).div(2), args.work / "decoder_recon.png", nrow=16)
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 16) -> None:
-    from torchvision.utils import save_image
-
-    save_image(images.clamp(0, 1), path, nrow=nrow)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Phase 2: UNet + text encoder
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def train_unet(pipe, args) -> None:
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas_cumprod = noise_scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weight = torch.clamp(snr, max=args.min_snr_gamma) / snr  # min-SNR weighting for epsilon prediction
-
     train_captions, _ = world.split_captions(args.prompt_seed)
-    token_cache: dict[str, torch.Tensor] = {}
+    tokens = caption_tokens(pipe.tokenizer)
 
-    def tokens(prompts: list[str]) -> torch.Tensor:
-        for p in set(prompts) - token_cache.keys():
-            token_cache[p] = tokenizer(
-                p, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids[0]
-        return torch.stack([token_cache[p] for p in prompts])
-
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
-    ema = [p.detach().clone() for p in params]
-    ckpt_path = args.work / "unet.pt"
-    start = 0
-    if (ckpt := load_ckpt(ckpt_path)) is not None:
-        unet.load_state_dict(ckpt["unet"])
-        text_encoder.load_state_dict(ckpt["text_encoder"])
-        opt.load_state_dict(ckpt["opt"])
-        ema = ckpt["ema"]
-        start = ckpt["step"]
-        log(f"unet: resumed at step {start}")
-    unet.train()
-    text_encoder.train()
-    vae.requires_grad_(False)
-    t0 = time.time()
-    running = None
-    for step in range(start, args.unet_steps):
+    def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         seed = step_seed(args.seed, "unet", step)
         prompts, latents, generator = captioned_latents(seed, train_captions, args.batch, args.cond_drop, vae)
         noise = torch.randn(latents.shape, generator=generator)
@@ -300,25 +199,14 @@ def train_unet(pipe, args) -> None:
         hidden = text_encoder(tokens(prompts))[0]
         pred = unet(noisy, timesteps, hidden).sample
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weight[timesteps]).mean()
-        lr = cosine_lr(step, args.unet_steps, args.unet_lr, warmup=200)
-        grad_norm = ema_step(loss, opt, params, lr, ema, args.ema_decay, step)
-        running = per_sample.mean().item() if running is None else 0.98 * running + 0.02 * per_sample.mean().item()
-        if step % 50 == 0 or step == args.unet_steps - 1:
-            rate = (step + 1 - start) / (time.time() - t0)
-            log(
-                f"unet step {step} mse {running:.4f} grad {grad_norm.item():.2f} ({time.time() - t0:.0f}s, {rate:.2f} it/s)"
-            )
-        if (step + 1) % args.save_every == 0 or step == args.unet_steps - 1:
-            save_ckpt(
-                ckpt_path,
-                unet=unet.state_dict(),
-                text_encoder=text_encoder.state_dict(),
-                opt=opt.state_dict(),
-                ema=ema,
-                step=step + 1,
-            )
-    load_ema(ema, params)
+        return (per_sample * loss_weight[timesteps]).mean(), per_sample.mean()
+
+    unet.train()
+    text_encoder.train()
+    vae.requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    train_denoiser("unet", modules, params, step_loss, args, steps=args.unet_steps, lr=args.unet_lr, warmup=200)
     unet.eval()
     text_encoder.eval()
 
@@ -369,12 +257,7 @@ def train_clip(args) -> None:
         logits = model.logit_scale.exp() * image_features @ text_features.T
         labels = torch.arange(len(scenes))
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.clip_steps, args.clip_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(loss, opt, model.parameters(), cosine_lr(step, args.clip_steps, args.clip_lr))
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == args.clip_steps - 1:
@@ -400,29 +283,15 @@ def evaluate(model_dir: Path, args) -> dict:
     from rewards.world import WorldReward
 
     pipe = world.load_world_pipeline(model_dir)
-    _, heldout = world.split_captions(args.prompt_seed)
-    rng = np.random.default_rng(step_seed(args.seed, "eval", 0))
-    prompts = [heldout[i] for i in rng.integers(len(heldout), size=args.eval_samples)]
+    prompts, seeds = eval_prompts(args)
     reward = WorldReward()
-    images, scores, infos = [], [], []
     t0 = time.time()
-    for i in range(0, len(prompts), 16):
-        batch = prompts[i : i + 16]
-        generator = torch.Generator().manual_seed(step_seed(args.seed, "eval", i + 1))
-        out = pipe(
-            batch, num_inference_steps=20, guidance_scale=5.0, eta=1.0, generator=generator, output_type="pt"
-        ).images
-        images.append(out)
-        scores.append(reward(out, batch))
-        infos.append(reward.last_info())
+    images, scores, infos = sample_and_score(
+        pipe, reward, prompts, seeds, num_inference_steps=20, guidance_scale=5.0, eta=1.0
+    )
     seconds = time.time() - t0
-    images = torch.cat(images)
-    scores = torch.cat(scores)
-    result = {k: float(np.mean([info[k] for info in infos])) for k in infos[0]}
-    # Chance levels: the same samples scored against other prompts (a model that ignores its prompt), and perfect
-    # renders of random world scenes scored against the evaluation prompts.
-    reward(images, prompts[1:] + prompts[:1])
-    result.update({f"chance_shifted/{k.split('/')[1]}": v for k, v in reward.last_info().items()})
+    result = eval_result(reward, images, prompts, infos)
+    # Chance level of perfect renders of random world scenes scored against the evaluation prompts.
     renders = world.render(world.sample_scenes(len(prompts), step_seed(args.seed, "eval", 10**6)))
     reward(renders, prompts)
     result.update({f"chance_random_scenes/{k.split('/')[1]}": v for k, v in reward.last_info().items()})
@@ -434,8 +303,7 @@ def evaluate(model_dir: Path, args) -> dict:
             "settings": "heldout prompts, DDIM 20 steps, eta 1.0, guidance 5.0",
         }
     )
-    save_grid(images[:64], args.work / "eval_samples.png", nrow=8)
-    (args.work / "eval_prompts.txt").write_text("\n".join(prompts[:64]) + "\n")
+    save_eval_samples(images, prompts, args.work)
     return result
 
 
@@ -446,52 +314,35 @@ def save_pipeline(pipe, args) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("world/assets"), help="writes world_model/ and world_clip/")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/world_pretrain"), help="checkpoints, logs, grids")
-    parser.add_argument(
-        "--phases", default="vae,decoder,clip,unet,eval", help="comma-separated subset, run in this order"
+    parser_ = parser(
+        __doc__, "writes world_model/ and world_clip/", "/tmp/world_pretrain", "vae,decoder,clip,unet,eval", 0.998, 200
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the train / held-out caption split")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared 2-core box)"
-    )
-    parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term")
-    parser.add_argument(
+    parser_.add_argument("--vae-steps", type=int, default=3000)
+    parser_.add_argument("--vae-batch", type=int, default=32)
+    parser_.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
+    parser_.add_argument("--vae-lr", type=float, default=2e-3)
+    parser_.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term")
+    parser_.add_argument(
         "--scale-images",
         type=int,
         default=512,
         help="fresh renders that set the latent scaling factor (1 / std) and measure held-out reconstruction",
     )
-    parser.add_argument("--decoder-steps", type=int, default=800)
-    parser.add_argument("--decoder-batch", type=int, default=16)
-    parser.add_argument("--decoder-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-steps", type=int, default=5000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--unet-lr", type=float, default=1e-3)
-    parser.add_argument("--min-snr-gamma", type=float, default=5.0)
-    parser.add_argument("--ema-decay", type=float, default=0.998)
-    parser.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
-    parser.add_argument(
+    parser_.add_argument("--decoder-steps", type=int, default=800)
+    parser_.add_argument("--decoder-batch", type=int, default=16)
+    parser_.add_argument("--decoder-lr", type=float, default=1e-3)
+    parser_.add_argument("--unet-steps", type=int, default=5000)
+    parser_.add_argument("--unet-lr", type=float, default=1e-3)
+    parser_.add_argument("--min-snr-gamma", type=float, default=5.0)
+    parser_.add_argument(
         "--offset-noise", type=float, default=0.1, help="std of a per-channel constant added to the UNet's noise"
     )
-    parser.add_argument("--clip-steps", type=int, default=200)
-    parser.add_argument("--clip-batch", type=int, default=64)
-    parser.add_argument("--clip-lr", type=float, default=1e-3)
-    parser.add_argument("--save-every", type=int, default=200)
-    parser.add_argument("--eval-samples", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    phases = args.phases.split(",")
+    parser_.add_argument("--clip-steps", type=int, default=200)
+    parser_.add_argument("--clip-batch", type=int, default=64)
+    parser_.add_argument("--clip-lr", type=float, default=1e-3)
+    args = parser_.parse_args()
+    phases = start(args, "pretrain_world")
     t_start = time.time()
-    log(f"pretrain_world: {vars(args)}")
 
     pipe = world.build_world_pipeline(seed=args.seed)
     pipe.set_progress_bar_config(disable=True)

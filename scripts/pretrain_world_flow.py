@@ -5,8 +5,9 @@ A ``StableDiffusion3Pipeline`` without T5: the shipped world VAE (weights copied
 world CLIP tokenizer, a small ``SD3Transformer2DModel`` (``world.WORLD_FLOW_TRANSFORMER``) and a
 ``FlowMatchEulerDiscreteScheduler`` (``world.WORLD_FLOW_SCHEDULER``).
 
-Phases (seeded per step like scripts/pretrain_world.py, whose helpers this imports: the data and noise of step ``k``
-are a pure function of ``(seed, phase, k)``, so a resumed phase sees exactly the batches an uninterrupted one would):
+Phases (seeded per step as scripts/pretrain_world.py's, with the helpers both share in
+scripts/pretrain_world_common.py: the data and noise of step ``k`` are a pure function of ``(seed, phase, k)``, so a
+resumed phase sees exactly the batches an uninterrupted one would):
 
 1. ``transformer`` — the transformer and both text encoders trained jointly with the rectified-flow loss on VAE
    latents of renders of the *train* captions: ``x_s = (1 - s) x0 + s eps``, target ``v = eps - x0``, ``s``
@@ -38,7 +39,6 @@ and the EMA weights are saved).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -51,16 +51,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_world import (  # noqa: E402
+from pretrain_world_common import (  # noqa: E402
+    caption_tokens,
     captioned_latents,
-    cosine_lr,
-    ema_step,
-    load_ckpt,
-    load_ema,
+    eval_prompts,
+    eval_result,
     log,
-    save_ckpt,
-    save_grid,
+    parser,
+    sample_and_score,
+    save_eval_samples,
+    start,
     step_seed,
+    train_denoiser,
 )
 
 import world  # noqa: E402
@@ -210,15 +212,7 @@ def check_collapse(pipe, tokens) -> float:
 def train_transformer(pipe, args) -> None:
     transformer, vae, tokenizer = pipe.transformer, pipe.vae, pipe.tokenizer
     train_captions, _ = world.split_captions(args.prompt_seed)
-    token_cache: dict[str, torch.Tensor] = {}
-
-    def tokens(prompts: list[str]) -> torch.Tensor:
-        for p in set(prompts) - token_cache.keys():
-            token_cache[p] = tokenizer(
-                p, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids[0]
-        return torch.stack([token_cache[p] for p in prompts])
-
+    tokens = caption_tokens(tokenizer)
     log(f"transformer: collapsed vs pipeline forward, max relative difference {check_collapse(pipe, tokens):.2e}")
     transformer.set_attn_processor(CollapsedJointAttnProcessor())
     encoders = [pipe.text_encoder, pipe.text_encoder_2]
@@ -228,26 +222,13 @@ def train_transformer(pipe, args) -> None:
     else:
         for e in encoders:
             e.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    ema = [p.detach().clone() for p in params]
-    ckpt_path = args.work / "transformer.pt"
-    start = 0
-    if (ckpt := load_ckpt(ckpt_path)) is not None:
-        transformer.load_state_dict(ckpt["transformer"])
-        pipe.text_encoder.load_state_dict(ckpt["text_encoder"])
-        pipe.text_encoder_2.load_state_dict(ckpt["text_encoder_2"])
-        opt.load_state_dict(ckpt["opt"])
-        ema = ckpt["ema"]
-        start = ckpt["step"]
-        log(f"transformer: resumed at step {start}")
     transformer.train()
     for e in encoders:
         e.train(args.train_text_encoders)
     vae.requires_grad_(False)
     bias = collapsed_bias(pipe, tokenizer.model_max_length + 1)
-    t0 = time.time()
-    running = None
-    for step in range(start, args.steps):
+
+    def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         seed = step_seed(args.seed, "transformer", step)
         prompts, latents, generator = captioned_latents(seed, train_captions, args.batch, args.cond_drop, vae)
         noise = torch.randn(latents.shape, generator=generator)
@@ -265,28 +246,11 @@ def train_transformer(pipe, args) -> None:
             pooled_projections=pooled,
             joint_attention_kwargs={"attention_mask": bias},
         ).sample
-        per_sample = (pred - (noise - latents)).pow(2).mean(dim=(1, 2, 3))
-        loss = per_sample.mean()
-        lr = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
-        grad_norm = ema_step(loss, opt, params, lr, ema, args.ema_decay, step)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0 or step == args.steps - 1:
-            rate = (step + 1 - start) / (time.time() - t0)
-            log(
-                f"transformer step {step} mse {running:.4f} grad {grad_norm.item():.2f} "
-                f"({time.time() - t0:.0f}s, {rate:.2f} it/s)"
-            )
-        if (step + 1) % args.save_every == 0 or step == args.steps - 1:
-            save_ckpt(
-                ckpt_path,
-                transformer=transformer.state_dict(),
-                text_encoder=pipe.text_encoder.state_dict(),
-                text_encoder_2=pipe.text_encoder_2.state_dict(),
-                opt=opt.state_dict(),
-                ema=ema,
-                step=step + 1,
-            )
-    load_ema(ema, params)
+        loss = (pred - (noise - latents)).pow(2).mean(dim=(1, 2, 3)).mean()
+        return loss, loss
+
+    modules = {"transformer": transformer, "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
+    train_denoiser("transformer", modules, params, step_loss, args, steps=args.steps, lr=args.lr, warmup=args.warmup)
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     transformer.set_attn_processor(JointAttnProcessor2_0())
@@ -317,29 +281,10 @@ def cpu_model() -> str:
         return "unknown"
 
 
-@torch.no_grad()
-def sample_and_score(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int):
-    from rewards import get_reward
-
-    reward = get_reward("world")
-    images, scores, infos = [], [], []
-    for i, seed in zip(range(0, len(prompts), 16), seeds):
-        batch = prompts[i : i + 16]
-        out = pipe(
-            batch,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-        ).images
-        images.append(out)
-        scores.append(reward(out, batch))
-        infos.append(reward.last_info())
-    return torch.cat(images), torch.cat(scores), infos, reward
-
-
 def tune(args) -> dict:
     """Guidance scales on 64 samples over TRAIN captions (the held-out ones are only for ``eval``)."""
+    from rewards import get_reward
+
     pipe = world.load_world_flow_pipeline(args.out / "world_flow")
     train, _ = world.split_captions(args.prompt_seed)
     rng = np.random.default_rng(step_seed(args.seed, "tune", 0))
@@ -348,7 +293,9 @@ def tune(args) -> dict:
     result = {}
     for guidance in args.tune_guidance:
         t0 = time.time()
-        _, scores, infos, _ = sample_and_score(pipe, prompts, seeds, guidance, args.eval_steps)
+        _, scores, infos = sample_and_score(
+            pipe, get_reward("world"), prompts, seeds, num_inference_steps=args.eval_steps, guidance_scale=guidance
+        )
         exact = float(np.mean([info["reward/world_exact_mean"] for info in infos]))
         result[str(guidance)] = {"reward_mean": scores.mean().item(), "exact": exact, "seconds": time.time() - t0}
         log(f"tune: guidance {guidance}: {result[str(guidance)]}")
@@ -358,17 +305,17 @@ def tune(args) -> dict:
 def evaluate(args) -> dict:
     """256 samples over the held-out captions: the UNet model's evaluation prompts and per-batch noise seeds
     (scripts/pretrain_world.py's ``evaluate``), 20 Euler steps, guidance ``--guidance``."""
+    from rewards import get_reward
+
     pipe = world.load_world_flow_pipeline(args.out / "world_flow")
-    _, heldout = world.split_captions(args.prompt_seed)
-    rng = np.random.default_rng(step_seed(args.seed, "eval", 0))
-    prompts = [heldout[i] for i in rng.integers(len(heldout), size=args.eval_samples)]
-    seeds = [step_seed(args.seed, "eval", i + 1) for i in range(0, len(prompts), 16)]
+    prompts, seeds = eval_prompts(args)
+    reward = get_reward("world")
     t0 = time.time()
-    images, scores, infos, reward = sample_and_score(pipe, prompts, seeds, args.guidance, args.eval_steps)
+    images, scores, infos = sample_and_score(
+        pipe, reward, prompts, seeds, num_inference_steps=args.eval_steps, guidance_scale=args.guidance
+    )
     seconds = time.time() - t0
-    result = {k: float(np.mean([info[k] for info in infos])) for k in infos[0]}
-    reward(images, prompts[1:] + prompts[:1])  # chance: the same samples scored against other prompts
-    result.update({f"chance_shifted/{k.split('/')[1]}": v for k, v in reward.last_info().items()})
+    result = eval_result(reward, images, prompts, infos)
     # Per-sample exact match (all four checks passed): the reward is the fraction of checks passed, 1.0 is exact.
     exact = (scores >= 1.0 - 1e-6).float()
     result.update(
@@ -387,48 +334,32 @@ def evaluate(args) -> dict:
             "torch": torch.__version__,
         }
     )
-    save_grid(images[:64], args.work / "eval_samples.png", nrow=8)
-    (args.work / "eval_prompts.txt").write_text("\n".join(prompts[:64]) + "\n")
+    save_eval_samples(images, prompts, args.work)
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("world/assets"), help="writes world_flow/")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/world_flow"), help="checkpoints, logs, grids")
-    parser.add_argument("--world-model", type=Path, default=None, help="the UNet world model (VAE, text encoder)")
-    parser.add_argument("--phases", default="transformer,tune,eval", help="comma-separated subset, run in this order")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the train / held-out caption split")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
-    parser.add_argument("--steps", type=int, default=3500)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--cond-drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
-    parser.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal")
-    parser.add_argument(
+    parser_ = parser(__doc__, "writes world_flow/", "/tmp/world_flow", "transformer,tune,eval", 0.995, 100)
+    parser_.add_argument("--world-model", type=Path, default=None, help="the UNet world model (VAE, text encoder)")
+    parser_.add_argument("--steps", type=int, default=3500)
+    parser_.add_argument("--lr", type=float, default=1e-3)
+    parser_.add_argument("--warmup", type=int, default=100)
+    parser_.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal")
+    parser_.add_argument(
         "--no-train-text-encoders", dest="train_text_encoders", action="store_false", help="freeze both"
     )
-    parser.add_argument("--save-every", type=int, default=100)
-    parser.add_argument("--eval-samples", type=int, default=256)
-    parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument(
+    parser_.add_argument("--eval-steps", type=int, default=20)
+    parser_.add_argument(
         "--guidance",
         type=float,
         default=2.0,
         help="guidance scale of the evaluation phase (the shipped twin: the best of tune)",
     )
-    parser.add_argument("--tune-samples", type=int, default=64)
-    parser.add_argument("--tune-guidance", type=lambda s: [float(x) for x in s.split(",")], default=[2.0, 4.5, 7.0])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    phases = args.phases.split(",")
+    parser_.add_argument("--tune-samples", type=int, default=64)
+    parser_.add_argument("--tune-guidance", type=lambda s: [float(x) for x in s.split(",")], default=[2.0, 4.5, 7.0])
+    args = parser_.parse_args()
+    phases = start(args, "pretrain_world_flow")
     t_start = time.time()
-    log(f"pretrain_world_flow: {vars(args)}")
     if "transformer" in phases:
         pipe = build_flow_pipeline(args.seed, args.world_model or world.world_model_path())
         train_transformer(pipe, args)

@@ -1,6 +1,7 @@
-"""scripts/diagnostics/reward_spread.py and score_scales.py on the shipped world model, cut down: their tables hold
-what ddpo.tools.diagnostics.reward_spread and score_scales compute for the same inputs; and the diagnosis's
-experimental reward (scripts/diagnostics/experimental_rewards.py) against rendered scenes."""
+"""scripts/diagnostics/ on the shipped world model, cut down: reward_spread.py's table against the spread of plain
+diffusers samples computed by hand, score_scales.py's against DDIM's equations, gradient_noise.py's per-sample
+gradients against one batched autograd call, shared_noise.py's columns against plain diffusers draws, and the
+diagnosis's experimental reward (experimental_rewards.py) against rendered scenes."""
 
 from __future__ import annotations
 
@@ -33,25 +34,60 @@ def table_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_reward_spread_script_prints_every_check_with_shares_in_range():
-    out = run_script("reward_spread.py", "--count", "3", "--seeds", "2", "--steps", "3", "--threads", "1")
-    rows = table_rows(out)
-    assert {"total", "colour", "shape", "count", "background"} <= rows.keys()
-    for name in ("total", "colour", "shape", "count", "background"):
-        mean, within, within_var, tied, never, always = (float(x) for x in rows[name])
-        assert 0 <= mean <= 1 and 0 <= within <= 1 and 0 <= tied <= 1 and never + always <= tied + 1e-9
-        assert 0 <= within_var <= 0.25  # values in [0, 1]
+SPREAD = ["--count", "3", "--seeds", "2", "--steps", "3", "--threads", "1"]
 
 
-def test_reward_spread_script_with_shared_initial_noise():
+@pytest.fixture(scope="module")
+def spread_table() -> str:
+    """One run of reward_spread.py on 3 prompts x 2 seeds x 3 DDIM steps (shared by the tests below)."""
+    return run_script("reward_spread.py", *SPREAD)
+
+
+def test_reward_spread_script_table_is_the_spread_of_plain_diffusers_samples(spread_table):
+    """Every number of the table is the spread, computed here by hand in float64, of the ``world`` reward's checks on
+    the same grid sampled with plain diffusers: the shipped world model ``from_pretrained`` with a DDIM scheduler,
+    3 steps, eta 1, guidance 5 with an empty negative prompt, seeds 0 and 1 of each of the set's fixed 3 prompts."""
+    from diffusers import DDIMScheduler
+
+    import world
+    from ddpo.training.evaluation import eval_prompt_list
+    from ddpo.training.prompts import load_prompts
+    from rewards.world import WorldReward
+
+    prompts = eval_prompt_list(load_prompts("world_train"), 3)
+    pipe = world.load_world_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    with torch.no_grad():
+        for prompt in prompts:
+            generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+            images.append(pipe([prompt] * 2, generator=generators, num_inference_steps=3, guidance_scale=5.0,
+                               negative_prompt=[""] * 2, eta=1.0, output_type="pt").images)  # fmt: skip
+    details = WorldReward().details(torch.cat(images), [p for p in prompts for _ in range(2)])
+    rows = table_rows(spread_table)
+    assert rows.keys() == {"total", "colour", "shape", "count", "background"}
+    for name, printed in rows.items():
+        grid = details[name].double().view(3, 2)
+        within, total = grid.var(dim=1, unbiased=False).mean(), grid.var(unbiased=False)
+        expected = {
+            "mean": grid.mean(),
+            "within_share": within / total if total > 0 else 0.0,
+            "within_var": within,
+            "tied": (grid[:, 0] == grid[:, 1]).double().mean(),
+            "never": (grid == 0).all(dim=1).double().mean(),
+            "always": (grid == 1).all(dim=1).double().mean(),
+        }
+        for (key, value), cell, digits in zip(expected.items(), printed, (3, 2, 4, 2, 2, 2)):
+            assert float(cell) == pytest.approx(float(value), abs=0.51 * 10**-digits), f"{name} {key}"
+
+
+def test_reward_spread_script_with_shared_initial_noise(spread_table):
     """--share-initial-noise runs and prints the same table, labelled (that a group's samples then share exactly one
     x_T is tested on the trainer's sampler in test_sampling.py)."""
-    out = run_script("reward_spread.py", "--count", "2", "--seeds", "2", "--steps", "3", "--threads", "1")
-    shared = run_script(
-        "reward_spread.py", "--count", "2", "--seeds", "2", "--steps", "3", "--threads", "1", "--share-initial-noise"
-    )
-    assert "sharing x_T" in shared and "sharing x_T" not in out
-    assert table_rows(shared).keys() == table_rows(out).keys()
+    shared = run_script("reward_spread.py", *SPREAD, "--share-initial-noise")
+    assert "sharing x_T" in shared and "sharing x_T" not in spread_table
+    assert table_rows(shared).keys() == table_rows(spread_table).keys()
 
 
 def test_reward_spread_branch_callback_shares_the_first_samples_state_after_k_steps():
@@ -105,12 +141,26 @@ def test_reward_spread_script_needs_two_seeds():
 
 
 def test_score_scales_script_prints_the_analytic_scales_and_positive_norms():
+    """The score scale column is ``|d mean / d eps_hat| / sigma_t`` of each DDIM step (eta 1), derived here in float64
+    from DDIM's equations (DESIGN: ``mean = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat``,
+    ``x0_hat = (x - sqrt(1 - abar) eps_hat) / sqrt(abar)``) on the world model's published schedule."""
+    from diffusers import DDIMScheduler
+
     out = run_script("score_scales.py", "--samples", "1", "--steps", "4")
     rows = table_rows(out)
-    expected = score_scales(load_pipeline("world", None, "ddim").scheduler, "ddim", 4).tolist()
+    scheduler = DDIMScheduler.from_pretrained(ROOT / "world" / "assets" / "world_model", subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    abars = scheduler.alphas_cumprod.double()
     steps = [rows[str(j)] for j in range(4)]
-    assert [float(r[1]) for r in steps] == pytest.approx(expected, abs=1e-3)
+    for row, t in zip(steps, scheduler.timesteps.tolist()):
+        prev = t - 1000 // 4
+        abar, abar_prev = abars[t], abars[prev] if prev >= 0 else abars[0]  # set_alpha_to_one: false
+        sigma = ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+        slope = -abar_prev.sqrt() * (1 - abar).sqrt() / abar.sqrt() + (1 - abar_prev - sigma**2).sqrt()
+        assert int(row[0]) == t
+        assert float(row[1]) == pytest.approx((slope.abs() / sigma).item(), abs=1e-3)
     assert all(float(r[2]) > 0 for r in steps)
+    assert [float(r[1]) for r in steps] == pytest.approx(score_scales(scheduler, "ddim", 4).tolist(), abs=1e-3)
 
 
 def test_background_fraction_reward_counts_background_pixels():

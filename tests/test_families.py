@@ -7,14 +7,17 @@ Runs are 16-px images (8x8 latents; 16 tokens for the transformers) so that each
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_variants import DIMS, LossRecorder, check_log_prob_minibatch, hand_weights
 
 from ddpo.cli import main
 from ddpo.models import get_family, load_model
+from ddpo.training.config import build_config
 from ddpo.training.runlog import read_jsonl
 
 TIMING = {"sampling_seconds", "scoring_seconds", "training_seconds", "epoch_seconds", "reward_compute_seconds"}
@@ -50,6 +53,11 @@ def overrides(tmp_path: Path, pretrained: str, name: str, *extra: str) -> list[s
         f"run_name={name}",
         *extra,
     ]
+
+
+@pytest.fixture
+def recorder(monkeypatch) -> LossRecorder:
+    return LossRecorder(monkeypatch)
 
 
 def lora_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -151,9 +159,11 @@ def test_first_ratio_is_one_under_bf16_autocast(pretrained, tmp_path):
         "sdxl-rwr_sparse-kl",
     ],
 )
-def test_flow_variants_train(pretrained, extra, tmp_path):
-    """The forward-process estimators on the flow-matching loss, Flow-GRPO-Fast (an SDE window with CPS) and the
-    KL to the base model train on the flow families and change the weights."""
+def test_flow_variants_train(pretrained, extra, tmp_path, recorder):
+    """The forward-process estimators (on the flow-matching loss and on an epsilon UNet), Flow-GRPO-Fast (an SDE
+    window with CPS) and the KL to the base model train on the flow families: every training pair is used once, every
+    minibatch's loss equals its paper's equation computed in float64 (:func:`check_forward_minibatch`,
+    ``check_log_prob_minibatch``), the KL is 0 until the first update and positive after, and the weights change."""
     args = overrides(tmp_path, pretrained, "variant", "num_epochs=1", *extra)
     if any("sde_window" in e for e in extra):  # 2 SDE steps x 4 samples = 8 pairs = 2 x 4
         args += ["train.batch_size=2", "train.gradient_accumulation_steps=2"]
@@ -164,10 +174,79 @@ def test_flow_variants_train(pretrained, extra, tmp_path):
     assert main(["train", "--preset", "tiny", *args]) == 0
     (metrics,) = read_jsonl(tmp_path / "runs" / "variant" / "metrics.jsonl")
     assert torch.isfinite(torch.tensor(metrics["loss"]))
-    if any("kl_coef" in e for e in extra):
-        assert metrics["kl"] >= 0
+    config = build_config(preset="tiny", overrides=args)
+    t = config.train
+    flow = FAMILIES[pretrained][0] in ("sd3", "flux")
+    forward = t.algorithm in ("awm", "nft")
+
+    ((rewards, prompts, weights),) = recorder.epochs
+    torch.testing.assert_close(weights.double(), hand_weights(config, rewards, prompts), rtol=1e-4, atol=1e-4)
+    batches = recorder.minibatches
+    assert len(batches) == t.gradient_accumulation_steps * metrics["global_step"]
+    window = next((e.split("=")[1] for e in extra if "sde_window" in e), None)
+    steps = {"[0,2]": {0, 1}, "[1,3]": {1, 2}}.get(window, {0, 1} if "flow_cps" in str(extra) else {0, 1, 2})
+    pairs = Counter(zip(torch.cat([e["i"] for e in batches]).tolist(), torch.cat([e["j"] for e in batches]).tolist()))
+    assert pairs == Counter({(i, j): 1 for i in range(4) for j in steps})  # each stochastic pair once
+    for entry in batches:
+        if forward:
+            check_forward_minibatch(config, recorder, entry, flow)
+        else:
+            check_log_prob_minibatch(config, recorder, entry)
+    if t.kl_coef > 0:
+        assert batches[0]["info"]["kl"].item() == 0.0  # LoRA B = 0: the policy is still the base model
+        assert all(e["info"]["kl"] > 0 for e in batches[t.gradient_accumulation_steps :])
+        assert metrics["kl"] > 0
     weights = lora_weights(tmp_path / "runs" / "variant")
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+
+
+def check_forward_minibatch(config, rec: LossRecorder, entry: dict, flow: bool) -> None:
+    """One minibatch of a forward-process estimator against float64 references: the re-noised input is the forward
+    process (flow matching ``(1 - s) x0 + s eps``, DDPM ``sqrt(abar) x0 + sqrt(1 - abar) eps``); the x0 prediction
+    follows from the model's output (``x_t - s v``; ``(x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)``); AWM's loss is the
+    advantage-weighted pretraining loss (target ``eps - x0`` or ``eps``), DiffusionNFT's the implicit positive /
+    negative policies' adaptively weighted errors, ``r = clip(A) / (2 A_max) + 1/2``; plus ``kl_coef`` times the mean
+    squared distance of the raw output to the base model's."""
+    t = config.train
+    ((x_t, noise, level),) = rec.outputs(entry, "renoise")
+    x0, eps, x_t = entry["x0"].double(), noise.double(), x_t.double()
+    s = level.double().view(-1, 1, 1, 1)
+    if flow:
+        torch.testing.assert_close(x_t, (1 - s) * x0 + s * eps, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(x_t, s.sqrt() * x0 + (1 - s).sqrt() * eps, rtol=1e-5, atol=1e-5)
+    outputs = rec.outputs(entry, "denoise")
+    old = outputs.pop(0) if t.algorithm == "nft" or t.awm_ema_kl > 0 else None
+    (x0_hat, raw), *base = outputs
+    raw = raw.double()
+    if flow:
+        x0_pred, target = x_t - s * raw, eps - x0
+    else:
+        assert config.sample.scheduler in ("ddim", "dpmsolver++")  # the tiny SDXL UNet predicts the noise
+        x0_pred, target = (x_t - (1 - s).sqrt() * raw) / s.sqrt(), eps
+    torch.testing.assert_close(x0_hat.double(), x0_pred, rtol=1e-4, atol=1e-4)
+    a = entry["weights"].double()
+    if t.algorithm == "awm":
+        expected = (a * ((raw - target) ** 2).mean(dim=DIMS)).mean()
+    else:
+        a_max, b = t.adv_clip_max, t.nft_beta
+        r = a.clamp(-a_max, a_max) / (2 * a_max) + 0.5
+        x0_old = old[0].double()
+        positive, negative = b * x0_pred + (1 - b) * x0_old, (1 + b) * x0_old - b * x0_pred
+
+        def adaptive(prediction: torch.Tensor) -> torch.Tensor:
+            error = prediction - x0
+            return (error**2).mean(dim=DIMS) / error.abs().mean(dim=DIMS).clamp(min=1e-5)
+
+        expected = a_max * ((r * adaptive(positive) + (1 - r) * adaptive(negative)) / b).mean()
+    if t.kl_coef > 0:
+        ((_, raw_base),) = base
+        kl = ((raw - raw_base.double()) ** 2).mean(dim=DIMS).mean()
+        torch.testing.assert_close(entry["info"]["kl"].double(), kl, rtol=1e-4, atol=1e-9)
+        expected = expected + t.kl_coef * kl
+    else:
+        assert not base
+    torch.testing.assert_close(entry["loss"].double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_flow_sampler_on_a_diffusion_model_is_refused(tmp_path, capsys):

@@ -14,7 +14,7 @@ from world import CLIP_TEXT_IDS, build_clip_tokenizer
 
 from ..policy.conditioning import Conditioning
 from .family import Denoiser, ModelFamily, register_family
-from .sd3 import SD3_VAE, dynamic_shift_mu
+from .sd3 import dynamic_shift_mu
 from .tiny_parts import FLOW_VAE_LATENT_CHANNELS, build_t5_tokenizer, build_tiny_flow_vae, build_tiny_t5, seeded
 
 TINY_FLUX = "tiny_flux"
@@ -42,26 +42,6 @@ TINY_FLUX_TRANSFORMER: dict[str, Any] = {
 }
 """The tiny ``FluxTransformer2DModel``: one double-stream and one single-stream block, width 32 (2 heads of 16, rotary
 axes 4 + 6 + 6 = 16), on the packed 2x2 patches of the 16-channel latents (64 input channels, as FLUX.1)."""
-# Published configs of FLUX.1-dev (black-forest-labs/FLUX.1-dev: transformer/, vae/ config.json), the
-# architecture-defining keys. Source: the hub's config.json files as mirrored in public repositories and Black Forest
-# Labs' own flux-dev parameters (hidden 3072 = 24 heads x 128, depth 19 + 38 single blocks, axes 16/56/56, vec_in 768,
-# context 4096, guidance embedding), found through code search; not downloaded here (the repository is gated). Used on
-# the meta device by scripts/memory_estimate.py (tests/test_memory_estimate.py checks the parameter counts).
-FLUX1_DEV_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
-"""FLUX.1-dev's ``transformer/config.json`` (11,901,408,320 parameters: "12B" in Black Forest Labs' release)."""
-FLUX1_VAE: dict[str, Any] = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
-"""FLUX.1's ``vae/config.json``: SD3's 16-channel architecture (83,819,683 parameters), FLUX's scaling and shift."""
 FLUX_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "shift": 3.0,

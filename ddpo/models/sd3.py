@@ -54,61 +54,6 @@ TINY_SD3_TRANSFORMER: dict[str, Any] = {
 """The tiny ``SD3Transformer2DModel``: SD3.5-Medium's block layout (RMS-normed q/k, a dual-attention first block),
 width 32 (4 heads of 8) = ``caption_projection_dim``, 2 joint blocks, 2x2 patches of the 16-channel latents;
 ``pooled_projection_dim`` is the two CLIP projections side by side."""
-# Published configs of Stable Diffusion 3.5 Medium (stabilityai/stable-diffusion-3.5-medium: transformer/, vae/,
-# text_encoder_3/ config.json), the architecture-defining keys. Source: the hub's config.json files as mirrored in
-# public repositories (found through code search: the transformer config with dual_attention_layers 0..12 and
-# qk_norm rms_norm; the 16-channel VAE with scaling 1.5305 / shift 0.0609; T5 v1.1 XXL from Google's t5.1.1.xxl gin
-# file: d_model 4096, d_ff 10240, 24 layers, 64 heads, gated GELU); not downloaded here. Used on the meta device by
-# scripts/memory_estimate.py (tests/test_memory_estimate.py checks the parameter counts).
-SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
-"""SD3.5 Medium's ``transformer/config.json`` (MMDiT-X): 2,243,171,520 parameters, plus the fixed sin-cos positional
-table (a persistent buffer of 384 x 384 x 1536 = 226,492,416 values, stored in the checkpoint and held on the GPU):
-2,469,663,936 in all, Stability AI's "2.5 billion parameters"."""
-SD3_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "latent_channels": 16,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-}
-"""The 16-channel AutoencoderKL of SD3 / SD3.5 (``vae/config.json``; 83,819,683 parameters); FLUX.1's has the same
-architecture with its own scaling and shift."""
-T5_XXL_ENCODER: dict[str, Any] = {
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "tie_word_embeddings": False,
-}
-"""``T5Config`` of T5 v1.1 XXL's encoder (google/t5-v1_1-xxl), SD3's ``text_encoder_3`` and FLUX.1's
-``text_encoder_2``, a ``T5EncoderModel`` (4,762,310,656 parameters: "4.7B" in the SD3 paper)."""
 SD3_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 """The ``FlowMatchEulerDiscreteScheduler`` configuration of SD3 and SD3.5 (static shift 3, no dynamic shifting)."""
 

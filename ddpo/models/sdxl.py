@@ -70,66 +70,6 @@ TINY_SDXL_VAE: dict[str, Any] = {**TINY_VAE, "scaling_factor": 0.13025, "force_u
 """The tiny AutoencoderKL of Stable Diffusion with SDXL's VAE settings: its latent scaling and ``force_upcast`` (the
 SDXL VAE overflows in float16, so diffusers decodes in float32)."""
 
-# Published configs of SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder/,
-# text_encoder_2/ config.json), the architecture-defining keys; the rest are diffusers' defaults. Source: the hub's
-# config.json files as mirrored verbatim in public repositories (found through code search: the UNet's full
-# config.json and the CLIP-G text config with hidden_act gelu, 1280/5120/32 layers/20 heads, projection 1280); not
-# downloaded here. Used on the meta device by scripts/memory_estimate.py (tests/test_memory_estimate.py checks the
-# parameter counts).
-SDXL_BASE_UNET: dict[str, Any] = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "attention_head_dim": (5, 10, 20),
-    "transformer_layers_per_block": (1, 2, 10),
-    "use_linear_projection": True,
-    "cross_attention_dim": 2048,
-    "norm_num_groups": 32,
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the 1280-wide pooled CLIP-G projection
-}
-"""SDXL base 1.0's ``unet/config.json`` (2,567,463,684 parameters: "2.6B" in the SDXL report)."""
-SDXL_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "force_upcast": True,
-}
-"""SDXL base 1.0's ``vae/config.json``: Stable Diffusion's AutoencoderKL architecture (83,653,863 parameters)."""
-SDXL_TEXT_ENCODER: dict[str, Any] = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-"""``text_encoder/config.json``: OpenAI CLIP ViT-L/14's text tower, a ``CLIPTextModel`` (123,060,480 parameters);
-SD3's first text encoder is the same tower as a ``CLIPTextModelWithProjection`` (+768 x 768)."""
-CLIP_BIGG_TEXT_ENCODER: dict[str, Any] = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "hidden_act": "gelu",
-    "projection_dim": 1280,
-}
-"""``text_encoder_2/config.json``: OpenCLIP ViT-bigG/14's text tower with its projection, a
-``CLIPTextModelWithProjection`` (694,659,840 parameters; SDXL and SD3's second text encoder)."""
-
 SDXL_DDIM_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
