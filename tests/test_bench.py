@@ -13,8 +13,7 @@ from ddpo.cli import main
 from ddpo.policy.sampling import SamplerSettings, encode_prompts, sample_trajectories
 from ddpo.tools.bench import PHASES, EpochBench, reference_minibatch_loss, reference_sample
 from ddpo.training.config import build_config
-from ddpo.training.prompts import derive_seed
-from ddpo.training.trainer import SAMPLING_NOISE_STREAM
+from ddpo.training.streams import Stream, derive_seed
 
 
 def _overrides(model_dir) -> list[str]:
@@ -48,7 +47,7 @@ def _sample(bench: EpochBench, reference: bool):
     tr, s = bench.trainer, bench.config.sample
     prompts = ["a cat", "a dog"]
     embeds = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, prompts, tr.accelerator.device)
-    generator = torch.Generator().manual_seed(derive_seed(0, SAMPLING_NOISE_STREAM, 0, 0, 0))
+    generator = torch.Generator().manual_seed(derive_seed(0, Stream.SAMPLING_NOISE, 0, 0, 0))
     tr.unet.eval()
     args = (s.num_steps, s.guidance_scale, s.eta, generator)
     if reference:

@@ -47,8 +47,9 @@ from ..policy import sampling
 from ..policy.conditioning import Conditioning
 from ..policy.sampling import AUTOCAST_DTYPES, Trajectories, autocast, encode_prompts, uses_cfg
 from ..training.config import to_dict
-from ..training.prompts import derive_seed, draw_prompts
-from ..training.trainer import SAMPLING_NOISE_STREAM, Trainer
+from ..training.prompts import draw_prompts
+from ..training.streams import Stream, derive_seed
+from ..training.trainer import Trainer
 
 PHASES = ("sampling_seconds", "decoding_seconds", "scoring_seconds", "training_seconds", "total_seconds")
 MODES = ("ours", "reference")
@@ -431,7 +432,7 @@ class EpochBench:
             phase = time.perf_counter()
             prompts = draw_prompts(tr.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index)
             embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, acc.device)
-            seed = derive_seed(c.seed, SAMPLING_NOISE_STREAM, epoch, b, acc.process_index)
+            seed = derive_seed(c.seed, Stream.SAMPLING_NOISE, epoch, b, acc.process_index)
             generator = torch.Generator(device=acc.device).manual_seed(seed)
             latents, log_probs, timesteps = reference_sample(
                 tr.unet,

@@ -56,13 +56,14 @@ from .config import (
     train_window_steps,
 )
 from .estimators import Estimator, Policy, estimator_for
-from .evaluation import EVAL_NOISE_STREAM, eval_prompt_list
+from .evaluation import eval_prompt_list
 from .killpoints import kill_point
 from .optim import get_optimizer_class, learning_rate_at, set_learning_rate
 from .progress import EpochProgress, describe_batch_sizes
-from .prompts import SAMPLING_NOISE_STREAM, SHUFFLE_STREAM, derive_seed, draw_prompts, load_prompts
+from .prompts import draw_prompts, load_prompts
 from .reporting import log_image, run_summary, trackers
 from .runlog import append_jsonl, check_epochs, keep_epochs, read_jsonl
+from .streams import Stream, derive_seed
 from .visualize import save_image_grid
 
 TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
@@ -383,7 +384,7 @@ class Trainer:
         results, first_images = [], None
         for k in range(acc.process_index, len(chunks), acc.num_processes):
             prompts = chunks[k]
-            trajectories = self.sample(unet, prompts, derive_seed(0, EVAL_NOISE_STREAM, k))
+            trajectories = self.sample(unet, prompts, derive_seed(0, Stream.EVAL_NOISE, k))
             values, info, _ = self.score(trajectories.images, prompts, f"held-out evaluation, chunk {k}")
             results.append((k, values.cpu().tolist(), info))
             if k == 0:
@@ -452,7 +453,7 @@ class Trainer:
                 trajectories = self.sample(
                     unet,
                     prompts,
-                    derive_seed(c.seed, SAMPLING_NOISE_STREAM, epoch, b, acc.process_index),
+                    derive_seed(c.seed, Stream.SAMPLING_NOISE, epoch, b, acc.process_index),
                     share_initial_noise=s.share_initial_noise,
                 )
             batches.append(trajectories)
@@ -594,7 +595,7 @@ class Trainer:
         :func:`ddpo.policy.pairs.training_pairs`), from the run's shuffle stream: two ``[num_samples * k]`` long
         tensors on the device."""
         c, acc = self.config, self.accelerator
-        seed = derive_seed(c.seed, SHUFFLE_STREAM, epoch, inner, acc.process_index)
+        seed = derive_seed(c.seed, Stream.SHUFFLE, epoch, inner, acc.process_index)
         trajs, steps = training_pairs(
             num_samples, self.steps_per_trajectory, train_window_steps(c), torch.Generator().manual_seed(seed)
         )
