@@ -231,6 +231,7 @@ def sample_trajectories(
     prompts: list[str],
     generator: torch.Generator,
     settings: SamplerSettings,
+    decode: Callable | None = None,
 ) -> Trajectories:
     """Sample ``B = len(prompts)`` trajectories from ``x_T ~ N(0, I)`` and decode their final latents.
 
@@ -238,6 +239,8 @@ def sample_trajectories(
         prompt_embeds: ``[B, L, D]`` float32; negative_embeds: ``[1, L, D]`` (None without CFG).
         prompts: the ``B`` prompt strings (recorded; with ``share_initial_noise`` they define the groups).
         generator: the only source of randomness (``x_T`` and every step's noise).
+        decode: the VAE decoding of the final latents, called as :func:`decode_latents` (its default) is; a caller
+            times or replaces the decoding through it (``ddpo bench`` times it).
 
     With ``settings.share_initial_noise`` every run of consecutive equal prompts (a prompt's group of samples, as
     :func:`ddpo.prompts.draw_prompts` lays them out) starts from one shared ``x_T``: the samples of a group then differ
@@ -264,7 +267,7 @@ def sample_trajectories(
         latents = out.prev_sample
         all_latents.append(latents)
         all_log_probs.append(out.log_prob)
-    images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
+    images = (decode or decode_latents)(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return Trajectories(
         prompts=list(prompts),
         prompt_embeds=prompt_embeds,
@@ -397,12 +400,14 @@ def sample_clean(
     prompts: list[str],
     generator: torch.Generator,
     settings: SamplerSettings,
+    decode: Callable | None = None,
 ) -> CleanSamples:
     """Sample ``B = len(prompts)`` images with **any** diffusers scheduler and keep only their clean latents.
 
     The loop of diffusers' pipelines (``scale_model_input``, one batched CFG call, ``scheduler.step``), with every
     random draw from ``generator``: ``x_T`` first, then whatever the scheduler's step draws (none for DDIM with
-    ``eta = 0``, DPM-Solver++ or Euler). ``settings.share_initial_noise`` shares ``x_T`` within prompt groups.
+    ``eta = 0``, DPM-Solver++ or Euler). ``settings.share_initial_noise`` shares ``x_T`` within prompt groups;
+    ``decode`` is as in :func:`sample_trajectories`.
     """
     device = prompt_embeds.device
     set_timesteps(scheduler, settings, device)
@@ -416,7 +421,7 @@ def sample_clean(
                 denoiser, model_input, t, prompt_embeds, negative_embeds, settings.guidance_scale
             )
         latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0].float()
-    images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
+    images = (decode or decode_latents)(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return CleanSamples(
         prompts=list(prompts),
         prompt_embeds=prompt_embeds,

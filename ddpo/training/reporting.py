@@ -1,6 +1,8 @@
-"""What a run reports outside its logs: the trackers it logs to (TensorBoard, wandb) and the summary printed at its end.
+"""What a run reports outside its logs: the experiment trackers it logs to (TensorBoard, wandb), the start-up line
+on where it runs, and the summary printed at its end.
 
-(The per-prompt advantage statistics, :class:`~ddpo.policy.advantages.PerPromptStatTracker`, are another thing.)
+(The per-prompt advantage statistics, :class:`~ddpo.policy.advantages.PerPromptStatTracker`, are another thing: the
+trainer calls them its ``advantage_state``.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from .evaluation import paired_change
 from .runlog import read_jsonl, reward_against_samples
 
 
-def trackers(config: RunConfig, run_dir: Path) -> list:
+def experiment_trackers(config: RunConfig, run_dir: Path) -> list:
     """``log_with`` -> accelerate trackers: ``"tensorboard"`` and a wandb tracker (project ``ddpo``, named after the
     run, its config attached), built only when asked; wandb is imported only then."""
     names = [name.strip() for name in config.log_with.split(",")]
@@ -42,7 +44,8 @@ def trackers(config: RunConfig, run_dir: Path) -> list:
 
 
 def log_image(trackers: list[Any], tag: str, image, step: int) -> None:
-    """An image grid (PIL) to every accelerate tracker in ``trackers`` that takes images (TensorBoard, wandb)."""
+    """An image grid (PIL) to every accelerate tracker in ``trackers`` (:func:`experiment_trackers`, as accelerate
+    built them) that takes images (TensorBoard, wandb)."""
     import numpy as np
 
     for tracker in trackers:
@@ -50,6 +53,25 @@ def log_image(trackers: list[Any], tag: str, image, step: int) -> None:
             tracker.log_images({tag: np.asarray(image)[None]}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
             tracker.log_images({tag: [image]}, step=step)
+
+
+def layout_line(accelerator, image_size: int, overlaps: bool, overlap_requested: bool) -> str:
+    """The start-up line after :func:`~ddpo.training.progress.describe_batch_sizes` (which gives the batch sizes):
+    where the processes run (device, distributed type and backend), the image size and where rewards are scored
+    (``overlaps``: in the worker thread; ``overlap_requested``: the config's ``overlap_scoring``)."""
+    import torch
+
+    n = accelerator.num_processes
+    how = f" ({accelerator.distributed_type.value}, {torch.distributed.get_backend()})" if n > 1 else ""
+    if overlaps:
+        scoring = "rewards scored in a worker thread while the next batch samples"
+    elif overlap_requested:
+        scoring = "rewards scored inline (on a CPU a scoring thread competes with sampling for the same cores)"
+    else:
+        scoring = "rewards scored inline (overlap_scoring=false)"
+    return (
+        f"ddpo: {n} process{'es' if n > 1 else ''} on {accelerator.device.type}{how}; {image_size} px images; {scoring}"
+    )
 
 
 def run_summary(run_dir: Path, config: RunConfig, reward_name: str, code: str) -> str:

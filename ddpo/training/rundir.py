@@ -1,5 +1,6 @@
 """The rules of a run directory (``output_dir/run_name``), checked before a model loads.
 
+* A new run's folder can be created and written (:func:`check_run_dir`).
 * A new run takes an absent or empty folder only: it never truncates or replaces files it did not write
   (:func:`check_new_run_dir`).
 * Nothing the run reads, writes or prunes leads out of the run directory through a symbolic link
@@ -25,7 +26,7 @@ from typing import Any
 from .config import ConfigError, parse_override, read_yaml
 
 PROBE_PREFIX = ".ddpo-write-test-"
-"""Files :func:`ddpo.training.trainer.check_run_dir` writes and deletes at once to test that a folder is writable."""
+"""Files :func:`check_run_dir` writes and deletes at once to test that a folder is writable."""
 
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", "final", "samples", "tensorboard")
 """What a run writes directly under its folder."""
@@ -131,3 +132,26 @@ def remove_debris(run_dir: Path) -> list[str]:
                 path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(run_dir)))
     return removed
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise ConfigError, before anything is loaded, when the run directory cannot be created or written: a regular
+    file where a folder of its path should be, or no permission (a read-only disk, another user's folder)."""
+    run_dir = Path(run_dir)
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"the run directory {run_dir} would be under {parent}, which is a regular file, not a folder; "
+                    "choose another output_dir / run_name"
+                )
+            break
+    probe = run_dir / f"{PROBE_PREFIX}{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a writable output_dir"
+        ) from None
