@@ -8,6 +8,8 @@ these functions (each writes its own RNG state; the main process writes the rest
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -48,20 +50,20 @@ def save_checkpoint(
     accelerator: Accelerator,
     run_dir: Path,
     epochs_done: int,
-    *,
-    trainable: dict[str, torch.Tensor],
-    trainable_names: list[str],
-    optimizer,
-    reward,
-    estimator,
-    advantage_state,
     global_step: int,
     keep: int,
+    *,
+    denoiser,
+    trainable_names: list[str],
+    optimizer,
+    estimator,
+    advantage_state,
+    reward,
 ) -> Path:
-    """Atomically write ``run_dir/checkpoints/checkpoint_<epochs_done>`` (all processes must call this):
-    ``trainable`` (:func:`trainable_state`), the optimiser, reward and estimator states, the per-prompt advantage
-    statistics ``advantage_state`` (or None; stored under ``state.json``'s key ``tracker``), ``global_step`` and
-    every process's RNG states. Keeps the newest ``keep`` checkpoints."""
+    """Atomically write ``run_dir/checkpoints/checkpoint_<epochs_done>`` (all processes must call this): the
+    trained tensors of ``denoiser`` (:func:`trainable_state`), the optimiser, estimator and reward states, the
+    per-prompt advantage statistics ``advantage_state`` (or None; stored under ``state.json``'s key ``tracker``),
+    ``global_step`` and every process's RNG states. Keeps the newest ``keep`` checkpoints."""
     acc = accelerator
     folder = run_dir / "checkpoints"
     final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
@@ -70,6 +72,7 @@ def save_checkpoint(
     tmp = Path(gather_object([str(tmp)])[0]) if acc.num_processes > 1 else tmp
     with removed_on_failure(tmp if acc.is_main_process else None, final.name, previous, run_dir):
         if acc.is_main_process:
+            trainable = trainable_state(acc, denoiser, trainable_names)
             checkpoint.write_payload(
                 tmp, trainable, optimizer.state_dict(), reward.state_dict(), estimator.state_dict()
             )
@@ -143,3 +146,56 @@ def save_final(accelerator: Accelerator, run_dir: Path, denoiser, use_lora: bool
             checkpoint.replace_dir(tmp, final)
     acc.wait_for_everyone()
     return final
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """The checkpoint a resume of ``run_dir`` continues from: the newest good one (saying which damaged ones it
+    skips), or None when none was written yet (the run starts over). No good one among several is an error."""
+    latest, problems = checkpoint.newest_good(run_dir / "checkpoints")
+    for problem in problems:
+        print(f"ddpo: skipping checkpoint {problem}", flush=True)
+    if latest is None and problems:
+        raise checkpoint.CheckpointError(
+            f"{run_dir}: no usable checkpoint ({'; '.join(problems)}); restore one from a backup, or delete "
+            f"{run_dir / 'checkpoints'} to start the run over"
+        )
+    if latest is not None and problems:
+        print(f"ddpo: resuming from the newest good checkpoint, {latest.name}", flush=True)
+    if latest is None:
+        # Killed before its first checkpoint: nothing of it can be continued, so the run starts over.
+        print(f"ddpo: {run_dir} has no checkpoint yet; starting the run from the beginning (epoch 0)", flush=True)
+    return latest
+
+
+@dataclasses.dataclass
+class TrainingSnapshot:
+    """An in-memory copy of what training changes (:func:`snapshot`): the trained tensors, the optimiser state, the
+    per-prompt advantage statistics and the global step."""
+
+    params: list[torch.Tensor]
+    optimizer: dict[str, Any]
+    advantage_state: dict[str, Any] | None
+    global_step: int
+
+
+def snapshot(params: list[torch.Tensor], optimizer, advantage_state, global_step: int) -> TrainingSnapshot:
+    """Copies of ``params``, the optimiser's and ``advantage_state``'s (None: no per-prompt statistics) states."""
+    return TrainingSnapshot(
+        params=[p.detach().clone() for p in params],
+        optimizer=copy.deepcopy(optimizer.state_dict()),
+        advantage_state=copy.deepcopy(advantage_state.state_dict()) if advantage_state is not None else None,
+        global_step=global_step,
+    )
+
+
+def restore(saved: TrainingSnapshot, params: list[torch.Tensor], optimizer, advantage_state) -> int:
+    """Copy ``saved`` back into the objects it was taken from (gradients cleared; ``saved`` stays reusable); returns
+    its global step."""
+    with torch.no_grad():
+        for param, value in zip(params, saved.params, strict=True):
+            param.copy_(value)
+    optimizer.load_state_dict(copy.deepcopy(saved.optimizer))
+    optimizer.zero_grad(set_to_none=True)
+    if advantage_state is not None:
+        advantage_state.load_state_dict(copy.deepcopy(saved.advantage_state))
+    return saved.global_step

@@ -1,26 +1,34 @@
-"""Building what a run trains: the model family's pipeline, the trained denoiser (LoRA or full), its dtypes and
-devices, the estimator's frozen reference, the optimiser, all prepared by ``accelerate`` (:func:`build_models`)."""
+"""Building what a run trains: the accelerator (:func:`make_accelerator`), then the model family's pipeline, the
+trained denoiser (LoRA or full), its dtypes and devices, the estimator's frozen reference, the optimiser, all prepared
+by ``accelerate``, and the :class:`~ddpo.training.estimators.Policy` estimators see (:func:`build_models`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from ..models import add_lora, latent_size, load_model
-from ..policy.sampling import AUTOCAST_DTYPES, SamplerSettings, check_schedule
+from ..policy.sampling import AUTOCAST_DTYPES, SamplerSettings, check_schedule, uses_cfg
 from .config import RunConfig, model_options, sampler_settings
-from .estimators import Estimator, estimator_for
+from .estimators import Estimator, Policy, estimator_for
 from .optim import get_optimizer_class
+from .processes import launched_on_cpu
+from .reporting import experiment_trackers
 
 
 @dataclass
 class Models:
     """What :func:`build_models` returns. ``denoiser`` and ``optimizer`` are accelerate-prepared (``denoiser``
     may be DDP-wrapped: :meth:`Accelerator.unwrap_model` gives the module); ``params`` are the trained tensors, in
-    the optimiser's order, named ``trainable_names``."""
+    the optimiser's order, named ``trainable_names``; ``policy`` holds them for the estimator; ``negative_embeds``
+    is the negative prompt's conditioning for classifier-free guidance (None without CFG or with a guidance-embedded
+    model)."""
 
     pipe: Any
     family: Any
@@ -32,6 +40,21 @@ class Models:
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     trainable_names: list[str]
+    policy: Policy
+    negative_embeds: Any
+
+
+def make_accelerator(config: RunConfig, run_dir: Path) -> Accelerator:
+    """The run's accelerator: its precision, gradient accumulation, experiment trackers (logging under ``run_dir``),
+    the collectives' timeout, and gloo on a CPU when several processes were launched."""
+    return Accelerator(
+        cpu=launched_on_cpu(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with=experiment_trackers(config, run_dir) or None,
+        project_dir=str(run_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_timeout_seconds))],
+    )
 
 
 def build_models(config: RunConfig, accelerator: Accelerator) -> Models:
@@ -102,6 +125,31 @@ def build_models(config: RunConfig, accelerator: Accelerator) -> Models:
     if c.model.compile:
         denoiser.compile()  # in place: parameter names (checkpoints, LoRA export) are unchanged
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    policy = Policy(
+        config=c,
+        family=family,
+        scheduler=pipe.scheduler,
+        settings=settings,
+        accelerator=accelerator,
+        model=denoiser,
+        params=params,
+        trainable_names=trainable_names,
+        reference=reference,
+    )
+    negative_embeds = None
+    if uses_cfg(s.guidance_scale) and not family.guidance_embedded:
+        negative_embeds = family.encode([s.negative_prompt], device, size)
     return Models(
-        pipe, family, size, settings, estimator_class, denoiser, reference, optimizer, params, trainable_names
+        pipe=pipe,
+        family=family,
+        latent_size=size,
+        settings=settings,
+        estimator_class=estimator_class,
+        denoiser=denoiser,
+        reference_denoiser=reference,
+        optimizer=optimizer,
+        params=params,
+        trainable_names=trainable_names,
+        policy=policy,
+        negative_embeds=negative_embeds,
     )

@@ -15,82 +15,48 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 
-from rewards import RewardError, check_reward_output, get_reward
+from rewards import get_reward
 
-from ..models import absent_components, load_code
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.pairs import training_pairs
-from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories, uses_cfg
-from . import checkpoint, checkpoint_state, rundir
+from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
+from . import checkpoint, checkpoint_state, heldout, rundir
 from .checkpoint import weights_sha256
-from .config import RunConfig, build_config, to_dict, train_step_offset, train_steps_per_trajectory, train_window_steps
-from .estimators import Estimator, Policy
+from .checkpoint_state import TrainingSnapshot
+from .config import RunConfig, train_step_offset, train_steps_per_trajectory, train_window_steps
+from .epoch_stats import epoch_diagnostics
+from .estimators import Estimator
 from .evaluation import eval_prompt_list
 from .killpoints import kill_point
 from .optim import learning_rate_at, set_learning_rate
-from .processes import (
-    TrainingError,
-    collective_failure,
-    interrupted_message,
-    launched_on_cpu,
-    lost_process_message,
-    overlap_scoring,
-)
+from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
 from .progress import EpochProgress, describe_batch_sizes
 from .prompts import draw_prompts, load_prompts
-from .reporting import experiment_trackers, layout_line, log_image, run_summary
-from .runlog import append_jsonl, check_epochs, keep_epochs, read_jsonl
-from .setup import build_models
+from .reporting import layout_line, run_summary, write_epoch, write_eval
+from .runlog import read_jsonl
+from .scoring import checked_score, combine_scores
+from .setup import build_models, make_accelerator
 from .streams import Stream, derive_seed
-from .visualize import save_image_grid
 
-# Importable from here as before: the CLI and tests import these names from the trainer.
-__all__ = [
-    "TIMING_KEYS",
-    "Trainer",
-    "TrainingError",
-    "TrainingSnapshot",
-    "interrupted_message",
-    "new_run_dir",
-    "overlap_scoring",
-    "resume",
-    "train",
-    "weights_sha256",
-]
-
-TIMING_KEYS = ("sampling_seconds", "scoring_seconds", "training_seconds")
+# Importable from here as before (the CLI and tests import them from the trainer).
+__all__ = ["Trainer", "TrainingError", "TrainingSnapshot", "interrupted_message", "new_run_dir", "overlap_scoring"]
+__all__ += ["resume", "train", "weights_sha256"]
 
 
 def new_run_dir(config: RunConfig) -> Path:
     name = config.run_name or time.strftime("%Y%m%d-%H%M%S")
     return Path(config.output_dir) / name
-
-
-@dataclasses.dataclass
-class TrainingSnapshot:
-    """An in-memory copy of what training changes (:meth:`Trainer.snapshot`): the trained tensors, the optimiser
-    state, the per-prompt advantage statistics and the global step."""
-
-    params: list[torch.Tensor]
-    optimizer: dict[str, Any]
-    advantage_state: dict[str, Any] | None
-    global_step: int
 
 
 class Trainer:
@@ -100,14 +66,7 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, resume_checkpoint: Path | None = None):
         self.config, self.run_dir = config, Path(run_dir)
         c, s, t = config, config.sample, config.train
-        self.accelerator = acc = Accelerator(
-            cpu=launched_on_cpu(),
-            mixed_precision=c.mixed_precision,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            log_with=experiment_trackers(c, self.run_dir) or None,
-            project_dir=str(self.run_dir),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=c.process_timeout_seconds))],
-        )
+        self.accelerator = acc = make_accelerator(c, self.run_dir)
         set_seed(c.seed, device_specific=True)
         # Everything that can fail on user input fails here, before a model is loaded.
         self.prompts = load_prompts(c.prompts)
@@ -117,36 +76,20 @@ class Trainer:
         self.reward = get_reward(c.reward.name, **c.reward.options)
         built = build_models(c, acc)
         self.pipe, self.family, self.scheduler = built.pipe, built.family, built.pipe.scheduler
-        self.latent_size, self.vae_factor, self.settings = (
-            built.latent_size,
-            built.family.vae_scale_factor(),
-            built.settings,
-        )
+        self.latent_size, self.vae_factor = built.latent_size, built.family.vae_scale_factor()
+        self.settings, self.policy = built.settings, built.policy
         self.denoiser, self.optimizer = built.denoiser, built.optimizer  # the UNet or the transformer, prepared
         self.reference_denoiser = built.reference_denoiser
         self.params, self.trainable_names = built.params, built.trainable_names
         self.advantage = build_advantage(t.advantage, t.per_prompt_buffer_size, t.per_prompt_min_count)
         # A stateful advantage scheme (per-prompt statistics) is saved in checkpoints.
         self.advantage_state = self.advantage if hasattr(self.advantage, "state_dict") else None
-        self.negative_embeds = None
-        if uses_cfg(s.guidance_scale) and not self.family.guidance_embedded:
-            self.negative_embeds = self.family.encode([s.negative_prompt], acc.device, self.latent_size)
+        self.negative_embeds = built.negative_embeds  # the negative prompt's conditioning for CFG, or None
         self.start_epoch, self.global_step = 0, 0
         self.progress: EpochProgress | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.samples_per_epoch = s.batch_size * s.num_batches_per_epoch * acc.num_processes
         self.steps_per_trajectory = train_steps_per_trajectory(c)
-        self.policy = Policy(
-            config=c,
-            family=self.family,
-            scheduler=self.scheduler,
-            settings=self.settings,
-            accelerator=acc,
-            model=self.denoiser,
-            params=self.params,
-            trainable_names=self.trainable_names,
-            reference=self.reference_denoiser,
-        )
         # The run's estimator: its loss, its extra state (an old policy) and its per-epoch hooks.
         self.estimator: Estimator = built.estimator_class(self.policy)
         if resume_checkpoint is not None:
@@ -168,47 +111,18 @@ class Trainer:
     @classmethod
     def from_config(cls, config: RunConfig, run_dir: Path | None = None) -> Trainer:
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-        rundir.check_new_run_dir(run_dir)
-        rundir.check_inside(run_dir)
-        rundir.check_run_dir(run_dir)
+        rundir.check_new_run(run_dir)
         return cls(config, run_dir)
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None) -> Trainer:
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
-        rundir.check_inside(run_dir)
-        rundir.check_resume_overrides(run_dir, overrides or [])
-        config = build_config(base=rundir.read_run_config(run_dir), overrides=overrides)
-        for log in ("metrics.jsonl", "eval.jsonl"):  # a bad line fails here, before the model loads
-            check_epochs(run_dir / log)
-        latest, problems = checkpoint.newest_good(run_dir / "checkpoints")
-        for problem in problems:
-            print(f"ddpo: skipping checkpoint {problem}", flush=True)
-        if latest is None and problems:
-            raise checkpoint.CheckpointError(
-                f"{run_dir}: no usable checkpoint ({'; '.join(problems)}); restore one from a backup, or delete "
-                f"{run_dir / 'checkpoints'} to start the run over"
-            )
-        if latest is not None and problems:
-            print(f"ddpo: resuming from the newest good checkpoint, {latest.name}", flush=True)
-        if latest is None:
-            # Killed before its first checkpoint: nothing of it can be continued, so the run starts over.
-            print(f"ddpo: {run_dir} has no checkpoint yet; starting the run from the beginning (epoch 0)", flush=True)
-        return cls(config, run_dir, resume_checkpoint=latest)
+        config = rundir.resume_config(run_dir, overrides or [])  # fails on a bad run directory before a model loads
+        return cls(config, run_dir, resume_checkpoint=checkpoint_state.resume_point(run_dir))
 
     def _write_run_files(self) -> None:
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if removed := rundir.remove_debris(self.run_dir):
-                print(f"ddpo: removed the unfinished temporary files of an earlier crash: {', '.join(removed)}")
-            text = yaml.safe_dump(to_dict(self.config), sort_keys=False)
-            tmp = self.run_dir / ".config.yaml.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.run_dir / "config.yaml")  # first: a folder holding a run has its config.yaml
-            (self.run_dir / "samples").mkdir(exist_ok=True)
-            self._truncate_metrics(self.start_epoch)
+            rundir.write_run_files(self.run_dir, self.config, self.start_epoch)
         self.accelerator.wait_for_everyone()
         self.accelerator.init_trackers("tensorboard")  # TensorBoard writes under RUN_DIR/tensorboard
 
@@ -285,11 +199,7 @@ class Trainer:
 
     def summary(self) -> str:
         """A few lines for the end of a run (:func:`~ddpo.training.reporting.run_summary`)."""
-        m = self.config.model
-        code = load_code(
-            m.pretrained, self.run_dir / "final", m.use_lora, m.revision, self.family.name, absent_components(self.pipe)
-        )
-        return run_summary(self.run_dir, self.config, self.reward.name, code)
+        return run_summary(self.run_dir, self.config, self.reward.name, self.family.name, self.pipe)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch; returns (and logs) its metrics."""
@@ -329,55 +239,22 @@ class Trainer:
 
     def evaluate(self, epochs_done: int) -> dict[str, Any]:
         """Sample and score the fixed held-out set (``eval_prompts``) with the current weights; log to ``eval.jsonl``.
-
-        The prompts and the noise of chunk ``k`` (``sample.batch_size`` images) depend only on ``k``, never on the
-        run's seed, the epoch or the number of processes (chunk ``k`` runs on process ``k % num_processes``): every
-        evaluation of every run over the same ``eval_prompts``/``eval_samples`` sees the same inputs, so differences
-        are the policy's. It touches no random stream of training, so resumed runs stay exact. (An online reward such
-        as the discriminator changes between evaluations; its numbers are then not paired.)
-        """
-        c, s, acc = self.config, self.config.sample, self.accelerator
+        Its inputs are the same in every evaluation of every run (:mod:`~ddpo.training.heldout`)."""
+        c, acc = self.config, self.accelerator
         start = time.perf_counter()
         self._phase("evaluation")
         self.denoiser.eval()
         denoiser = acc.unwrap_model(self.denoiser)
-        chunks = [self.eval_prompts[i : i + s.batch_size] for i in range(0, len(self.eval_prompts), s.batch_size)]
-        results, first_images = [], None
-        for k in range(acc.process_index, len(chunks), acc.num_processes):
-            prompts = chunks[k]
-            trajectories = self.sample(denoiser, prompts, derive_seed(0, Stream.EVAL_NOISE, k))
-            values, info, _ = self.score(trajectories.images, prompts, f"held-out evaluation, chunk {k}")
-            results.append((k, values.cpu().tolist(), info))
-            if k == 0:
-                first_images = trajectories.images
-        if acc.num_processes > 1:
-            results = gather_object(results)
-        results.sort(key=lambda item: item[0])
-        rewards = torch.tensor([v for _, values, _ in results for v in values], dtype=torch.float64)
-        metrics: dict[str, Any] = {
-            "epoch": epochs_done,
-            "samples": len(rewards),
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std(unbiased=False).item(),
-        }
-        infos = [(len(values), info) for _, values, info in results if info]
-        for key in infos[0][1] if infos else []:
-            metrics[key] = sum(n * info[key] for n, info in infos) / sum(n for n, _ in infos)
+        chunks, results, first_images = heldout.evaluate_chunks(
+            acc, self.eval_prompts, c.sample.batch_size, lambda p, seed: self.sample(denoiser, p, seed), self.score
+        )
+        metrics, rewards = heldout.eval_metrics(epochs_done, results)
         metrics["eval_seconds"] = time.perf_counter() - start
         acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
         # Per image, in evaluation order: the summary pairs them with the first evaluation's (same inputs).
         metrics["rewards"] = rewards.tolist()
         if acc.is_main_process:
-            append_jsonl(self.run_dir / "eval.jsonl", metrics)
-            if first_images is not None:
-                count = min(16, len(first_images))
-                grid = save_image_grid(
-                    first_images[:count],
-                    chunks[0][:count],
-                    results[0][1][:count],  # sorted by chunk: chunk 0's rewards
-                    self.run_dir / "samples" / f"eval_epoch_{epochs_done:04d}.png",
-                )
-                self.log_image("eval/samples", grid, epochs_done)
+            write_eval(self.run_dir, acc.trackers, metrics, first_images, chunks[0], results[0][1])
             self._say(
                 f"ddpo: held-out evaluation after {epochs_done} epochs ({len(rewards)} images of {c.eval_prompts}): "
                 f"reward {metrics['reward_mean']:.4g} ({metrics['eval_seconds']:.1f} s)"
@@ -398,16 +275,16 @@ class Trainer:
         timings)``. ``decode`` replaces the sampler's VAE decoding (:func:`ddpo.policy.sampling.decode_latents`,
         called the same way), e.g. to time it.
 
-        With ``overlap_scoring`` (where :func:`overlap_scoring` allows it) the reward of batch k runs in a worker
-        thread (open :meth:`scoring_executor` first) while batch k+1 is sampled; ``scoring_seconds`` is then only the
-        time spent waiting for the reward after sampling ended.
+        With ``overlap_scoring`` (where :func:`overlap_scoring` allows it) and inside :meth:`scoring_executor` the
+        reward of batch k runs in a worker thread while batch k+1 is sampled; ``scoring_seconds`` is then only the time
+        spent waiting for the reward after sampling ended. Otherwise each batch is scored inline (the same rewards).
         """
         c, s, acc = self.config, self.config.sample, self.accelerator
         self.denoiser.eval()
         denoiser = acc.unwrap_model(self.denoiser)  # sampling needs no DDP gradient sync
         batches: list[Trajectories] = []
         pending: list[Future | tuple] = []
-        overlap = self.overlaps_scoring()
+        overlap = self.overlaps_scoring() and self._executor is not None
         sampling_start = time.perf_counter()
         self._phase("sampling")
         for b in range(s.num_batches_per_epoch):
@@ -433,17 +310,7 @@ class Trainer:
             else:
                 pending.append(self.score(trajectories.images, prompts, where))
         sampling_seconds = time.perf_counter() - sampling_start
-        wait_start = time.perf_counter()
-        results = [item.result() if isinstance(item, Future) else item for item in pending]
-        scoring_seconds = time.perf_counter() - wait_start
-        if not overlap:
-            scoring_seconds = sum(seconds for _, _, seconds in results)
-            sampling_seconds -= scoring_seconds
-        rewards = torch.cat([values for values, _, _ in results])
-        infos = [info for _, info, _ in results]
-        reward_info = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos and infos[0] else {}
-        reward_info["reward_compute_seconds"] = sum(seconds for _, _, seconds in results)
-        timings = {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
+        rewards, reward_info, timings = combine_scores(pending, overlap, sampling_seconds)
         return type(batches[0]).cat(batches), rewards, reward_info, timings
 
     def sample(
@@ -471,28 +338,9 @@ class Trainer:
     def score(
         self, images: torch.Tensor, prompts: list[str], where: str = ""
     ) -> tuple[torch.Tensor, dict[str, float], float]:
-        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``.
-
-        A reward that raises, or returns NaN, the wrong shape or dtype, ends in one :class:`rewards.RewardError`
-        naming the reward, the batch (``where``: e.g. ``"epoch 3, samples 8-11 of process 0"``) and, for bad values,
-        the sample indices; the reward's own exception is chained (``--debug`` prints it)."""
-        start = time.perf_counter()
-        name = self.reward.name
-        context = f" ({where})" if where else ""
-        try:
-            with torch.no_grad():
-                values = self.reward(images, prompts)
-        except Exception as err:
-            raise RewardError(
-                f"reward {name!r} raised {type(err).__name__}: {err}{context}. The error is in the reward's own code; "
-                "run with --debug (or DDPO_DEBUG=1) for its traceback"
-            ) from err
-        try:
-            values = check_reward_output(values, len(prompts), name)
-        except RewardError as err:
-            raise RewardError(f"{err}{context}") from None
-        kill_point("score")
-        return values.detach().to(self.accelerator.device), dict(self.reward.last_info()), time.perf_counter() - start
+        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``
+        (:func:`~ddpo.training.scoring.checked_score`; ``where`` names the batch in an error)."""
+        return checked_score(self.reward, images, prompts, self.accelerator.device, where)
 
     def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         """Rewards and prompts of every process, in process order."""
@@ -540,9 +388,10 @@ class Trainer:
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
                         if not torch.isfinite(grad_norm):
+                            note = checkpoint.checkpoint_note(self.run_dir)
                             raise TrainingError(
                                 f"non-finite gradient norm at epoch {epoch}, global step {self.global_step}; "
-                                f"lower train.learning_rate or use mixed_precision=no. {checkpoint.checkpoint_note(self.run_dir)}"
+                                f"lower train.learning_rate or use mixed_precision=no. {note}"
                             )
                         grad_norms.append(grad_norm.detach().float())
                         lr = learning_rate_at(self.global_step, t.learning_rate, t.lr_warmup_steps)
@@ -553,14 +402,7 @@ class Trainer:
                     kill_point("optimizer_step")
                 for key, value in info.items():
                     history.setdefault(key, []).append(value.float())
-        means = {key: acc.reduce(torch.stack(values).mean(), reduction="mean") for key, values in history.items()}
-        if "ratio_max" in history:
-            means["ratio_max"] = acc.reduce(torch.stack(history["ratio_max"]).max(), reduction="max")
-        means["grad_norm"] = acc.reduce(torch.stack(grad_norms).mean(), reduction="mean")
-        if first_step_kl:  # 0 exactly when every pair of the first optimiser step had ratio 1 (same shapes)
-            extra["first_step_approx_kl"] = torch.stack(first_step_kl).max()
-        means.update({key: acc.reduce(value, reduction="max") for key, value in extra.items()})
-        return {key: value.item() for key, value in means.items()}
+        return epoch_diagnostics(acc, history, grad_norms, first_step_kl, extra)
 
     def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The shuffled (trajectory, step) pairs of inner epoch ``inner`` of ``epoch`` (see
@@ -584,31 +426,11 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
 
     def log(self, epoch: int, metrics: dict[str, Any], samples: Trajectories, rewards: torch.Tensor) -> None:
+        """The epoch's metrics to the trackers and ``metrics.jsonl``, its sample grid (:func:`write_epoch`)."""
         acc = self.accelerator
         acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
-        if not acc.is_main_process:
-            return
-        append_jsonl(self.run_dir / "metrics.jsonl", metrics)
-        kill_point("metrics")
-        if self.config.log_images:
-            count = min(16, len(samples.prompts))
-            grid = save_image_grid(
-                samples.images[:count],
-                samples.prompts[:count],
-                rewards[:count].tolist(),
-                self.run_dir / "samples" / f"epoch_{epoch:04d}.png",
-            )
-            self.log_image("samples", grid, epoch)
-
-    def log_image(self, tag: str, image, step: int) -> None:
-        """An image grid (PIL) to every tracker that takes images (:func:`~ddpo.training.reporting.log_image`)."""
-        log_image(self.accelerator.trackers, tag, image, step)
-
-    def _truncate_metrics(self, start_epoch: int) -> None:
-        """Drop metrics of epochs a resumed run will redo (written after the checkpoint it resumes from), and
-        held-out evaluations after that checkpoint (the one at ``start_epoch`` was written before it)."""
-        keep_epochs(self.run_dir / "metrics.jsonl", lambda e: e < start_epoch)
-        keep_epochs(self.run_dir / "eval.jsonl", lambda e: e <= start_epoch)
+        if acc.is_main_process:
+            write_epoch(self.run_dir, acc.trackers, metrics, samples, rewards, self.config.log_images)
 
     # ------------------------------------------------------------------ state: snapshots and checkpoints
 
@@ -619,52 +441,24 @@ class Trainer:
     def snapshot(self) -> TrainingSnapshot:
         """A copy of what training changes (weights, optimiser, per-prompt statistics, global step), for
         :meth:`restore`: e.g. to train the same epoch several times from the same state (``ddpo bench``)."""
-        advantage = self.advantage_state
-        return TrainingSnapshot(
-            params=[p.detach().clone() for p in self.params],
-            optimizer=copy.deepcopy(self.optimizer.state_dict()),
-            advantage_state=copy.deepcopy(advantage.state_dict()) if advantage is not None else None,
-            global_step=self.global_step,
-        )
+        return checkpoint_state.snapshot(self.params, self.optimizer, self.advantage_state, self.global_step)
 
-    def restore(self, snapshot: TrainingSnapshot) -> None:
-        """Back to ``snapshot`` (:meth:`snapshot`), gradients cleared; the snapshot stays reusable."""
-        with torch.no_grad():
-            for param, value in zip(self.params, snapshot.params, strict=True):
-                param.copy_(value)
-        self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.advantage_state is not None:
-            self.advantage_state.load_state_dict(copy.deepcopy(snapshot.advantage_state))
-        self.global_step = snapshot.global_step
+    def restore(self, saved: TrainingSnapshot) -> None:
+        """Back to ``saved`` (:meth:`snapshot`), gradients cleared; ``saved`` stays reusable."""
+        self.global_step = checkpoint_state.restore(saved, self.params, self.optimizer, self.advantage_state)
+
+    def _checkpointed(self) -> dict[str, Any]:
+        """The objects whose state a checkpoint holds (:mod:`~ddpo.training.checkpoint_state`)."""
+        names = ("denoiser", "trainable_names", "optimizer", "estimator", "advantage_state", "reward")
+        return {name: getattr(self, name) for name in names}
 
     def save_checkpoint(self, epochs_done: int) -> Path:
         """Atomically write ``checkpoints/checkpoint_<epochs_done>`` (all processes must call this)."""
-        return checkpoint_state.save_checkpoint(
-            self.accelerator,
-            self.run_dir,
-            epochs_done,
-            trainable=self.trainable_state(),
-            trainable_names=self.trainable_names,
-            optimizer=self.optimizer,
-            reward=self.reward,
-            estimator=self.estimator,
-            advantage_state=self.advantage_state,
-            global_step=self.global_step,
-            keep=self.config.keep_checkpoints,
-        )
+        acc, step, keep = self.accelerator, self.global_step, self.config.keep_checkpoints
+        return checkpoint_state.save_checkpoint(acc, self.run_dir, epochs_done, step, keep, **self._checkpointed())
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = checkpoint_state.load_checkpoint(
-            path,
-            self.accelerator,
-            denoiser=self.denoiser,
-            trainable_names=self.trainable_names,
-            optimizer=self.optimizer,
-            estimator=self.estimator,
-            advantage_state=self.advantage_state,
-            reward=self.reward,
-        )
+        state = checkpoint_state.load_checkpoint(path, self.accelerator, **self._checkpointed())
         self.start_epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         if self.accelerator.is_main_process:
             print(f"ddpo: resuming {self.run_dir} from {path.name} (epoch {self.start_epoch})", flush=True)
