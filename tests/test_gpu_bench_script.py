@@ -42,11 +42,11 @@ def test_gpu_bench_script_runs_at_toy_size(tmp_path):
     assert config["sample"]["num_steps"] == 4 and config["model"]["pretrained"] == "tiny"
     ours, reference = result["ours"], result["reference"]
     # Both modes trained the same epoch: 2 images x 4 steps = 8 pairs, all in one optimiser step (2 pairs x 4
-    # accumulated), to the same loss and the same weights.
+    # accumulated), to the same loss.
     assert ours["optimizer_steps"] == reference["optimizer_steps"] == 1
     assert result["max_abs_loss_difference"] == abs(ours["loss"] - reference["loss"]) < 1e-4
-    assert result["max_abs_weight_update"] > 0
-    assert result["max_abs_weight_difference"] < 1e-2 * result["max_abs_weight_update"]
+    # (Not the weights: at toy size the advantages are ~0, so the gradient is float32 noise, which Adam's first step
+    # turns into lr-sized moves of either sign; tests/test_bench.py compares the weights where gradients are real.)
     assert result["ratio_total"] == ours["total_seconds"] / reference["total_seconds"]
     assert ours["pairs_per_second"] == 8 / ours["training_seconds"]
     mfu = result["mfu"]
