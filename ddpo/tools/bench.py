@@ -186,6 +186,7 @@ class EpochBench:
                 s.eta,
                 generator,
                 c.mixed_precision,
+                tr.latent_size,  # the run's resolution, as ours samples it
             )
             sync(self.device)
             decode_start = time.perf_counter()

@@ -106,11 +106,13 @@ def reference_sample(
     eta: float,
     generator: torch.Generator,
     mixed_precision: str = "no",
+    latent_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The denoising loop of ddpo-pytorch's ``pipeline_with_logprob``: one UNet call per timestep.
 
     Draws the same noise as :func:`ddpo.policy.sampling.sample_trajectories` (``x_T`` first, then one draw per step from
-    ``generator``), so the same seed gives the same trajectories.
+    ``generator``), so the same seed gives the same trajectories. ``latent_size``: the side of the latents (the run's
+    ``sample.resolution`` over the VAE factor; default the UNet's native ``sample_size``).
 
     Returns:
         ``latents [B, T + 1, C, h, w]`` float32, ``log_probs [B, T]`` float32, ``timesteps [T]`` long.
@@ -120,7 +122,8 @@ def reference_sample(
     do_cfg = negative_embeds is not None and uses_cfg(guidance_scale)
     embeds = torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds]) if do_cfg else prompt_embeds
     scheduler.set_timesteps(num_steps, device=device)
-    shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    size = latent_size or unet.config.sample_size
+    shape = (batch, unet.config.in_channels, size, size)
     latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     for t in scheduler.timesteps:
