@@ -1,10 +1,12 @@
 """The bench's reference mode (the straightforward ddpo-pytorch way) and ours compute the same maths: same sampled
-trajectories, same per-pair losses and gradients, same epoch losses; and ``ddpo bench --json`` writes its keys.
-Timings are never asserted."""
+trajectories, same per-pair losses and gradients, same epoch losses, optimiser steps and trained weights; the
+trainer's public hooks that bench measures through (a timed decode, snapshot / restore) change nothing they measure;
+and ``ddpo bench --json`` writes results consistent with its own runs. Timings are never compared with a number."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -13,8 +15,7 @@ from ddpo.cli import main
 from ddpo.policy.sampling import SamplerSettings, encode_prompts, sample_trajectories
 from ddpo.tools.bench import PHASES, EpochBench, reference_minibatch_loss, reference_sample
 from ddpo.training.config import build_config
-from ddpo.training.prompts import derive_seed
-from ddpo.training.trainer import SAMPLING_NOISE_STREAM
+from ddpo.training.streams import Stream, derive_seed
 
 
 def _overrides(model_dir) -> list[str]:
@@ -40,7 +41,7 @@ def bench(tiny_model_dir, tmp_path_factory) -> EpochBench:
     with torch.no_grad():
         for param in bench.trainer.params:
             param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    bench._initial["params"] = [p.detach().clone() for p in bench.trainer.params]
+    bench.set_initial()
     return bench
 
 
@@ -48,14 +49,14 @@ def _sample(bench: EpochBench, reference: bool):
     tr, s = bench.trainer, bench.config.sample
     prompts = ["a cat", "a dog"]
     embeds = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, prompts, tr.accelerator.device)
-    generator = torch.Generator().manual_seed(derive_seed(0, SAMPLING_NOISE_STREAM, 0, 0, 0))
-    tr.unet.eval()
+    generator = torch.Generator().manual_seed(derive_seed(0, Stream.SAMPLING_NOISE, 0, 0, 0))
+    tr.denoiser.eval()
     args = (s.num_steps, s.guidance_scale, s.eta, generator)
     if reference:
-        return reference_sample(tr.unet, tr.scheduler, embeds, tr.negative_embeds, *args)
+        return reference_sample(tr.denoiser, tr.scheduler, embeds, tr.negative_cond, *args)
     settings = SamplerSettings("ddim", s.num_steps, s.guidance_scale, s.eta, "no", 8)
     out = sample_trajectories(
-        tr.unet, tr.pipe.vae, tr.scheduler, embeds, tr.negative_embeds, prompts, generator, settings
+        tr.denoiser, tr.pipe.vae, tr.scheduler, embeds, tr.negative_cond, prompts, generator, settings
     )
     return out.latents, out.log_probs, out.timesteps
 
@@ -80,12 +81,12 @@ def test_one_call_and_per_minibatch_calls_give_the_same_loss_and_gradients(bench
     from ddpo.policy.sampling import Trajectories
 
     latents, log_probs, timesteps = _sample(bench, reference=False)
-    samples = Trajectories(["a cat", "a dog"], None, tr.negative_embeds, latents, log_probs, timesteps, None)
+    samples = Trajectories(["a cat", "a dog"], None, tr.negative_cond, latents, log_probs, timesteps, None)
     samples.cond = encode_prompts(tr.pipe.tokenizer, tr.pipe.text_encoder, samples.prompts, latents.device)
     weights = torch.tensor([1.5, -0.7])
     i = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1])
     j = torch.tensor([3, 0, 2, 1, 0, 3, 2, 1])
-    tr.unet.train()
+    tr.denoiser.train()
     tr.optimizer.zero_grad(set_to_none=True)
 
     loss_ours, info = tr.minibatch_loss(samples, weights, i, j)
@@ -110,11 +111,72 @@ def test_one_call_and_per_minibatch_calls_give_the_same_loss_and_gradients(bench
         torch.testing.assert_close(g_ref, g_ours, rtol=1e-3, atol=1e-4 * g_ours.abs().max().item())
 
 
-def test_a_whole_epoch_gives_the_same_losses_both_ways(bench):
+def _pairs_and_steps(config) -> tuple[int, int]:
+    """Training pairs of one epoch and its optimiser steps, counted from the config alone."""
+    s, t = config.sample, config.train
+    pairs = s.batch_size * s.num_batches_per_epoch * s.num_steps * t.num_inner_epochs  # timestep_fraction=1.0
+    return pairs, pairs // (t.batch_size * t.gradient_accumulation_steps)
+
+
+def test_a_whole_epoch_gives_the_same_losses_steps_and_weights_both_ways(bench):
+    initial = [p.detach().clone() for p in bench.trainer.params]
     ours, reference = bench.run("ours"), bench.run("reference")
     assert set(PHASES) <= set(ours) and set(PHASES) <= set(reference)
     assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-3, abs=1e-6)
     assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-3)
+    # The same optimiser steps, as many as the config says: 2 batches x 2 images x 4 steps = 16 pairs, 8 per step.
+    pairs, steps = _pairs_and_steps(bench.config)
+    assert (pairs, steps) == (16, 2)
+    assert ours["optimizer_steps"] == reference["optimizer_steps"] == steps
+    assert ours["pairs_per_second"] == pytest.approx(pairs / ours["training_seconds"])
+    # Both modes move the weights, and to the same place: the difference is float32 noise next to the update.
+    trained_ours, trained_ref = bench.trained["ours"], bench.trained["reference"]
+    update = max((trained_ours[n] - p).abs().max().item() for n, p in zip(bench.trainer.trainable_names, initial))
+    assert update > 1e-3  # lr 0.01, 2 Adam steps
+    difference = max((trained_ours[n] - trained_ref[n]).abs().max().item() for n in trained_ours)
+    assert difference < 1e-2 * update  # Adam's normalised steps magnify float32 noise of tiny gradients
+    assert bench.weight_update_difference < 1e-2
+    # Each mode decodes once per sampling batch, and its decoding is timed apart from the denoising loop.
+    assert ours["decode_calls"] == reference["decode_calls"] == bench.config.sample.num_batches_per_epoch
+    assert ours["decoding_seconds"] > 0 and reference["decoding_seconds"] > 0
+
+
+def test_snapshot_and_restore_repeat_an_epoch_exactly(bench):
+    """Two epochs of ours from the same restored state are bit-identical, and restore brings back the exact weights,
+    optimiser state and global step of the snapshot."""
+    tr = bench.trainer
+    first = bench.run("ours")
+    after_first = {k: v.clone() for k, v in tr.trainable_state().items()}
+    assert tr.global_step == first["optimizer_steps"] > 0
+    second = bench.run("ours")
+    assert second["loss"] == first["loss"] and second["grad_norm"] == first["grad_norm"]
+    assert all(torch.equal(after_first[k], v) for k, v in tr.trainable_state().items())
+    tr.restore(bench.initial)
+    assert tr.global_step == 0
+    assert all(torch.equal(p, q) for p, q in zip(tr.params, bench.initial.params, strict=True))
+    assert tr.optimizer.state_dict()["state"] == {}  # the initial optimiser had taken no step
+
+
+def test_a_timed_decode_is_part_of_sampling_and_changes_no_image(bench):
+    """sample_and_score's ``decode`` hook runs the sampler's decoding (the same images, bit for bit); the time it
+    takes is inside ``sampling_seconds``."""
+    from ddpo.policy.sampling import decode_latents
+
+    tr, s = bench.trainer, bench.config.sample
+    bench.reset()
+    with tr.scoring_executor():
+        plain, plain_rewards, _, _ = tr.sample_and_score(0)
+        calls = []
+
+        def slow_decode(vae, latents, *args, **kwargs):
+            calls.append(latents.shape[0])
+            time.sleep(0.25)
+            return decode_latents(vae, latents, *args, **kwargs)
+
+        timed, timed_rewards, _, timings = tr.sample_and_score(0, decode=slow_decode)
+    assert calls == [s.batch_size] * s.num_batches_per_epoch
+    assert torch.equal(timed.images, plain.images) and torch.equal(timed_rewards, plain_rewards)
+    assert timings["sampling_seconds"] >= 0.25 * s.num_batches_per_epoch
 
 
 def test_ddpo_bench_writes_the_documented_json(tiny_model_dir, tmp_path, capsys):
@@ -125,11 +187,19 @@ def test_ddpo_bench_writes_the_documented_json(tiny_model_dir, tmp_path, capsys)
     for mode in ("ours", "reference"):
         keys = set(PHASES) | {"images_per_second", "pairs_per_second", "peak_memory_mib", "loss"}
         assert keys <= set(result[mode]), mode
-        assert result[mode]["total_seconds"] > 0 and result[mode]["peak_memory_mib"] > 0
+        (run,) = result["runs"][mode]  # one repeat: the median is that run
+        assert result[mode] == run
+        # The phases are parts of the epoch: they add up to no more than its total.
+        phases = sum(run[k] for k in PHASES if k != "total_seconds")
+        assert 0 < phases <= run["total_seconds"] * (1 + 1e-9)
+        # 1 batch x 2 images x 4 steps = 8 pairs, 4 per optimiser step (train.batch_size=2, 2 accumulated).
+        assert run["optimizer_steps"] == 2 and run["decode_calls"] == 1
+        assert run["images_per_second"] == pytest.approx(2 / (run["sampling_seconds"] + run["decoding_seconds"]))
     assert result["ratio_total"] == pytest.approx(
         result["ours"]["total_seconds"] / result["reference"]["total_seconds"]
     )
-    assert result["max_abs_loss_difference"] < 1e-5
+    assert result["max_abs_loss_difference"] == abs(result["ours"]["loss"] - result["reference"]["loss"]) < 1e-5
+    assert result["weight_update_difference"] < 1e-2
     out = capsys.readouterr().out
     assert "ratio_total" in out and "training (s)" in out
 
@@ -146,15 +216,15 @@ def test_memory_and_speed_options_keep_the_maths(bench, tiny_model_dir, tmp_path
     overrides = [*_overrides(tiny_model_dir), "model.channels_last=true", "train.gradient_checkpointing=true"]
     other = EpochBench(build_config(preset="tiny", overrides=overrides), tmp_path / "run")
     with torch.no_grad():
-        for param, value in zip(other.trainer.params, bench._initial["params"]):
+        for param, value in zip(other.trainer.params, bench.initial.params):
             param.copy_(value)
-    other._initial["params"] = [p.detach().clone() for p in other.trainer.params]
-    assert other.trainer.accelerator.unwrap_model(other.trainer.unet).is_gradient_checkpointing
+    other.set_initial()
+    assert other.trainer.accelerator.unwrap_model(other.trainer.denoiser).is_gradient_checkpointing
     loss = bench.run("ours")["loss"]
     assert other.run("ours")["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-6)
     # The reference mode runs the plain UNet and gives the options back afterwards.
     assert other.run("reference")["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-6)
-    assert other.trainer.accelerator.unwrap_model(other.trainer.unet).is_gradient_checkpointing
+    assert other.trainer.accelerator.unwrap_model(other.trainer.denoiser).is_gradient_checkpointing
 
 
 def test_8bit_optimizer_without_bitsandbytes_says_how_to_install(fast_overrides, capsys):

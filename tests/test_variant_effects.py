@@ -65,7 +65,7 @@ def test_per_prompt_statistics_switch_from_batch_to_prompt_buffers(make_trainer)
         buffer_a.std(unbiased=False) + 1e-6
     )
     torch.testing.assert_close(second[:2], expected_a.float())
-    assert trainer.tracker is not None and sorted(trainer.tracker.buffers) == ["a", "b"]
+    assert trainer.advantage_state is not None and sorted(trainer.advantage_state.buffers) == ["a", "b"]
 
 
 @pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf"])
@@ -98,9 +98,9 @@ def test_kl_to_the_base_model_matches_gaussians_by_hand(make_trainer):
             param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
     _, info = trainer.minibatch_loss(samples, weights, i, j)
     with torch.no_grad():
-        policy = trainer.estimator.recompute(trainer.unet, samples, i, j)
+        policy = trainer.estimator.recompute(trainer.denoiser, samples, i, j)
         base = Trainer(trainer.config, trainer.run_dir.with_name("base"))  # a fresh, unadapted copy of the model
-        reference = base.estimator.recompute(base.accelerator.unwrap_model(base.unet), samples, i, j)
+        reference = base.estimator.recompute(base.accelerator.unwrap_model(base.denoiser), samples, i, j)
     std = policy.std.view(-1, 1, 1, 1).expand_as(policy.mean)
     expected = torch.distributions.kl_divergence(
         torch.distributions.Normal(policy.mean, std), torch.distributions.Normal(reference.mean, std)

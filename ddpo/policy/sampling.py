@@ -239,6 +239,7 @@ def sample_trajectories(
     prompts: list[str],
     generator: torch.Generator,
     settings: SamplerSettings,
+    decode: Callable | None = None,
 ) -> Trajectories:
     """Sample ``B = len(prompts)`` trajectories from ``x_T ~ N(0, I)`` and decode their final latents.
 
@@ -248,6 +249,8 @@ def sample_trajectories(
             negative_cond: the negative prompt's, ``[1, ...]`` (None without CFG).
         prompts: the ``B`` prompt strings (recorded; with ``share_initial_noise`` they define the groups).
         generator: the only source of randomness (``x_T`` and every step's noise).
+        decode: the VAE decoding of the final latents, called as :func:`decode_latents` (its default) is; a caller
+            times or replaces the decoding through it (``ddpo bench`` times it).
 
     With ``settings.share_initial_noise`` every run of consecutive equal prompts (a prompt's group of samples, as
     :func:`ddpo.prompts.draw_prompts` lays them out) starts from one shared ``x_T``: the samples of a group then differ
@@ -272,7 +275,7 @@ def sample_trajectories(
         latents = out.prev_sample
         all_latents.append(latents)
         all_log_probs.append(out.log_prob)
-    images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
+    images = (decode or decode_latents)(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return Trajectories(
         prompts=list(prompts),
         cond=cond,
@@ -408,13 +411,14 @@ def sample_clean(
     prompts: list[str],
     generator: torch.Generator,
     settings: SamplerSettings,
+    decode: Callable | None = None,
 ) -> CleanSamples:
     """Sample ``B = len(prompts)`` images with **any** diffusers scheduler and keep only their clean latents.
 
     The loop of diffusers' pipelines (``scale_model_input``, one batched CFG call, ``scheduler.step``), with every
     random draw from ``generator``: ``x_T`` first, then whatever the scheduler's step draws (none for DDIM with
     ``eta = 0``, DPM-Solver++ or Euler). ``settings.share_initial_noise`` shares ``x_T`` within prompt groups.
-    ``denoiser``, ``cond`` and ``negative_cond`` as in :func:`sample_trajectories`.
+    ``denoiser``, ``cond``, ``negative_cond`` and ``decode`` as in :func:`sample_trajectories`.
     """
     device = cond.device
     set_timesteps(scheduler, settings, device)
@@ -426,7 +430,7 @@ def sample_clean(
         with autocast(device, settings.mixed_precision):
             output = guided_model_output(denoiser, model_input, t, cond, negative_cond, settings.guidance_scale)
         latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0].float()
-    images = decode_latents(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
+    images = (decode or decode_latents)(vae, latents, settings.mixed_precision, settings.decode_chunk_size)
     return CleanSamples(
         prompts=list(prompts),
         cond=cond,

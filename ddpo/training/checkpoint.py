@@ -373,3 +373,32 @@ def restore_final_reward(reward, run_dir: Path, epochs: int | None) -> bool:
         )
     reward.load_state_dict(state)
     return True
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of ``state`` (in name order): equal exactly when the tensors are
+    bit-identical."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """The sentence of an error that stops a run about what it leaves to resume from: its newest checkpoint (written
+    atomically, so intact), or none yet."""
+    newest = latest(Path(run_dir) / "checkpoints")
+    if newest is None:
+        return "No checkpoint was written yet, so a resume starts the run over."
+    return f"The last checkpoint, {newest.name}, is intact."
+
+
+def disk_full_message(err: OSError, name: str, previous: Path | None, run_dir: Path) -> str:
+    """One line for a disk that filled up while ``name`` (a checkpoint or ``final/``) was written."""
+    intact = f"{previous.name} is intact" if previous is not None else "no earlier checkpoint exists"
+    return (
+        f"the disk is full ({err.strerror or err}) while writing {name} under {run_dir}; its unfinished files were "
+        f"removed and {intact}. Free some space, then continue with `ddpo train --resume {run_dir}`"
+    )

@@ -6,11 +6,7 @@ import zlib
 
 import torch
 
-from .prompts import derive_seed
-
-# Stream identifiers for derive_seed (shared with the trainer's: each random stream of a run gets its own). 7: the
-# per-image noise of ``ddpo eval``.
-EVAL_PROMPTS_STREAM, EVAL_NOISE_STREAM, EVAL_IMAGE_NOISE_STREAM = 4, 5, 7
+from .streams import Stream, derive_seed
 
 
 def image_noise_seed(seed: int, prompt: str, repeat: int = 0) -> int:
@@ -21,7 +17,7 @@ def image_noise_seed(seed: int, prompt: str, repeat: int = 0) -> int:
     own noise: with one ``x_T`` per seed shared by all prompts, the images of a seed are correlated across prompts (on
     the world model the mean reward of 64 prompts was 0.92 under one shared seed and 0.65 under another), and a
     standard error that treats them as independent is several times too small."""
-    return derive_seed(seed, EVAL_IMAGE_NOISE_STREAM, zlib.crc32(prompt.encode("utf-8")), repeat)
+    return derive_seed(seed, Stream.EVAL_IMAGE_NOISE, zlib.crc32(prompt.encode("utf-8")), repeat)
 
 
 def paired_change(before: list[float] | None, after: list[float] | None) -> tuple[float, float] | None:
@@ -49,7 +45,7 @@ def clustered_change(before: list[float], after: list[float], clusters: list[str
 def eval_prompt_list(prompts: list[str], count: int) -> list[str]:
     """``count`` prompts of a held-out set in a fixed shuffled order (cycled when ``count`` exceeds the set), the same
     for every run and seed, so evaluations of different runs are comparable."""
-    generator = torch.Generator().manual_seed(derive_seed(0, EVAL_PROMPTS_STREAM))
+    generator = torch.Generator().manual_seed(derive_seed(0, Stream.EVAL_PROMPTS))
     order = torch.randperm(len(prompts), generator=generator).tolist()
     return [prompts[order[i % len(order)]] for i in range(count)]
 

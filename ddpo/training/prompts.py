@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .streams import Stream, derive_seed  # noqa: F401  (derive_seed: imported from here by callers)
+
 
 def available_prompt_sets() -> list[str]:
     """Names of the prompt sets shipped with the package (files ``prompts/NAME.txt``)."""
@@ -47,31 +49,6 @@ def draw_prompts(
     """The prompts of one sampling batch: ``count // samples_per_prompt`` prompts drawn uniformly with replacement,
     each repeated ``samples_per_prompt`` times. A pure function of ``(seed, epoch, batch, process)``, so a resumed
     run draws exactly what an uninterrupted one would."""
-    generator = torch.Generator().manual_seed(_mix(seed, 1, epoch, batch, process))
+    generator = torch.Generator().manual_seed(derive_seed(seed, Stream.PROMPTS, epoch, batch, process))
     index = torch.randint(len(prompts), (count // samples_per_prompt,), generator=generator).tolist()
     return [prompts[i] for i in index for _ in range(samples_per_prompt)]
-
-
-def _mix(*values: int) -> int:
-    """Combine integers into one 63-bit seed (SplitMix64-style), so nearby seeds give unrelated streams."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value + 0x9E3779B97F4A7C15 + (state << 6) + (state >> 2))) & 0xFFFFFFFFFFFFFFFF
-        state = (state * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        state ^= state >> 31
-    return state & 0x7FFFFFFFFFFFFFFF
-
-
-def derive_seed(*values: int) -> int:
-    """A seed for one stream of the run (e.g. sampling noise of epoch e, batch b, process p)."""
-    return _mix(*values)
-
-
-# The stream id (the second value given to derive_seed) of each random stream of training; 1 is the prompt draws
-# (draw_prompts), 4, 5 and 7 the held-out evaluation's (evaluation.py).
-SAMPLING_NOISE_STREAM = 2
-"""Sampling noise of training batches: ``(seed, 2, epoch, batch, process)``."""
-SHUFFLE_STREAM = 3
-"""The (trajectory, step) pairs of an inner epoch: ``(seed, 3, epoch, inner, process)``."""
-FORWARD_NOISE_STREAM = 6
-"""The forward-process estimators' re-noising: ``(seed, 6, epoch, inner, process)``."""

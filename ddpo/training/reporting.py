@@ -1,6 +1,8 @@
-"""What a run reports outside its logs: the trackers it logs to (TensorBoard, wandb) and the summary printed at its end.
+"""What a run reports outside its logs: the experiment trackers it logs to (TensorBoard, wandb), the start-up line
+on where it runs, and the summary printed at its end.
 
-(The per-prompt advantage statistics, :class:`~ddpo.policy.advantages.PerPromptStatTracker`, are another thing.)
+(The per-prompt advantage statistics, :class:`~ddpo.policy.advantages.PerPromptStatTracker`, are another thing: the
+trainer calls them its ``advantage_state``.)
 """
 
 from __future__ import annotations
@@ -8,12 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..models import absent_components, load_code
 from .config import ConfigError, RunConfig, to_dict
 from .evaluation import paired_change
-from .runlog import read_jsonl, reward_against_samples
+from .killpoints import kill_point
+from .runlog import append_jsonl, read_jsonl, reward_against_samples
+from .visualize import save_image_grid
 
 
-def trackers(config: RunConfig, run_dir: Path) -> list:
+def experiment_trackers(config: RunConfig, run_dir: Path) -> list:
     """``log_with`` -> accelerate trackers: ``"tensorboard"`` and a wandb tracker (project ``ddpo``, named after the
     run, its config attached), built only when asked; wandb is imported only then."""
     names = [name.strip() for name in config.log_with.split(",")]
@@ -42,7 +47,8 @@ def trackers(config: RunConfig, run_dir: Path) -> list:
 
 
 def log_image(trackers: list[Any], tag: str, image, step: int) -> None:
-    """An image grid (PIL) to every accelerate tracker in ``trackers`` that takes images (TensorBoard, wandb)."""
+    """An image grid (PIL) to every accelerate tracker in ``trackers`` (:func:`experiment_trackers`, as accelerate
+    built them) that takes images (TensorBoard, wandb)."""
     import numpy as np
 
     for tracker in trackers:
@@ -52,9 +58,60 @@ def log_image(trackers: list[Any], tag: str, image, step: int) -> None:
             tracker.log_images({tag: [image]}, step=step)
 
 
-def run_summary(run_dir: Path, config: RunConfig, reward_name: str, code: str) -> str:
+def save_grid(trackers: list[Any], path: Path, tag: str, step: int, images, prompts: list[str], rewards: list[float]):
+    """The first 16 ``images`` with their prompts and rewards as one grid PNG at ``path``, logged to ``trackers``
+    under ``tag`` at ``step`` (:func:`log_image`)."""
+    count = min(16, len(images))
+    grid = save_image_grid(images[:count], prompts[:count], rewards[:count], path)
+    log_image(trackers, tag, grid, step)
+
+
+def write_epoch(run_dir: Path, trackers: list[Any], metrics: dict[str, Any], samples, rewards, grid: bool) -> None:
+    """An epoch's ``metrics`` appended to ``metrics.jsonl``; with ``grid`` (``log_images``), its first samples with
+    their ``rewards`` as ``samples/epoch_EEEE.png``, also logged to ``trackers`` (main process only)."""
+    epoch = metrics["epoch"]
+    append_jsonl(run_dir / "metrics.jsonl", metrics)
+    kill_point("metrics")
+    if grid:
+        path = run_dir / "samples" / f"epoch_{epoch:04d}.png"
+        save_grid(trackers, path, "samples", epoch, samples.images, samples.prompts, rewards.tolist())
+
+
+def write_eval(run_dir: Path, trackers: list[Any], metrics: dict[str, Any], images, prompts, rewards) -> None:
+    """A held-out evaluation's ``metrics`` appended to ``eval.jsonl``; when this process has the first chunk's
+    ``images`` (else None), them with their ``prompts`` and ``rewards`` as ``samples/eval_epoch_EEEE.png``, also logged
+    to ``trackers`` (main process only)."""
+    append_jsonl(run_dir / "eval.jsonl", metrics)
+    if images is not None:
+        path = run_dir / "samples" / f"eval_epoch_{metrics['epoch']:04d}.png"
+        save_grid(trackers, path, "eval/samples", metrics["epoch"], images, prompts, rewards)
+
+
+def layout_line(accelerator, image_size: int, overlaps: bool, overlap_requested: bool) -> str:
+    """The start-up line after :func:`~ddpo.training.progress.describe_batch_sizes` (which gives the batch sizes):
+    where the processes run (device, distributed type and backend), the image size and where rewards are scored
+    (``overlaps``: in the worker thread; ``overlap_requested``: the config's ``overlap_scoring``)."""
+    import torch
+
+    n = accelerator.num_processes
+    how = f" ({accelerator.distributed_type.value}, {torch.distributed.get_backend()})" if n > 1 else ""
+    if overlaps:
+        scoring = "rewards scored in a worker thread while the next batch samples"
+    elif overlap_requested:
+        scoring = "rewards scored inline (on a CPU a scoring thread competes with sampling for the same cores)"
+    else:
+        scoring = "rewards scored inline (overlap_scoring=false)"
+    return (
+        f"ddpo: {n} process{'es' if n > 1 else ''} on {accelerator.device.type}{how}; {image_size} px images; {scoring}"
+    )
+
+
+def run_summary(run_dir: Path, config: RunConfig, reward_name: str, family_name: str, pipe) -> str:
     """A few lines for the end of a run: reward of the first and last epochs and of the held-out evaluations, where
-    the outputs are, and ``code``, the Python that loads the final weights (:func:`ddpo.models.load_code`)."""
+    the outputs are, and the Python that loads the final weights (:func:`ddpo.models.load_code` of the model family
+    ``family_name`` and the components ``pipe`` lacks)."""
+    m = config.model
+    code = load_code(m.pretrained, run_dir / "final", m.use_lora, m.revision, family_name, absent_components(pipe))
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     lines = [f"ddpo: done after {len(metrics)} epochs; run directory {run_dir.resolve()}"]
     if metrics:

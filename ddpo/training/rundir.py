@@ -1,5 +1,6 @@
 """The rules of a run directory (``output_dir/run_name``), checked before a model loads.
 
+* A new run's folder can be created and written (:func:`check_run_dir`).
 * A new run takes an absent or empty folder only: it never truncates or replaces files it did not write
   (:func:`check_new_run_dir`).
 * Nothing the run reads, writes or prunes leads out of the run directory through a symbolic link
@@ -22,10 +23,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_override, read_yaml
+import yaml
+
+from .config import ConfigError, RunConfig, build_config, parse_override, read_yaml, to_dict
+from .runlog import check_epochs, keep_epochs
 
 PROBE_PREFIX = ".ddpo-write-test-"
-"""Files :func:`ddpo.training.trainer.check_run_dir` writes and deletes at once to test that a folder is writable."""
+"""Files :func:`check_run_dir` writes and deletes at once to test that a folder is writable."""
 
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", "final", "samples", "tensorboard")
 """What a run writes directly under its folder."""
@@ -131,3 +135,65 @@ def remove_debris(run_dir: Path) -> list[str]:
                 path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(run_dir)))
     return removed
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise ConfigError, before anything is loaded, when the run directory cannot be created or written: a regular
+    file where a folder of its path should be, or no permission (a read-only disk, another user's folder)."""
+    run_dir = Path(run_dir)
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"the run directory {run_dir} would be under {parent}, which is a regular file, not a folder; "
+                    "choose another output_dir / run_name"
+                )
+            break
+    probe = run_dir / f"{PROBE_PREFIX}{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a writable output_dir"
+        ) from None
+
+
+def write_run_files(run_dir: Path, config: RunConfig, start_epoch: int) -> None:
+    """Set up the run directory of a run starting at ``start_epoch`` (main process only): remove an earlier crash's
+    temporary files, write ``config.yaml`` (first: a folder holding a run has its config.yaml), create ``samples/``,
+    and drop the metrics of epochs a resumed run will redo (written after the checkpoint it resumes from) and the
+    held-out evaluations after that checkpoint (the one at ``start_epoch`` was written before it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if removed := remove_debris(run_dir):
+        print(f"ddpo: removed the unfinished temporary files of an earlier crash: {', '.join(removed)}")
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "config.yaml")
+    (run_dir / "samples").mkdir(exist_ok=True)
+    keep_epochs(run_dir / "metrics.jsonl", lambda e: e < start_epoch)
+    keep_epochs(run_dir / "eval.jsonl", lambda e: e <= start_epoch)
+
+
+def check_new_run(run_dir: Path) -> None:
+    """Everything checked of a new run's directory before a model loads: absent or empty (:func:`check_new_run_dir`),
+    no link out (:func:`check_inside`), creatable and writable (:func:`check_run_dir`)."""
+    check_new_run_dir(run_dir)
+    check_inside(run_dir)
+    check_run_dir(run_dir)
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The config a resume of ``run_dir`` runs with: its ``config.yaml`` with ``overrides``, after checking (before a
+    model loads) that it is a run directory with no link out, that the overrides leave it where it is, and that its
+    logs have no bad line."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
+    check_inside(run_dir)
+    check_resume_overrides(run_dir, overrides)
+    config = build_config(base=read_run_config(run_dir), overrides=overrides)
+    for log in ("metrics.jsonl", "eval.jsonl"):
+        check_epochs(run_dir / log)
+    return config

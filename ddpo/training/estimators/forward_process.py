@@ -28,7 +28,7 @@ from ...policy.forward import (
     predictions,
 )
 from ...policy.sampling import autocast
-from ..prompts import FORWARD_NOISE_STREAM, derive_seed
+from ..streams import Stream, derive_seed
 from .base import Estimator, Need, Policy
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class ForwardProcessEstimator(Estimator):
     """The forward-process family: re-noising, the denoiser's ``x0`` and raw predictions, the old policy.
 
     Each inner epoch re-noises the pairs' clean samples, in minibatch order, with noise from the run's stream
-    ``(seed, FORWARD_NOISE_STREAM, epoch, inner, process)``."""
+    ``(seed, Stream.FORWARD_NOISE, epoch, inner, process)``."""
 
     uses_log_probs = False
     own_keys = {
@@ -135,7 +135,7 @@ class ForwardProcessEstimator(Estimator):
 
     def begin_inner_epoch(self, epoch: int, inner: int) -> None:
         acc = self.policy.accelerator
-        seed = derive_seed(self.config.seed, FORWARD_NOISE_STREAM, epoch, inner, acc.process_index)
+        seed = derive_seed(self.config.seed, Stream.FORWARD_NOISE, epoch, inner, acc.process_index)
         self.noise = torch.Generator().manual_seed(seed)
 
     def renoise(self, x0: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

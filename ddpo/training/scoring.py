@@ -1,0 +1,61 @@
+"""Scoring sampled images: one checked reward call (:func:`checked_score`), and the rewards, reward info and timings
+of an epoch's batches put together (:func:`combine_scores`)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+
+import torch
+
+from rewards import RewardError, check_reward_output
+
+from .killpoints import kill_point
+
+Scored = tuple[torch.Tensor, dict[str, float], float]
+"""``(values [B] on the device, reward info, seconds)`` of one batch."""
+
+
+def checked_score(reward, images: torch.Tensor, prompts: list[str], device: torch.device, where: str = "") -> Scored:
+    """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on ``device``, reward info, seconds)``.
+
+    A reward that raises, or returns NaN, the wrong shape or dtype, ends in one :class:`rewards.RewardError` naming
+    the reward, the batch (``where``: e.g. ``"epoch 3, samples 8-11 of process 0"``) and, for bad values, the sample
+    indices; the reward's own exception is chained (``--debug`` prints it)."""
+    start = time.perf_counter()
+    name = reward.name
+    context = f" ({where})" if where else ""
+    try:
+        with torch.no_grad():
+            values = reward(images, prompts)
+    except Exception as err:
+        raise RewardError(
+            f"reward {name!r} raised {type(err).__name__}: {err}{context}. The error is in the reward's own code; "
+            "run with --debug (or DDPO_DEBUG=1) for its traceback"
+        ) from err
+    try:
+        values = check_reward_output(values, len(prompts), name)
+    except RewardError as err:
+        raise RewardError(f"{err}{context}") from None
+    kill_point("score")
+    return values.detach().to(device), dict(reward.last_info()), time.perf_counter() - start
+
+
+def combine_scores(
+    pending: list[Future | Scored], overlap: bool, sampling_seconds: float
+) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+    """The epoch's ``(rewards, reward info, timings)`` from its batches' scores (``pending``: results, or futures of
+    the worker thread when ``overlap``), waited for now. ``sampling_seconds`` is the time of the sampling loop;
+    inline scoring's own seconds are taken out of it, and ``scoring_seconds`` is then their sum; with ``overlap`` it
+    is the time spent waiting after sampling ended. The reward info is the mean over batches."""
+    wait_start = time.perf_counter()
+    results = [item.result() if isinstance(item, Future) else item for item in pending]
+    scoring_seconds = time.perf_counter() - wait_start
+    if not overlap:
+        scoring_seconds = sum(seconds for _, _, seconds in results)
+        sampling_seconds -= scoring_seconds
+    rewards = torch.cat([values for values, _, _ in results])
+    infos = [info for _, info, _ in results]
+    reward_info = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos and infos[0] else {}
+    reward_info["reward_compute_seconds"] = sum(seconds for _, _, seconds in results)
+    return rewards, reward_info, {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
