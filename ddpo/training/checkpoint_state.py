@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import errno
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +61,14 @@ def save_checkpoint(
     estimator,
     advantage_state,
     reward,
+    guards: dict[str, Any] | None = None,
 ) -> Path:
     """Atomically write ``run_dir/checkpoints/checkpoint_<epochs_done>`` (all processes must call this): the
-    trained tensors of ``denoiser`` (:func:`trainable_state`), the optimiser, estimator and reward states, the
-    per-prompt advantage statistics ``advantage_state`` (or None; stored under ``state.json``'s key ``tracker``),
-    ``global_step`` and every process's RNG states. Keeps the newest ``keep`` checkpoints."""
+        trained tensors of ``denoiser`` (:func:`trainable_state`), the optimiser, estimator and reward states, the
+        per-prompt advantage statistics ``advantage_state`` (or None; stored under ``state.json``'s key ``tracker``),
+        ``global_step``, the rules over evaluations' state ``guards`` (:class:`~ddpo.training.guards.StopRules`; JSON
+    values, under ``state.json``'s key ``guards``) and every process's RNG states. Keeps the newest ``keep``
+    checkpoints."""
     acc = accelerator
     folder = run_dir / "checkpoints"
     final = folder / f"{checkpoint.PREFIX}{epochs_done:06d}"
@@ -86,6 +91,7 @@ def save_checkpoint(
                 "tracker": advantage_state.state_dict() if advantage_state is not None else None,
                 "num_processes": acc.num_processes,
                 "trainable_names": trainable_names,
+                "guards": guards,
             }
             final = checkpoint.commit(tmp, folder, epochs_done, state, keep)
     acc.wait_for_everyone()
@@ -127,21 +133,37 @@ def load_checkpoint(
     return state
 
 
-def save_final(accelerator: Accelerator, run_dir: Path, denoiser, use_lora: bool, family, pipe) -> Path:
-    """``run_dir/final/``: LoRA weights for ``pipe.load_lora_weights(final)``, or a full pipeline folder (all
-    processes must call this; the main process writes)."""
+def save_final(
+    accelerator: Accelerator,
+    run_dir: Path,
+    denoiser,
+    use_lora: bool,
+    family,
+    pipe,
+    folder: str = "final",
+    source: Path | None = None,
+    card: Callable[[Path], Any] | None = None,
+) -> Path:
+    """``run_dir/<folder>/`` (``final/``, or ``best/``): LoRA weights for ``pipe.load_lora_weights(final)``, or a full
+    pipeline folder; or, with ``source``, a copy of that folder's weights (``final/`` from ``best/``). ``card(tmp)``
+    writes the model card into the folder before it is put in place, so the card and the weights always go together.
+    All processes must call this; the main process writes."""
     acc = accelerator
-    final = run_dir / "final"
+    final = run_dir / folder
     acc.wait_for_everyone()
     if acc.is_main_process:
-        tmp = run_dir / f".final-tmp-{os.getpid()}"
-        with removed_on_failure(tmp, "final/", checkpoint.latest(run_dir / "checkpoints"), run_dir):
-            model = acc.unwrap_model(denoiser)
-            if use_lora:
+        tmp = run_dir / f".final-tmp-{folder}-{os.getpid()}"
+        with removed_on_failure(tmp, f"{folder}/", checkpoint.latest(run_dir / "checkpoints"), run_dir):
+            if source is not None:
+                shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("README.md", "heldout_*.png"))
+            elif use_lora:
+                model = acc.unwrap_model(denoiser)
                 family.save_lora(tmp, lora_state_dict(model), lora_metadata(model))
             else:
-                family.set_denoiser(model)
+                family.set_denoiser(acc.unwrap_model(denoiser))
                 pipe.save_pretrained(tmp, safe_serialization=True)
+            if card is not None:
+                card(tmp)
             kill_point("final_payload")
             checkpoint.replace_dir(tmp, final)
     acc.wait_for_everyone()

@@ -53,6 +53,12 @@ class StopRules:
     best_value: float = -math.inf
     best_epoch: int | None = None
     since_best: int = 0
+    stopped: str | None = None
+    """Why the run stopped early (the message of :meth:`observe`), once it has."""
+
+    def settings(self) -> list:
+        """The rules' thresholds: a resumed run whose rules changed (overrides) judges afresh."""
+        return [self.guard_drop, self.kl_limit, self.patience, self.metric, self.min_delta]
 
     def observe(self, record: dict[str, Any]) -> str | None:
         """Take one evaluation's record (in epoch order); return why the run must stop, or None to go on. Updates the
@@ -89,18 +95,26 @@ class StopRules:
             )
         if not reasons:
             return None
-        return f"stopping early after epoch {epoch}: " + "; ".join(reasons)
+        self.stopped = f"stopping early after epoch {epoch}: " + "; ".join(reasons)
+        return self.stopped
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain JSON values (the best value is None before the first evaluation)."""
         return {
             "first_guards": dict(self.first_guards),
-            "best_value": self.best_value,
+            "best_value": None if self.best_epoch is None else self.best_value,
             "best_epoch": self.best_epoch,
             "since_best": self.since_best,
+            "stopped": self.stopped,
+            "settings": self.settings(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a stop decided under other thresholds than these is forgotten, so a resumed
+        run with changed ``stop.*`` goes on training."""
         self.first_guards = dict(state["first_guards"])
-        self.best_value = float(state["best_value"])
+        self.best_value = -math.inf if state["best_value"] is None else float(state["best_value"])
         self.best_epoch = state["best_epoch"]
         self.since_best = int(state["since_best"])
+        same_rules = state.get("settings") == self.settings()
+        self.stopped = state.get("stopped") if same_rules else None

@@ -10,6 +10,7 @@ evaluations; its numbers are then not paired.)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from .reporting import write_eval
+from .scoring import guard_scores
 from .streams import Stream, derive_seed
 
 ChunkResult = tuple[int, list[float], dict[str, float]]
@@ -59,3 +62,36 @@ def eval_metrics(epochs_done: int, results: list[ChunkResult]) -> tuple[dict[str
     for key in infos[0][1] if infos else []:
         metrics[key] = sum(n * info[key] for n, info in infos) / sum(n for n, _ in infos)
     return metrics, rewards
+
+
+def run_evaluation(
+    accelerator: Accelerator,
+    run_dir,
+    prompts: list[str],
+    batch_size: int,
+    epochs_done: int,
+    sample: Callable,
+    score: Callable,
+    guards: dict,
+    kl_values: list[float],
+) -> dict[str, Any]:
+    """One held-out evaluation after ``epochs_done`` epochs: :func:`evaluate_chunks` with ``score`` plus the guards'
+    means (``guard/<name>_mean``), the mean of ``kl_values`` (the training KL to the base since the previous
+    evaluation) as ``kl_to_base``, logged to the trackers and written to ``eval.jsonl`` with its first chunk's grid.
+    Returns the metrics (with ``rewards``, per image in evaluation order: later evaluations pair with them)."""
+    acc, start = accelerator, time.perf_counter()
+
+    def score_with_guards(images: torch.Tensor, chunk: list[str], where: str):
+        values, info, seconds = score(images, chunk, where)
+        return values, {**info, **guard_scores(guards, images, chunk, acc.device, where)}, seconds
+
+    chunks, results, first_images = evaluate_chunks(acc, prompts, batch_size, sample, score_with_guards)
+    metrics, rewards = eval_metrics(epochs_done, results)
+    if kl_values:
+        metrics["kl_to_base"] = sum(kl_values) / len(kl_values)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
+    metrics["rewards"] = rewards.tolist()
+    if acc.is_main_process:
+        write_eval(run_dir, acc.trackers, metrics, first_images, chunks[0], results[0][1])
+    return metrics

@@ -67,11 +67,18 @@ def _samples_seen(metrics: list[dict]) -> int:
     return int(sum(record.get("samples", 0) for record in metrics))
 
 
-def heldout_lines(evals: list[dict], eval_prompts: str) -> list[str]:
-    """The held-out before/after of the card: reward and its paired change with standard error, per component."""
+def _label(key: str) -> str:
+    name = key.split("/", 1)[1].removesuffix("_mean")
+    return f"{name} (guard)" if key.startswith("guard/") else name
+
+
+def heldout_lines(evals: list[dict], eval_prompts: str, chosen_epoch: int | None = None) -> list[str]:
+    """The held-out before/after of the card: reward and its paired change with standard error, per component (and
+    guard). "After" is the evaluation of ``chosen_epoch`` (``final_checkpoint=best``), else the last."""
     if len(evals) < 2:
         return ["No held-out evaluation was run (`eval_prompts` was empty), so there is no before/after to report."]
-    first, last = evals[0], evals[-1]
+    first = evals[0]
+    last = next((e for e in evals if e["epoch"] == chosen_epoch), evals[-1]) if chosen_epoch is not None else evals[-1]
     lines = [
         f"Held-out prompts: `{eval_prompts}`, the same {first['samples']} prompts and noise before (epoch "
         f"{first['epoch']}) and after (epoch {last['epoch']}).",
@@ -81,9 +88,9 @@ def heldout_lines(evals: list[dict], eval_prompts: str) -> list[str]:
         f"| reward (mean) | {first['reward_mean']:.4f} | {last['reward_mean']:.4f} |",
     ]
     lines += [
-        f"| {key.removeprefix('reward/').removesuffix('_mean')} | {first[key]:.4f} | {last[key]:.4f} |"
+        f"| {_label(key)} | {first[key]:.4f} | {last[key]:.4f} |"
         for key in first
-        if key.startswith("reward/") and key.endswith("_mean") and key in last
+        if key.startswith(("reward/", "guard/")) and key.endswith("_mean") and key in last
     ]
     change = paired_change(first.get("rewards"), last.get("rewards"))
     if change is not None:
@@ -104,6 +111,8 @@ def model_card(
     estimator_name: str,
     none_components: tuple[str, ...] = (),
     images: bool = False,
+    chosen_epoch: int | None = None,
+    stopped: str | None = None,
 ) -> str:
     """The text of ``README.md`` for ``run_dir``'s result (``images``: the held-out grids are beside it)."""
     run_dir = Path(run_dir)
@@ -138,10 +147,19 @@ def model_card(
         f"- Samples seen: {seen:,} ({len(metrics)} epochs), {config.sample.num_steps} sampling steps "
         f"(`{config.sample.scheduler}`), guidance {config.sample.guidance_scale:g}, seed {config.seed}.",
         f"- Training prompts: `{config.prompts}`. The whole configuration is the run's `config.yaml`.",
+        *(
+            [
+                f"- The weights are those of epoch {chosen_epoch}, the best held-out `{config.best_metric}` "
+                "(`final_checkpoint=best`)."
+            ]
+            if chosen_epoch is not None
+            else []
+        ),
+        *([f"- The run {stopped.replace('stopping early', 'stopped early', 1)}."] if stopped else []),
         "",
         "## Held-out reward, before and after",
         "",
-        *heldout_lines(evals, config.eval_prompts),
+        *heldout_lines(evals, config.eval_prompts, chosen_epoch),
     ]
     if images:
         lines += [
@@ -174,18 +192,24 @@ def write_model_card(
     reward_name: str,
     estimator_name: str,
     none_components: tuple[str, ...] = (),
+    chosen_epoch: int | None = None,
+    stopped: str | None = None,
 ) -> Path:
     """Write ``README.md`` (and the first and last held-out grids, when the run has them) into ``folder``, the folder
     that becomes ``final/``; returns the card's path."""
     folder = Path(folder)
     grids = sorted((Path(run_dir) / "samples").glob("eval_epoch_*.png"))
-    images = len(grids) >= 2
+    after = Path(run_dir) / "samples" / f"eval_epoch_{chosen_epoch:04d}.png" if chosen_epoch is not None else None
+    after = after if after is not None and after.exists() else (grids[-1] if grids else None)
+    images = len(grids) >= 2 and after != grids[0]
     if images:
         shutil.copyfile(grids[0], folder / BEFORE_IMAGE)
-        shutil.copyfile(grids[-1], folder / AFTER_IMAGE)
+        shutil.copyfile(after, folder / AFTER_IMAGE)
     card = folder / CARD_NAME
     card.write_text(
-        model_card(run_dir, config, family_name, reward_name, estimator_name, none_components, images=images),
+        model_card(
+            run_dir, config, family_name, reward_name, estimator_name, none_components, images, chosen_epoch, stopped
+        ),
         encoding="utf-8",
     )
     return card

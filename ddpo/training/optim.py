@@ -39,3 +39,17 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) ->
     """Set every parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
+
+
+def clip_and_schedule(
+    accelerator, params: list, optimizer, max_norm: float, global_step: int, learning_rate: float, warmup_steps: int
+) -> torch.Tensor | None:
+    """At an optimiser step (``accelerator.sync_gradients``: the last micro-batch of an accumulation), clip the
+    gradients of ``params`` to ``max_norm`` and set the learning rate of step ``global_step``; returns the gradient
+    norm before clipping (None between steps, where nothing is done). A non-finite norm is the caller's to refuse."""
+    if not accelerator.sync_gradients:
+        return None
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    if torch.isfinite(grad_norm):
+        set_learning_rate(optimizer, learning_rate_at(global_step, learning_rate, warmup_steps))
+    return grad_norm

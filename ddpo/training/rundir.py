@@ -39,6 +39,7 @@ DEBRIS = (
     "checkpoints/.old-*",  # a checkpoint being replaced
     ".final-tmp-*",  # final/ being written
     ".old-final-*",  # final/ being replaced
+    ".old-best-*",  # best/ being replaced (final_checkpoint=best)
     ".config.yaml.tmp",
     ".metrics.jsonl.tmp",
     ".eval.jsonl.tmp",

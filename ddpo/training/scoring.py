@@ -59,3 +59,14 @@ def combine_scores(
     reward_info = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos and infos[0] else {}
     reward_info["reward_compute_seconds"] = sum(seconds for _, _, seconds in results)
     return rewards, reward_info, {"sampling_seconds": sampling_seconds, "scoring_seconds": scoring_seconds}
+
+
+def guard_scores(guards: dict, images: torch.Tensor, prompts: list[str], device: torch.device, where: str = "") -> dict:
+    """The held-out means of the guard rewards (``eval_rewards``) on ``images``: ``{"guard/<name>_mean": float}``, each
+    reward checked as the training reward is (:func:`checked_score`). A set measure (``clip_diversity``) sees the
+    images of this call, one chunk of the evaluation."""
+    out = {}
+    for name, guard in guards.items():
+        values, _, _ = checked_score(guard, images, prompts, device, f"guard {name}, {where}")
+        out[f"guard/{name.split(':')[-1]}_mean"] = values.float().mean().item()
+    return out

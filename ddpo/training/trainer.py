@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from accelerate.utils import gather_object, set_seed
 
 from rewards import get_reward
 
+from ..models import absent_components
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.pairs import training_pairs
 from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
@@ -35,17 +36,20 @@ from . import checkpoint, checkpoint_state, heldout, rundir
 from .checkpoint import weights_sha256
 from .checkpoint_state import TrainingSnapshot
 from .config import RunConfig, train_step_offset, train_steps_per_trajectory, train_window_steps
+from .epoch_sampling import sample_epoch
 from .epoch_stats import epoch_diagnostics
 from .estimators import Estimator
 from .evaluation import eval_prompt_list
+from .guards import StopRules
 from .killpoints import kill_point
-from .optim import learning_rate_at, set_learning_rate
+from .model_card import write_model_card
+from .optim import clip_and_schedule
 from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
 from .progress import EpochProgress, describe_batch_sizes
-from .prompts import draw_prompts, load_prompts
-from .reporting import layout_line, run_summary, write_epoch, write_eval
+from .prompts import load_prompts
+from .reporting import layout_line, run_summary, write_epoch
 from .runlog import read_jsonl
-from .scoring import checked_score, combine_scores
+from .scoring import checked_score
 from .setup import build_models, make_accelerator
 from .streams import Stream, derive_seed
 
@@ -74,6 +78,12 @@ class Trainer:
             eval_prompt_list(load_prompts(c.eval_prompts, "eval_prompts"), c.eval_samples) if c.eval_prompts else []
         )
         self.reward = get_reward(c.reward.name, **c.reward.options)
+        self.guards = {name: get_reward(name, **(options or {})) for name, options in c.eval_rewards.items()}
+        # Rules over the held-out evaluations: early stops and the best evaluation (final_checkpoint=best).
+        self.stop_rules = StopRules(
+            c.stop.guard_drop, c.stop.kl_limit, c.stop.patience, c.best_metric, c.stop.min_delta
+        )
+        self._kl_since_eval: list[float] = []
         built = build_models(c, acc)
         self.pipe, self.family, self.scheduler = built.pipe, built.family, built.pipe.scheduler
         self.latent_size, self.vae_factor = built.latent_size, built.family.vae_scale_factor()
@@ -130,18 +140,22 @@ class Trainer:
         self.progress = EpochProgress(self.start_epoch, c.num_epochs, enabled=acc.is_local_main_process)
         try:
             with self.scoring_executor():
-                if self.eval_prompts and self.start_epoch == 0:
-                    self.evaluate(0)
-                for epoch in range(self.start_epoch, c.num_epochs):
+                if self.stop_rules.stopped:  # resumed after an early stop, with the same rules
+                    self._say(f"ddpo: this run stopped early ({self.stop_rules.stopped}); change stop.* to go on")
+                elif self.eval_prompts and self.start_epoch == 0:
+                    self.judge(self.evaluate(0))
+                for epoch in range(self.start_epoch, 0 if self.stop_rules.stopped else c.num_epochs):
                     self.progress.begin_epoch()
                     metrics = self.run_epoch(epoch)
                     self.progress.end_epoch(epoch, metrics)
-                    if self.eval_prompts and self._eval_due(epoch + 1):
-                        self.evaluate(epoch + 1)
-                    if (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
+                    stop = self.eval_prompts and self._eval_due(epoch + 1) and self.judge(self.evaluate(epoch + 1))
+                    if stop or (epoch + 1) % c.save_every == 0 or epoch + 1 == c.num_epochs:
                         self._phase("checkpoint")
                         self.save_checkpoint(epoch + 1)
                         self._phase("")
+                    if stop:
+                        self._say(f"ddpo: {stop}")
+                        break
             self.progress.close()
             self.progress = None
             self.save_final()
@@ -215,6 +229,8 @@ class Trainer:
             **timings,
             "epoch_seconds": time.perf_counter() - start,
         }
+        if "kl" in train_info:  # the KL to the base model that train.kl_coef weighs (stop.kl_limit reads it)
+            self._kl_since_eval.append(float(train_info["kl"]))
         if self.accelerator.num_processes > 1:
             # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
             metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
@@ -228,29 +244,37 @@ class Trainer:
         return epochs_done == self.config.num_epochs or (every > 0 and epochs_done % every == 0)
 
     def evaluate(self, epochs_done: int) -> dict[str, Any]:
-        """Sample and score the fixed held-out set (``eval_prompts``) with the current weights; log to ``eval.jsonl``.
-        Its inputs are the same in every evaluation of every run (:mod:`~ddpo.training.heldout`)."""
+        """Sample and score the fixed held-out set (``eval_prompts``) with the current weights, and the guards
+        (``eval_rewards``); log to ``eval.jsonl``. Its inputs are the same in every evaluation of every run
+        (:func:`~ddpo.training.heldout.run_evaluation`)."""
         c, acc = self.config, self.accelerator
-        start = time.perf_counter()
         self._phase("evaluation")
         self.denoiser.eval()
         denoiser = acc.unwrap_model(self.denoiser)
-        chunks, results, first_images = heldout.evaluate_chunks(
-            acc, self.eval_prompts, c.sample.batch_size, lambda p, seed: self.sample(denoiser, p, seed), self.score
+        metrics = heldout.run_evaluation(
+            acc, self.run_dir, self.eval_prompts, c.sample.batch_size, epochs_done,
+            lambda p, seed: self.sample(denoiser, p, seed), self.score, self.guards, self._kl_since_eval,
+        )  # fmt: skip
+        self._kl_since_eval = []
+        self._say(
+            f"ddpo: held-out evaluation after {epochs_done} epochs ({metrics['samples']} images of {c.eval_prompts}): "
+            f"reward {metrics['reward_mean']:.4g} ({metrics['eval_seconds']:.1f} s)"
         )
-        metrics, rewards = heldout.eval_metrics(epochs_done, results)
-        metrics["eval_seconds"] = time.perf_counter() - start
-        acc.log({f"eval/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
-        # Per image, in evaluation order: the summary pairs them with the first evaluation's (same inputs).
-        metrics["rewards"] = rewards.tolist()
-        if acc.is_main_process:
-            write_eval(self.run_dir, acc.trackers, metrics, first_images, chunks[0], results[0][1])
-            self._say(
-                f"ddpo: held-out evaluation after {epochs_done} epochs ({len(rewards)} images of {c.eval_prompts}): "
-                f"reward {metrics['reward_mean']:.4g} ({metrics['eval_seconds']:.1f} s)"
-            )
         self._phase("")
         return metrics
+
+    def judge(self, metrics: dict[str, Any]) -> str | None:
+        """Apply the rules to an evaluation's metrics (:class:`~ddpo.training.guards.StopRules`): export ``best/`` when
+        it is the best so far and ``final_checkpoint=best``; return why the run must stop, or None."""
+        try:
+            stop = self.stop_rules.observe(metrics)
+        except KeyError as err:
+            raise TrainingError(f"{err.args[0]}; set best_metric to one of them") from None
+        if self.config.final_checkpoint == "best" and self.stop_rules.best_epoch == metrics["epoch"]:
+            self._phase("checkpoint")
+            self._export("best")
+            self._phase("")
+        return stop
 
     def read_evals(self) -> list[dict[str, Any]]:
         """The held-out evaluations written so far (``eval.jsonl``), oldest first."""
@@ -269,39 +293,16 @@ class Trainer:
         reward of batch k runs in a worker thread while batch k+1 is sampled; ``scoring_seconds`` is then only the time
         spent waiting for the reward after sampling ended. Otherwise each batch is scored inline (the same rewards).
         """
-        c, s, acc = self.config, self.config.sample, self.accelerator
+        acc, share = self.accelerator, self.config.sample.share_initial_noise
         self.denoiser.eval()
         denoiser = acc.unwrap_model(self.denoiser)  # sampling needs no DDP gradient sync
-        batches: list[Trajectories] = []
-        pending: list[Future | tuple] = []
-        overlap = self.overlaps_scoring() and self._executor is not None
-        sampling_start = time.perf_counter()
+        executor = self._executor if self.overlaps_scoring() else None
         self._phase("sampling")
-        for b in range(s.num_batches_per_epoch):
-            prompts = draw_prompts(
-                self.prompts, s.batch_size, s.samples_per_prompt, c.seed, epoch, b, acc.process_index
-            )
-            with self.estimator.sampling_weights():  # DiffusionNFT: its old policy
-                trajectories = self.sample(
-                    denoiser,
-                    prompts,
-                    derive_seed(c.seed, Stream.SAMPLING_NOISE, epoch, b, acc.process_index),
-                    share_initial_noise=s.share_initial_noise,
-                    decode=decode,
-                )
-            batches.append(trajectories)
-            kill_point("sample")
-            first = b * s.batch_size
-            where = (
-                f"epoch {epoch}, batch {b}: samples {first}-{first + s.batch_size - 1} of process {acc.process_index}"
-            )
-            if overlap:
-                pending.append(self._executor.submit(self.score, trajectories.images, prompts, where))
-            else:
-                pending.append(self.score(trajectories.images, prompts, where))
-        sampling_seconds = time.perf_counter() - sampling_start
-        rewards, reward_info, timings = combine_scores(pending, overlap, sampling_seconds)
-        return type(batches[0]).cat(batches), rewards, reward_info, timings
+        return sample_epoch(
+            self.config, epoch, acc.process_index, self.prompts,
+            lambda prompts, seed: self.sample(denoiser, prompts, seed, share_initial_noise=share, decode=decode),
+            self.score, self.estimator.sampling_weights, executor,
+        )  # fmt: skip
 
     def sample(
         self,
@@ -375,17 +376,17 @@ class Trainer:
                         first_step_kl.append(info["approx_kl"].float())
                     acc.backward(loss)
                     kill_point("backward")
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+                    lr, warmup = t.learning_rate, t.lr_warmup_steps
+                    grad_norm = clip_and_schedule(
+                        acc, self.params, self.optimizer, max_norm, self.global_step, lr, warmup
+                    )
+                    if grad_norm is not None:
                         if not torch.isfinite(grad_norm):
-                            note = checkpoint.checkpoint_note(self.run_dir)
                             raise TrainingError(
-                                f"non-finite gradient norm at epoch {epoch}, global step {self.global_step}; "
-                                f"lower train.learning_rate or use mixed_precision=no. {note}"
+                                f"non-finite gradient norm at epoch {epoch}, global step {self.global_step}; lower "
+                                f"train.learning_rate or use mixed_precision=no. {checkpoint.checkpoint_note(self.run_dir)}"
                             )
                         grad_norms.append(grad_norm.detach().float())
-                        lr = learning_rate_at(self.global_step, t.learning_rate, t.lr_warmup_steps)
-                        set_learning_rate(self.optimizer, lr)
                         self.global_step += 1
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -442,23 +443,49 @@ class Trainer:
         names = ("denoiser", "trainable_names", "optimizer", "estimator", "advantage_state", "reward")
         return {name: getattr(self, name) for name in names}
 
+    def _export(self, folder: str, source: Path | None = None, card=None) -> Path:
+        c = self.config
+        return checkpoint_state.save_final(
+            self.accelerator,
+            self.run_dir,
+            self.denoiser,
+            c.model.use_lora,
+            self.family,
+            self.pipe,
+            folder,
+            source,
+            card,
+        )
+
     def save_checkpoint(self, epochs_done: int) -> Path:
         """Atomically write ``checkpoints/checkpoint_<epochs_done>`` (all processes must call this)."""
         acc, step, keep = self.accelerator, self.global_step, self.config.keep_checkpoints
-        return checkpoint_state.save_checkpoint(acc, self.run_dir, epochs_done, step, keep, **self._checkpointed())
+        rules = self.stop_rules.state_dict()
+        return checkpoint_state.save_checkpoint(
+            acc, self.run_dir, epochs_done, step, keep, guards=rules, **self._checkpointed()
+        )
 
     def _load_checkpoint(self, path: Path) -> None:
         state = checkpoint_state.load_checkpoint(path, self.accelerator, **self._checkpointed())
         self.start_epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        if state.get("guards"):
+            self.stop_rules.load_state_dict(state["guards"])
         if self.accelerator.is_main_process:
             print(f"ddpo: resuming {self.run_dir} from {path.name} (epoch {self.start_epoch})", flush=True)
 
     def save_final(self) -> Path:
-        """``final/``: LoRA weights for ``pipe.load_lora_weights(final)``, or a full pipeline folder."""
-        use_lora = self.config.model.use_lora
-        return checkpoint_state.save_final(
-            self.accelerator, self.run_dir, self.denoiser, use_lora, self.family, self.pipe
-        )
+        """``final/``: LoRA weights for ``pipe.load_lora_weights(final)``, or a full pipeline folder; with
+        ``final_checkpoint=best``, a copy of ``best/``. Its model card ``README.md`` is written with it."""
+        rules, best = self.stop_rules, self.config.final_checkpoint == "best"
+        chosen = rules.best_epoch if best else None
+
+        def card(folder: Path) -> None:
+            write_model_card(
+                folder, self.run_dir, self.config, self.family.name, self.reward.name, self.estimator.name,
+                absent_components(self.pipe), chosen_epoch=chosen, stopped=rules.stopped,
+            )  # fmt: skip
+
+        return self._export("final", self.run_dir / "best" if best else None, card)
 
 
 def train(config: RunConfig, run_dir: Path | None = None) -> Path:

@@ -1,0 +1,72 @@
+"""Guards, early stopping and the best checkpoint, through ``ddpo train`` on the tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from ddpo.cli import main
+from ddpo.training.runlog import read_jsonl
+
+GUARDS = ["eval_rewards.brightness={}", "eval_rewards.contrast={}", "eval_rewards.saturation={}"]
+EVAL = ["eval_prompts=simple_animals", "eval_samples=4", "eval_every=1"]
+
+
+def _lora(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+
+
+def test_a_falling_guard_stops_the_run_at_the_first_evaluation_that_breaks_the_rule(fast_overrides, tmp_path, capsys):
+    """The guards are logged at every evaluation; the run stops at the first one where a guard is more than
+    ``stop.guard_drop`` below its base value (found here from eval.jsonl), checkpoints there, writes final/ with a
+    model card that says so, and a resume with the same rules trains no further."""
+    drop = 1e-6
+    overrides = [*fast_overrides, "num_epochs=6", *EVAL, *GUARDS, f"stop.guard_drop={drop}"]
+    assert main(["train", "--preset", "tiny", *overrides]) == 0
+    run = tmp_path / "runs" / "run"
+    evals = read_jsonl(run / "eval.jsonl")
+    names = ("brightness", "contrast", "saturation")
+    assert all(f"guard/{n}_mean" in e for e in evals for n in names)
+    base = {n: evals[0][f"guard/{n}_mean"] for n in names}
+    breaking = [e["epoch"] for e in evals[1:] if any(base[n] - e[f"guard/{n}_mean"] > drop for n in names)]
+    assert breaking, "no guard fell at all: the test shows nothing"
+    assert evals[-1]["epoch"] == breaking[0] < 6
+    assert len(read_jsonl(run / "metrics.jsonl")) == breaking[0]
+    assert (run / "checkpoints" / f"checkpoint_{breaking[0]:06d}").is_dir()
+    assert f"stopping early after epoch {breaking[0]}: guard" in capsys.readouterr().out
+    card = ModelCard.load(run / "final" / "README.md")
+    assert (
+        f"The run stopped early after epoch {breaking[0]}: guard" in card.text and "| brightness (guard) |" in card.text
+    )
+    before = _lora(run)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert len(read_jsonl(run / "metrics.jsonl")) == breaking[0]
+    assert "this run stopped early" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in _lora(run).items())
+
+
+def test_final_is_the_best_evaluation_and_equals_a_run_stopped_there(fast_overrides, tmp_path):
+    """With ``final_checkpoint=best`` final/ holds the weights of the evaluation with the highest held-out reward:
+    the same tensors as a run of that many epochs with ``final_checkpoint=last`` (evaluations touch no training
+    stream)."""
+    overrides = [*fast_overrides, "num_epochs=3", *EVAL]
+    assert main(["train", "--preset", "tiny", *overrides, "final_checkpoint=best"]) == 0
+    run = tmp_path / "runs" / "run"
+    evals = read_jsonl(run / "eval.jsonl")
+    best = max(evals, key=lambda e: e["reward_mean"])["epoch"]  # the first of equal maxima, as the rules keep it
+    chosen = _lora(run)
+    card = ModelCard.load(run / "final" / "README.md")
+    assert f"those of epoch {best}, the best held-out `reward_mean`" in card.text
+    if best == 0:
+        assert all(torch.count_nonzero(v) == 0 for k, v in chosen.items() if "lora_B" in k or "lora.up" in k)
+        return
+    short = [o for o in overrides if not o.startswith("run_name")] + ["run_name=short", f"num_epochs={best}"]
+    assert main(["train", "--preset", "tiny", *short]) == 0
+    reference = _lora(tmp_path / "runs" / "short")
+    assert chosen.keys() == reference.keys()
+    assert all(torch.equal(chosen[k], reference[k]) for k in chosen)
+    state = json.loads((run / "checkpoints" / "checkpoint_000003" / "state.json").read_text())
+    assert state["guards"]["best_epoch"] == best
