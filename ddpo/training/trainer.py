@@ -476,16 +476,10 @@ class Trainer:
     def save_final(self) -> Path:
         """``final/``: LoRA weights for ``pipe.load_lora_weights(final)``, or a full pipeline folder; with
         ``final_checkpoint=best``, a copy of ``best/``. Its model card ``README.md`` is written with it."""
-        rules, best = self.stop_rules, self.config.final_checkpoint == "best"
-        chosen = rules.best_epoch if best else None
-
-        def card(folder: Path) -> None:
-            write_model_card(
-                folder, self.run_dir, self.config, self.family.name, self.reward.name, self.estimator.name,
-                absent_components(self.pipe), chosen_epoch=chosen, stopped=rules.stopped,
-            )  # fmt: skip
-
-        return self._export("final", self.run_dir / "best" if best else None, card)
+        best = self.config.final_checkpoint == "best"
+        card = (self.run_dir, self.config, self.family.name, self.reward.name, self.estimator.name)
+        card += (absent_components(self.pipe), self.stop_rules.best_epoch if best else None, self.stop_rules.stopped)
+        return self._export("final", self.run_dir / "best" if best else None, lambda f: write_model_card(f, *card))
 
 
 def train(config: RunConfig, run_dir: Path | None = None) -> Path:
