@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,20 +29,18 @@ from rewards import get_reward
 
 from ..models import absent_components
 from ..policy.advantages import build_advantage, clip_advantages
-from ..policy.pairs import training_pairs
 from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
-from . import checkpoint, checkpoint_state, heldout, rundir
+from . import checkpoint_state, heldout, rundir
 from .checkpoint import weights_sha256
 from .checkpoint_state import TrainingSnapshot
-from .config import RunConfig, train_step_offset, train_steps_per_trajectory, train_window_steps
+from .config import RunConfig, train_steps_per_trajectory
 from .epoch_sampling import sample_epoch
-from .epoch_stats import epoch_diagnostics
 from .estimators import Estimator
 from .evaluation import eval_prompt_list
 from .guards import StopRules
 from .killpoints import kill_point
 from .model_card import write_model_card
-from .optim import clip_and_schedule
+from .optimise import optimise_epoch, shuffled_pairs
 from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
 from .progress import EpochProgress, describe_batch_sizes
 from .prompts import load_prompts
@@ -51,7 +48,6 @@ from .reporting import layout_line, run_summary, write_epoch
 from .runlog import read_jsonl
 from .scoring import checked_score
 from .setup import build_models, make_accelerator
-from .streams import Stream, derive_seed
 
 # Importable from here as before (the CLI and tests import them from the trainer).
 __all__ = ["Trainer", "TrainingError", "TrainingSnapshot", "interrupted_message", "new_run_dir", "overlap_scoring"]
@@ -348,63 +344,19 @@ class Trainer:
         return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 
     def optimise(self, epoch: int, samples: Trajectories | CleanSamples, weights: torch.Tensor) -> dict[str, float]:
-        """Inner epochs over shuffled (trajectory, timestep) minibatches of the estimator's loss; returns the epoch's
-        mean diagnostics."""
-        t, acc = self.config.train, self.accelerator
-        denoiser = self.denoiser
-        denoiser.train()
-        num_samples = samples.latents.shape[0]
-        k = self.steps_per_trajectory
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
-        history: dict[str, list[torch.Tensor]] = {}
-        grad_norms: list[torch.Tensor] = []
-        first_step_kl: list[torch.Tensor] = []
-        samples, extra = self.estimator.prepare_epoch(
-            samples, lambda inner: self.training_pairs(epoch, inner, num_samples)
-        )
+        """Inner epochs over shuffled (trajectory, timestep) minibatches of the estimator's loss
+        (:func:`~ddpo.training.optimise.optimise_epoch`); returns the epoch's mean diagnostics."""
         self._phase("training")
-        for inner in range(t.num_inner_epochs):
-            pair_traj, pair_step = self.training_pairs(epoch, inner, num_samples)
-            self.estimator.begin_inner_epoch(epoch, inner)
-            for first in range(0, num_samples * k, t.batch_size):
-                i = pair_traj[first : first + t.batch_size]
-                j = pair_step[first : first + t.batch_size]
-                with acc.accumulate(denoiser):
-                    loss, info = self.estimator.loss(samples, weights, i, j)
-                    if not grad_norms and "approx_kl" in info:
-                        # the epoch's first optimiser step: no update yet, so a per-step ratio must be 1
-                        first_step_kl.append(info["approx_kl"].float())
-                    acc.backward(loss)
-                    kill_point("backward")
-                    lr, warmup = t.learning_rate, t.lr_warmup_steps
-                    grad_norm = clip_and_schedule(
-                        acc, self.params, self.optimizer, max_norm, self.global_step, lr, warmup
-                    )
-                    if grad_norm is not None:
-                        if not torch.isfinite(grad_norm):
-                            raise TrainingError(
-                                f"non-finite gradient norm at epoch {epoch}, global step {self.global_step}; lower "
-                                f"train.learning_rate or use mixed_precision=no. {checkpoint.checkpoint_note(self.run_dir)}"
-                            )
-                        grad_norms.append(grad_norm.detach().float())
-                        self.global_step += 1
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    kill_point("optimizer_step")
-                for key, value in info.items():
-                    history.setdefault(key, []).append(value.float())
-        return epoch_diagnostics(acc, history, grad_norms, first_step_kl, extra)
+        info, self.global_step = optimise_epoch(
+            self.config, self.accelerator, self.estimator, self.denoiser, self.params, self.optimizer, epoch, samples,
+            weights, lambda inner, n: self.training_pairs(epoch, inner, n), self.global_step, self.run_dir,
+        )  # fmt: skip
+        return info
 
     def training_pairs(self, epoch: int, inner: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shuffled (trajectory, step) pairs of inner epoch ``inner`` of ``epoch`` (see
-        :func:`ddpo.policy.pairs.training_pairs`), from the run's shuffle stream: two ``[num_samples * k]`` long
-        tensors on the device."""
-        c, acc = self.config, self.accelerator
-        seed = derive_seed(c.seed, Stream.SHUFFLE, epoch, inner, acc.process_index)
-        trajs, steps = training_pairs(
-            num_samples, self.steps_per_trajectory, train_window_steps(c), torch.Generator().manual_seed(seed)
-        )
-        return trajs.to(acc.device), (steps + train_step_offset(c)).to(acc.device)
+        """The shuffled (trajectory, step) pairs of inner epoch ``inner`` of ``epoch``
+        (:func:`~ddpo.training.optimise.shuffled_pairs`)."""
+        return shuffled_pairs(self.config, epoch, inner, num_samples, self.steps_per_trajectory, self.accelerator)
 
     def minibatch_loss(
         self, samples: Trajectories | CleanSamples, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
