@@ -61,3 +61,44 @@ def test_bad_prompt_tables_are_named_with_the_fix(tmp_path, name, text, message)
     with pytest.raises(ValueError, match="prompts: prompt file") as err:
         load_prompt_table(path)
     assert message in str(err.value)
+
+
+RECORDING_REWARD = """
+import torch
+import rewards
+SEEN = []
+
+@rewards.reward_function
+def recording(images, prompts, metadata=None):
+    SEEN.append((list(prompts), metadata))
+    return torch.zeros(len(prompts))
+"""
+
+
+def test_a_run_hands_each_sample_its_rows_metadata(fast_overrides, tmp_path, monkeypatch):
+    """``ddpo train prompts=FILE.csv``: each sample's reward call gets the metadata of its own prompt's row, in
+    training batches and in the held-out evaluation (a JSONL file)."""
+    from ddpo.cli import main
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "recording_reward.py").write_text(RECORDING_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    (tmp_path / "train.csv").write_text("prompt,count\na cat,1\ntwo dogs,2\nthree birds,3\n")
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "a fox", "count": 1}\n{"prompt": "two owls", "count": 2}\n')
+    overrides = [
+        *fast_overrides,
+        "num_epochs=1",
+        f"prompts={tmp_path / 'train.csv'}",
+        f"eval_prompts={tmp_path / 'eval.jsonl'}",
+        "eval_samples=2",
+        "reward.name=recording_reward:recording",
+    ]
+    assert main(["train", "--trust-import-path", "--preset", "tiny", *overrides]) == 0
+    import recording_reward
+
+    counts = {"a cat": 1, "two dogs": 2, "three birds": 3, "a fox": 1, "two owls": 2}
+    calls = recording_reward.SEEN
+    assert len(calls) == 2 + 2  # two training batches, and the evaluations before and after
+    for prompts, metadata in calls:
+        assert metadata == [{"count": counts[p]} for p in prompts]
+    assert {p for prompts, _ in calls for p in prompts} >= {"a fox", "two owls"}

@@ -1,4 +1,5 @@
-"""Prompt sets (plain text, one prompt per line) and the seeded prompt sampler."""
+"""Prompt sets (plain text, one prompt per line; or a CSV / JSONL / parquet table: :mod:`~ddpo.training.prompt_files`)
+and the seeded prompt sampler."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .prompt_files import is_table, load_prompt_table
 from .streams import Stream, derive_seed  # noqa: F401  (derive_seed: imported from here by callers)
 
 
@@ -20,6 +22,8 @@ def load_prompts(name_or_path: str, key: str = "prompts") -> list[str]:
     are skipped). Raises ``ValueError`` naming the file (and the config ``key`` it came from) when it is missing,
     not UTF-8 or holds no prompt."""
     path = Path(name_or_path).expanduser()
+    if path.is_file() and is_table(path):
+        return load_prompt_table(path, key).prompts
     if path.is_file():
         source = str(path)
         try:
@@ -52,3 +56,23 @@ def draw_prompts(
     generator = torch.Generator().manual_seed(derive_seed(seed, Stream.PROMPTS, epoch, batch, process))
     index = torch.randint(len(prompts), (count // samples_per_prompt,), generator=generator).tolist()
     return [prompts[i] for i in index for _ in range(samples_per_prompt)]
+
+
+def load_prompt_metadata(name_or_path: str, key: str = "prompts") -> dict[str, dict]:
+    """``{prompt: its row's other columns}`` of a prompt table (:mod:`~ddpo.training.prompt_files`); empty for a
+    text file, a shipped set or a table without other columns. A prompt given twice with different metadata is an
+    error (the reward could not tell which row a sample came from)."""
+    path = Path(name_or_path).expanduser()
+    if not (path.is_file() and is_table(path)):
+        return {}
+    table = load_prompt_table(path, key)
+    if not table.has_metadata:
+        return {}
+    out: dict[str, dict] = {}
+    for prompt, metadata in zip(table.prompts, table.metadata):
+        if out.setdefault(prompt, metadata) != metadata:
+            raise ValueError(
+                f"{key}: prompt file {str(path)!r} gives the prompt {prompt!r} twice with different metadata "
+                f"({out[prompt]} and {metadata}); make each prompt's row unique"
+            )
+    return out

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import torch
 
-from rewards import RewardError, check_reward_output
+from rewards import RewardError, accepts_metadata, check_reward_output
 
 from .killpoints import kill_point
 
@@ -16,18 +16,29 @@ Scored = tuple[torch.Tensor, dict[str, float], float]
 """``(values [B] on the device, reward info, seconds)`` of one batch."""
 
 
-def checked_score(reward, images: torch.Tensor, prompts: list[str], device: torch.device, where: str = "") -> Scored:
+def checked_score(
+    reward,
+    images: torch.Tensor,
+    prompts: list[str],
+    device: torch.device,
+    where: str = "",
+    metadata: list | None = None,
+) -> Scored:
     """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on ``device``, reward info, seconds)``.
 
     A reward that raises, or returns NaN, the wrong shape or dtype, ends in one :class:`rewards.RewardError` naming
     the reward, the batch (``where``: e.g. ``"epoch 3, samples 8-11 of process 0"``) and, for bad values, the sample
-    indices; the reward's own exception is chained (``--debug`` prints it)."""
+    indices; the reward's own exception is chained (``--debug`` prints it). ``metadata`` (one dict a sample, from a
+    prompt table's other columns) goes to a reward that takes the keyword."""
     start = time.perf_counter()
     name = reward.name
     context = f" ({where})" if where else ""
     try:
         with torch.no_grad():
-            values = reward(images, prompts)
+            if metadata is not None and accepts_metadata(reward):
+                values = reward(images, prompts, metadata=metadata)
+            else:
+                values = reward(images, prompts)
     except Exception as err:
         raise RewardError(
             f"reward {name!r} raised {type(err).__name__}: {err}{context}. The error is in the reward's own code; "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, set_seed
 
-from rewards import get_reward
+from rewards import accepts_metadata, get_reward
 
 from ..models import absent_components
 from ..policy.advantages import build_advantage, clip_advantages
@@ -43,7 +43,7 @@ from .model_card import write_model_card
 from .optimise import optimise_epoch, shuffled_pairs
 from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
 from .progress import EpochProgress, describe_batch_sizes
-from .prompts import load_prompts
+from .prompts import load_prompt_metadata, load_prompts
 from .reporting import layout_line, run_summary, write_epoch
 from .runlog import read_jsonl
 from .scoring import checked_score
@@ -74,6 +74,15 @@ class Trainer:
             eval_prompt_list(load_prompts(c.eval_prompts, "eval_prompts"), c.eval_samples) if c.eval_prompts else []
         )
         self.reward = get_reward(c.reward.name, **c.reward.options)
+        # A prompt table's other columns, per prompt, for a reward that takes them (rewards.base: `metadata`).
+        self.prompt_metadata = {
+            **load_prompt_metadata(c.prompts),
+            **load_prompt_metadata(c.eval_prompts or "", "eval_prompts"),
+        }
+        if self.prompt_metadata and not accepts_metadata(self.reward) and acc.is_main_process:
+            print(
+                f"ddpo: note: reward {self.reward.name!r} takes no metadata: the prompt file's other columns are unused"
+            )
         self.guards = {name: get_reward(name, **(options or {})) for name, options in c.eval_rewards.items()}
         # Rules over the held-out evaluations: early stops and the best evaluation (final_checkpoint=best).
         self.stop_rules = StopRules(
@@ -327,7 +336,8 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, float], float]:
         """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``
         (:func:`~ddpo.training.scoring.checked_score`; ``where`` names the batch in an error)."""
-        return checked_score(self.reward, images, prompts, self.accelerator.device, where)
+        metadata = [self.prompt_metadata.get(p, {}) for p in prompts] if self.prompt_metadata else None
+        return checked_score(self.reward, images, prompts, self.accelerator.device, where, metadata)
 
     def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         """Rewards and prompts of every process, in process order."""

@@ -215,7 +215,8 @@ class RunConfig:
     seed: int = 0
     """Seed of everything: model init (tiny), prompt draws, sampling noise, shuffles."""
     prompts: str = "simple_animals"
-    """A shipped prompt set name (``ddpo prompts`` lists them) or a text file with one prompt per line."""
+    """A shipped prompt set name (``ddpo prompts`` lists them), a text file with one prompt per line, or a CSV / JSONL
+    / parquet table with a ``prompt`` column (its other columns go to the reward as per-sample ``metadata``)."""
     mixed_precision: str = "no"
     """UNet autocast dtype: ``no``, ``bf16`` or ``fp16``. Latents and log-probs stay float32."""
     save_every: int = 1
