@@ -70,3 +70,23 @@ def test_final_is_the_best_evaluation_and_equals_a_run_stopped_there(fast_overri
     assert all(torch.equal(chosen[k], reference[k]) for k in chosen)
     state = json.loads((run / "checkpoints" / "checkpoint_000003" / "state.json").read_text())
     assert state["guards"]["best_epoch"] == best
+
+
+def test_the_report_draws_each_guard_as_its_change_from_the_base(tmp_path):
+    """``plot_rewards`` gets a "held-out guards" panel whose lines are each guard's held-out mean minus its first."""
+    import yaml
+
+    from ddpo.tools.report.runs import load_run, plot_rewards
+
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"reward": {"name": "world"}, "eval_prompts": "world_heldout"}))
+    lines = [{"epoch": e, "samples": 8 * (e + 1), "reward_mean": 0.5, "reward_std": 0.1} for e in range(2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    evals = [{"epoch": e, "reward_mean": 0.5, "guard/aes_mean": g} for e, g in ((0, 5.0), (2, 4.5))]
+    (run / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in evals))
+    fig = plot_rewards(load_run(run))
+    (panel,) = [ax for ax in fig.axes if ax.get_title() == "held-out guards"]
+    (line,) = [ln for ln in panel.get_lines() if ln.get_label() == "aes"]
+    assert list(line.get_ydata()) == [0.0, -0.5]
+    assert list(line.get_xdata()) == [0, 16]

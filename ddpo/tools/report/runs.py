@@ -74,10 +74,12 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def plot_rewards(run: Run) -> Figure:
-    """Batch reward mean (± the batch's std) versus reward queries; components of a weighted reward alongside."""
+    """Batch reward mean (± the batch's std) versus reward queries; components of a weighted reward alongside; the
+    guards' held-out change from the base (``eval_rewards``) when the run has them."""
     m = run.metrics
     components = [c for c in m.columns if c.startswith("reward/") and c.endswith("_mean")]
-    fig, axes = axes_grid(1 + bool(components), 2, width=5.0, height=3.5)
+    guards = [c for c in run.evals.columns if c.startswith("guard/") and c.endswith("_mean")]
+    fig, axes = axes_grid(1 + bool(components) + bool(guards), 2, width=5.0, height=3.5)
     ax = axes[0]
     ax.plot(m.samples, m.reward_mean, marker="o", markersize=3, label="batch mean")
     ax.fill_between(m.samples, m.reward_mean - m.reward_std, m.reward_mean + m.reward_std, alpha=0.2, label="± std")
@@ -94,6 +96,16 @@ def plot_rewards(run: Run) -> Figure:
         for column in components:
             ax.plot(m.samples, m[column], marker="o", markersize=3, label=column[len("reward/") : -len("_mean")])
         ax.set(xlabel="reward queries (images scored)", ylabel="batch mean", title="reward components")
+        ax.legend(loc="best", fontsize="small")
+        ax.grid(alpha=0.3)
+    if guards:  # eval_rewards: each guard's held-out mean minus its first (base) value, so one scale fits all
+        ax = axes[1 + bool(components)]
+        queries = run.evals.epoch * (m.samples.iloc[0] if len(m) else 0)
+        for column in guards:
+            values = run.evals[column].to_numpy(dtype=float)
+            ax.plot(queries, values - values[0], marker="s", markersize=3, label=column[len("guard/") : -len("_mean")])
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set(xlabel="reward queries (images scored)", ylabel="change from the base", title="held-out guards")
         ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
     fig.suptitle(run.name)
