@@ -138,7 +138,7 @@ def run_summary(run_dir: Path, config: RunConfig, reward_name: str, family_name:
         parts = [
             f"{key.removeprefix('reward/')} {first[key]:.3g} -> {last[key]:.3g}"
             for key in first
-            if key.startswith("reward/") and key.endswith("_mean") and key in last
+            if key.startswith(("reward/", "guard/")) and key.endswith("_mean") and key in last
         ]
         if parts:
             lines.append("    " + ", ".join(parts))
