@@ -83,7 +83,11 @@ class Trainer:
             print(
                 f"ddpo: note: reward {self.reward.name!r} takes no metadata: the prompt file's other columns are unused"
             )
-        self.guards = {name: get_reward(name, **(options or {})) for name, options in c.eval_rewards.items()}
+        guards = c.eval_rewards if self.eval_prompts else {}
+        self.guards = {name: get_reward(name, **(options or {})) for name, options in guards.items()}
+        if c.eval_rewards and not self.eval_prompts and acc.is_main_process:
+            print(f"ddpo: note: eval_rewards ({', '.join(c.eval_rewards)}) are scored at held-out evaluations only, "
+                  "and eval_prompts is empty: they are not scored")  # fmt: skip
         # Rules over the held-out evaluations: early stops and the best evaluation (final_checkpoint=best).
         self.stop_rules = StopRules(
             c.stop.guard_drop, c.stop.kl_limit, c.stop.patience, c.best_metric, c.stop.min_delta

@@ -246,7 +246,8 @@ class RunConfig:
     eval_rewards: dict[str, Any] = field(default_factory=dict)
     """Guard rewards, ``{name: options}``: scored on the held-out images at every evaluation beside the training
     reward (logged as ``guard/<name>_mean``), to see what the training reward does not (a registered reward, e.g.
-    ``clip_diversity`` for mode collapse, or an import path behind the same opt-in as ``reward.name``)."""
+    ``clip_diversity`` for mode collapse, or an import path behind the same opt-in as ``reward.name``). Without
+    ``eval_prompts`` there is no evaluation to score them on: the run says so at its start."""
     stop: StopConfig = field(default_factory=StopConfig)
     """Rules that stop a run early at an evaluation (all off by default)."""
     final_checkpoint: str = "last"

@@ -273,7 +273,6 @@ def validate_guards(config: RunConfig) -> None:
     uses = [
         what
         for what, on in (
-            ("eval_rewards", bool(config.eval_rewards)),
             ("stop.guard_drop", stop.guard_drop > 0),
             ("stop.kl_limit", stop.kl_limit > 0),
             ("stop.patience", stop.patience > 0),
