@@ -90,3 +90,15 @@ def test_the_report_draws_each_guard_as_its_change_from_the_base(tmp_path):
     (line,) = [ln for ln in panel.get_lines() if ln.get_label() == "aes"]
     assert list(line.get_ydata()) == [0.0, -0.5]
     assert list(line.get_xdata()) == [0, 16]
+
+
+def test_guards_change_no_training_tensor(fast_overrides, tmp_path):
+    """A run with guards trains the same weights as one without: loading a guard's model (here the world CLIP, whose
+    construction draws random numbers) leaves the streams that initialise and train the LoRA untouched."""
+    plain = [o for o in fast_overrides if not o.startswith("run_name")] + ["num_epochs=1", *EVAL]
+    guard = ["eval_rewards.clip_score={model: ddpo-world-clip, pretrained: world}"]
+    assert main(["train", "--preset", "tiny", *plain, "run_name=plain"]) == 0
+    assert main(["train", "--preset", "tiny", *plain, *guard, "run_name=guarded"]) == 0
+    a, b = _lora(tmp_path / "runs" / "plain"), _lora(tmp_path / "runs" / "guarded")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "guard/clip_score_mean" in read_jsonl(tmp_path / "runs" / "guarded" / "eval.jsonl")[0]

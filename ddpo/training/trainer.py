@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, set_seed
 
-from rewards import accepts_metadata, get_reward
-
 from ..models import absent_components
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
@@ -36,15 +34,14 @@ from .checkpoint_state import TrainingSnapshot
 from .config import RunConfig, train_steps_per_trajectory
 from .epoch_sampling import sample_epoch
 from .estimators import Estimator
-from .evaluation import eval_prompt_list
 from .guards import StopRules
 from .killpoints import kill_point
 from .model_card import write_model_card
 from .optimise import optimise_epoch, shuffled_pairs
 from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
 from .progress import EpochProgress, describe_batch_sizes
-from .prompts import load_prompt_metadata, load_prompts
 from .reporting import layout_line, run_summary, write_epoch
+from .run_inputs import load_run_inputs
 from .runlog import read_jsonl
 from .scoring import checked_score
 from .setup import build_models, make_accelerator
@@ -69,25 +66,9 @@ class Trainer:
         self.accelerator = acc = make_accelerator(c, self.run_dir)
         set_seed(c.seed, device_specific=True)
         # Everything that can fail on user input fails here, before a model is loaded.
-        self.prompts = load_prompts(c.prompts)
-        self.eval_prompts = (
-            eval_prompt_list(load_prompts(c.eval_prompts, "eval_prompts"), c.eval_samples) if c.eval_prompts else []
-        )
-        self.reward = get_reward(c.reward.name, **c.reward.options)
-        # A prompt table's other columns, per prompt, for a reward that takes them (rewards.base: `metadata`).
-        self.prompt_metadata = {
-            **load_prompt_metadata(c.prompts),
-            **load_prompt_metadata(c.eval_prompts or "", "eval_prompts"),
-        }
-        if self.prompt_metadata and not accepts_metadata(self.reward) and acc.is_main_process:
-            print(
-                f"ddpo: note: reward {self.reward.name!r} takes no metadata: the prompt file's other columns are unused"
-            )
-        guards = c.eval_rewards if self.eval_prompts else {}
-        self.guards = {name: get_reward(name, **(options or {})) for name, options in guards.items()}
-        if c.eval_rewards and not self.eval_prompts and acc.is_main_process:
-            print(f"ddpo: note: eval_rewards ({', '.join(c.eval_rewards)}) are scored at held-out evaluations only, "
-                  "and eval_prompts is empty: they are not scored")  # fmt: skip
+        inputs = load_run_inputs(c, acc.is_main_process)
+        self.prompts, self.eval_prompts, self.reward = inputs.prompts, inputs.eval_prompts, inputs.reward
+        self.prompt_metadata, self.guards = inputs.prompt_metadata, inputs.guards
         # Rules over the held-out evaluations: early stops and the best evaluation (final_checkpoint=best).
         self.stop_rules = StopRules(
             c.stop.guard_drop, c.stop.kl_limit, c.stop.patience, c.best_metric, c.stop.min_delta

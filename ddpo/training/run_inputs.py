@@ -1,0 +1,52 @@
+"""What a run reads before any model loads (so that a bad input fails first): its training and held-out prompts,
+the prompt tables' metadata, the reward and the guard rewards (:func:`load_run_inputs`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rewards import accepts_metadata, get_reward
+
+from .config import RunConfig
+from .evaluation import eval_prompt_list
+from .prompts import load_prompt_metadata, load_prompts
+
+
+@dataclass
+class RunInputs:
+    prompts: list[str]
+    """The training prompts (``prompts``)."""
+    eval_prompts: list[str]
+    """The held-out evaluation's ``eval_samples`` prompts in their fixed order (empty without ``eval_prompts``)."""
+    reward: Any
+    """The training reward (``reward.name`` with ``reward.options``)."""
+    prompt_metadata: dict[str, dict]
+    """``{prompt: its row's other columns}`` of the prompt tables (training and held-out), for a reward that takes
+    ``metadata``; empty for text prompt files and shipped sets."""
+    guards: dict[str, Any]
+    """The guard rewards of ``eval_rewards`` by name (none without a held-out evaluation to score them on)."""
+
+
+def load_run_inputs(config: RunConfig, main_process: bool = True) -> RunInputs:
+    """Load the run's prompts, reward and guards; on the main process, a note for what a setting cannot act on (a
+    prompt table's columns with a reward that takes no metadata, guards without ``eval_prompts``)."""
+    c = config
+    prompts = load_prompts(c.prompts)
+    eval_prompts = (
+        eval_prompt_list(load_prompts(c.eval_prompts, "eval_prompts"), c.eval_samples) if c.eval_prompts else []
+    )
+    reward = get_reward(c.reward.name, **c.reward.options)
+    metadata = {**load_prompt_metadata(c.prompts), **load_prompt_metadata(c.eval_prompts or "", "eval_prompts")}
+    with torch.random.fork_rng(devices=[]):  # a guard's model init must not move the stream that initialises LoRA
+        guards = {n: get_reward(n, **(opts or {})) for n, opts in (c.eval_rewards if eval_prompts else {}).items()}
+    if main_process and metadata and not accepts_metadata(reward):
+        print(f"ddpo: note: reward {reward.name!r} takes no metadata: the prompt file's other columns are unused")
+    if main_process and c.eval_rewards and not eval_prompts:
+        print(
+            f"ddpo: note: eval_rewards ({', '.join(c.eval_rewards)}) are scored at held-out evaluations only, and "
+            "eval_prompts is empty: they are not scored"
+        )
+    return RunInputs(prompts, eval_prompts, reward, metadata, guards)
