@@ -60,7 +60,13 @@ TIMING = ("seconds", "time", "eta")
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's content; of a safetensors file, of its tensors (name, dtype, shape, bytes, in name order)
-    and its metadata (sorted), since the order of the header's keys differs between processes."""
+    and its metadata (sorted), since the order of the header's keys differs between processes; of a JSON file, of its
+    content without ``_name_or_path`` (the folder a diffusers config was loaded from)."""
+    if path.suffix == ".json":  # a diffusers config records the folder it was loaded from: not part of the result
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            data.pop("_name_or_path", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     if path.suffix != ".safetensors":
         return hashlib.sha256(path.read_bytes()).hexdigest()
     from safetensors import safe_open
