@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddpo.models.stable_diffusion import SD15_VAE
+
 # Published configs of SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder/,
 # text_encoder_2/ config.json), the architecture-defining keys; the rest are diffusers' defaults. Source: the hub's
 # config.json files as mirrored verbatim in public repositories (found through code search: the UNet's full
@@ -34,19 +36,7 @@ SDXL_BASE_UNET: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the 1280-wide pooled CLIP-G projection
 }
 """SDXL base 1.0's ``unet/config.json`` (2,567,463,684 parameters: "2.6B" in the SDXL report)."""
-SDXL_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "force_upcast": True,
-}
+SDXL_VAE: dict[str, Any] = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 """SDXL base 1.0's ``vae/config.json``: Stable Diffusion's AutoencoderKL architecture (83,653,863 parameters)."""
 SDXL_TEXT_ENCODER: dict[str, Any] = {
     "hidden_size": 768,
