@@ -12,12 +12,13 @@ def _record(epoch, reward, **guards):
 
 
 def test_a_guard_that_falls_past_the_threshold_stops_at_that_evaluation():
-    """The guard is compared with its first (base) evaluation; a fall of 0.04 passes, one of 0.06 stops."""
+    """The guard is compared with its first (base) evaluation, relative to its size: from 2.0 a fall of 0.08 (4%)
+    passes, one of 0.12 (6%) stops."""
     rules = StopRules(guard_drop=0.05)
-    history = [_record(0, 0.5, aes=1.00), _record(16, 0.6, aes=0.96), _record(32, 0.7, aes=0.94)]
+    history = [_record(0, 0.5, aes=2.00), _record(16, 0.6, aes=1.92), _record(32, 0.7, aes=1.88)]
     assert [rules.observe(r) for r in history[:2]] == [None, None]
     message = rules.observe(history[2])
-    assert message.startswith("stopping early after epoch 32: guard aes fell from 1 to 0.94")
+    assert message.startswith("stopping early after epoch 32: guard aes fell from 2 to 1.88 (by 6.00% of its base")
     assert rules.best_epoch == 32  # the stopping evaluation can still be the best
 
 

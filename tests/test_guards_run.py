@@ -21,7 +21,7 @@ def _lora(run) -> dict[str, torch.Tensor]:
 
 def test_a_falling_guard_stops_the_run_at_the_first_evaluation_that_breaks_the_rule(fast_overrides, tmp_path, capsys):
     """The guards are logged at every evaluation; the run stops at the first one where a guard is more than
-    ``stop.guard_drop`` below its base value (found here from eval.jsonl), checkpoints there, writes final/ with a
+    the fraction ``stop.guard_drop`` of its base value (found here from eval.jsonl), checkpoints there, writes final/ with a
     model card that says so, and a resume with the same rules trains no further."""
     drop = 1e-6
     overrides = [*fast_overrides, "num_epochs=6", *EVAL, *GUARDS, f"stop.guard_drop={drop}"]
@@ -31,7 +31,7 @@ def test_a_falling_guard_stops_the_run_at_the_first_evaluation_that_breaks_the_r
     names = ("brightness", "contrast", "saturation")
     assert all(f"guard/{n}_mean" in e for e in evals for n in names)
     base = {n: evals[0][f"guard/{n}_mean"] for n in names}
-    breaking = [e["epoch"] for e in evals[1:] if any(base[n] - e[f"guard/{n}_mean"] > drop for n in names)]
+    breaking = [e["epoch"] for e in evals[1:] if any((base[n] - e[f"guard/{n}_mean"]) / base[n] > drop for n in names)]
     assert breaking, "no guard fell at all: the test shows nothing"
     assert evals[-1]["epoch"] == breaking[0] < 6
     assert len(read_jsonl(run / "metrics.jsonl")) == breaking[0]

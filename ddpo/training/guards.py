@@ -35,8 +35,9 @@ class StopRules:
     """When to stop a run early, judged at each held-out evaluation (a threshold of 0 switches its rule off).
 
     Args:
-        guard_drop: stop when a guard's held-out mean falls more than this below its first evaluation (the base
-            model's, before any training).
+        guard_drop: stop when a guard's held-out mean falls by more than this fraction of its first evaluation's
+            value (the base model's, before any training; of its absolute value, so guards of any scale share one
+            threshold: 0.05 is a 5% fall).
         kl_limit: stop when the held-out ``kl_to_base`` passes this.
         patience: stop when ``metric`` has not risen by more than ``min_delta`` above its best for this many
             evaluations in a row.
@@ -81,9 +82,10 @@ class StopRules:
         if self.guard_drop > 0:
             for name, first in self.first_guards.items():
                 now = guards.get(name)
-                if now is not None and first - now > self.guard_drop:
+                fall = None if now is None else (first - now) / (abs(first) or 1.0)
+                if fall is not None and fall > self.guard_drop:
                     reasons.append(
-                        f"guard {name} fell from {first:.4g} to {now:.4g} (by {first - now:.4g} > "
+                        f"guard {name} fell from {first:.4g} to {now:.4g} (by {fall:.2%} of its base value > "
                         f"stop.guard_drop={self.guard_drop:g})"
                     )
         if self.kl_limit > 0 and (kl := record.get("kl_to_base")) is not None and kl > self.kl_limit:

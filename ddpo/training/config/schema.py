@@ -193,8 +193,8 @@ class RewardConfig:
 @dataclass
 class StopConfig:
     guard_drop: float = 0.0
-    """Stop when a guard's held-out mean (``eval_rewards``) falls more than this below its first evaluation, the base
-    model's (0: off)."""
+    """Stop when a guard's held-out mean (``eval_rewards``) falls by more than this fraction of its first evaluation's
+    value, the base model's (0.05: a 5% fall; relative, so guards of any scale share it; 0: off)."""
     kl_limit: float = 0.0
     """Stop when the policy's KL to the base model passes this (0: off). The KL is the one ``train.kl_coef`` weighs
     (the mean over the epochs since the previous evaluation), so it needs ``train.kl_coef > 0``."""
