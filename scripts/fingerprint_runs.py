@@ -57,6 +57,9 @@ VARIANTS: dict[str, list[str]] = {
 
 TIMING = ("seconds", "time", "eta")
 
+CARD_FILES = ("README.md", "heldout_before.png", "heldout_after.png")
+"""The model card of ``final/`` (it names the run and its folder): a description of the result, not part of it."""
+
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's content; of a safetensors file, of its tensors (name, dtype, shape, bytes, in name order)
@@ -82,11 +85,11 @@ def file_digest(path: Path) -> str:
 
 
 def fingerprint(run_dir: Path) -> dict:
-    """The digest (:func:`file_digest`) of every file under ``final/`` and ``metrics.jsonl`` without its timing
-    keys."""
+    """The digest (:func:`file_digest`) of every file under ``final/`` but the model card, and ``metrics.jsonl``
+    without its timing keys."""
     files = {}
     for path in sorted((run_dir / "final").rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name not in CARD_FILES:
             files[str(path.relative_to(run_dir))] = file_digest(path)
     lines = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
