@@ -1,4 +1,4 @@
-"""Issue 18, item 4: a run killed by SIGKILL at any point and resumed with ``ddpo train --resume`` ends bit-identical
+"""A run killed by SIGKILL at any point and resumed with ``ddpo train --resume`` ends bit-identical
 to an uninterrupted run: the same trained weights (``final/`` and the newest checkpoint, safetensors) and the same
 ``metrics.jsonl`` apart from the ``*_seconds`` timings.
 
@@ -11,6 +11,7 @@ tiny pipeline (8x8 latents, 2 optimiser steps an epoch). ``scripts/kill_soak.py`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -119,13 +120,16 @@ def test_a_kill_point_that_is_never_reached_changes_nothing(reference, tmp_path)
 
 @pytest.mark.parametrize(("kill_at", "newest"), [("sample:3", "checkpoint_000001"), ("sample:1", None)])
 def test_ctrl_c_says_where_to_resume_from(kill_at, newest, reference, tmp_path):
-    """Issue 26: SIGINT (Ctrl-C) during ``ddpo train``, delivered at a named point by the same hook with
+    """SIGINT (Ctrl-C) during ``ddpo train``, delivered at a named point by the same hook with
     ``DDPO_KILL_SIGNAL=INT``, in a real interpreter: one line naming the last intact checkpoint (or that there is
     none yet) and the resume command, exit code 130, no traceback; the resume then ends as the uninterrupted run."""
     run_dir, args = reference
     env = {**os.environ, "DDPO_KILL_AT": kill_at, "DDPO_KILL_SIGNAL": "INT", "OMP_NUM_THREADS": "1"}  # as conftest
     command = [sys.executable, "-m", "ddpo.cli", *args, f"output_dir={tmp_path}"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    # A shell's background job (`pytest ... &`) inherits SIGINT ignored, and Python then keeps ignoring it: restore
+    # the default in the child, as an interactive terminal has it.
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, preexec_fn=restore)
     run = tmp_path / "run"
     assert done.returncode == 130, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-3000:]
