@@ -2,8 +2,9 @@
 
 ``DDPO_KILL_AT=<point>:<n>`` kills the process (``SIGKILL``: no cleanup, no ``finally``, as a power cut or the OOM
 killer) at the ``n``-th passage of ``<point>``; ``DDPO_KILL_AT=<point>:<n>@<rank>`` only on process ``<rank>``
-(``RANK`` of torchrun / accelerate). ``DDPO_KILL_SIGNAL=INT`` sends another signal instead (``SIGINT``: Ctrl-C). Unset, each point costs one dictionary lookup. The points (one call each, in
-:mod:`~ddpo.training.trainer` and :mod:`~ddpo.training.checkpoint`) are listed in :data:`POINTS`;
+(``RANK`` of torchrun / accelerate). ``DDPO_KILL_SIGNAL=INT`` sends another signal instead (``SIGINT``: Ctrl-C).
+Unset, each point costs one dictionary lookup. The points (one call each, in the training modules: epoch_sampling,
+scoring, optimise, reporting, checkpoint, checkpoint_state, trainer) are listed in :data:`POINTS`;
 ``tests/test_kill_resume.py`` and ``scripts/kill_soak.py`` use them. Not for production use.
 """
 

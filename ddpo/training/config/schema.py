@@ -234,7 +234,7 @@ class RunConfig:
     overlap_scoring: bool = True
     """Score batch k in a worker thread while batch k+1 is sampled, where that helps: on an accelerator, or for a
     reward that waits on I/O (``remote``). On a CPU device a local reward runs inline instead
-    (:func:`ddpo.training.trainer.overlap_scoring`; the run's start-up line says which)."""
+    (:func:`ddpo.training.processes.overlap_scoring`; the run's start-up line says which)."""
     eval_prompts: str = ""
     """Prompt set of a held-out evaluation (empty: none): the same ``eval_samples`` prompts and initial noise are
     sampled and scored before the first epoch, after the last and every ``eval_every`` epochs, so the numbers are
