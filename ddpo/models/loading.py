@@ -196,6 +196,13 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+def load_arguments(family: str, none_components: tuple[str, ...] = ()) -> str:
+    """The extra ``from_pretrained`` arguments of loading code for ``family``'s pipeline: ``safety_checker=None`` for
+    Stable Diffusion, and each of ``none_components`` (:func:`absent_components`) passed as None."""
+    extra = ", safety_checker=None" if get_family(family) is StableDiffusionFamily else ""
+    return extra + "".join(f", {component}=None" for component in none_components)
+
+
 def load_code(
     pretrained: str,
     final: str | Path,
@@ -211,8 +218,7 @@ def load_code(
     SD3 without T5: :func:`absent_components`), passed as None, as ``from_pretrained`` requires."""
     cls = get_family(family)
     name = cls.pipeline_class_name
-    load_extra = ", safety_checker=None" if cls is StableDiffusionFamily else ""
-    load_extra += "".join(f", {component}=None" for component in none_components)
+    load_extra = load_arguments(family, none_components)
     final = str(Path(final).resolve())
     if not use_lora:
         return f"from diffusers import {name}\n\npipe = {name}.from_pretrained({final!r}{load_extra})"

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..models import get_family
+from ..models.loading import load_arguments
 from .config import RunConfig
 from .evaluation import paired_change
 from .runlog import read_jsonl
@@ -47,8 +48,7 @@ def card_load_code(config: RunConfig, family_name: str, none_components: tuple[s
     """The Python that loads the card's folder once uploaded (``USER/NAME``; a local copy's path works too)."""
     cls = get_family(family_name)
     name = cls.pipeline_class_name
-    extra = ", safety_checker=None" if family_name == "sd" else ""
-    extra += "".join(f", {component}=None" for component in none_components)
+    extra = load_arguments(family_name, none_components)
     if not config.model.use_lora:
         return f'from diffusers import {name}\n\npipe = {name}.from_pretrained("USER/NAME"{extra})  # or this folder'
     base = config.model.pretrained
