@@ -27,9 +27,10 @@ def sample_epoch(
     score: Callable,
     sampling_weights: Callable[[], AbstractContextManager],
     executor: ThreadPoolExecutor | None,
-) -> tuple[Trajectories | CleanSamples, torch.Tensor, dict[str, float], dict[str, float]]:
+) -> tuple[Trajectories | CleanSamples, torch.Tensor, dict[str, float], dict[str, float], dict | None]:
     """Sample and score this process's ``sample.num_batches_per_epoch`` batches of ``epoch``: ``(samples, rewards [B],
-    reward info, timings)``.
+    reward info, timings, components)`` (``components``: a ``weighted`` reward's per-sample component values
+    ``{name: [B]}`` when ``score`` returns them, else None).
 
     Batch ``b`` draws its prompts from ``prompts`` (:func:`~ddpo.training.prompts.draw_prompts`) and its noise from the
     stream ``(seed, SAMPLING_NOISE, epoch, b, process_index)``; ``sample(batch prompts, seed)`` samples it under
@@ -53,5 +54,5 @@ def sample_epoch(
         else:
             pending.append(score(samples.images, batch_prompts, where))
     sampling_seconds = time.perf_counter() - sampling_start
-    rewards, reward_info, timings = combine_scores(pending, executor is not None, sampling_seconds)
-    return type(batches[0]).cat(batches), rewards, reward_info, timings
+    rewards, reward_info, timings, components = combine_scores(pending, executor is not None, sampling_seconds)
+    return type(batches[0]).cat(batches), rewards, reward_info, timings, components

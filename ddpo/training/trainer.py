@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 
 from ..models import absent_components
-from ..policy.advantages import build_advantage, clip_advantages
+from ..policy.advantages import COMPONENT_SCHEMES, build_advantage, clip_advantages
 from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
 from . import checkpoint_state, heldout, rundir
 from .checkpoint import weights_sha256
@@ -81,7 +81,11 @@ class Trainer:
         self.denoiser, self.optimizer = built.denoiser, built.optimizer  # the UNet or the transformer, prepared
         self.reference_denoiser = built.reference_denoiser
         self.params, self.trainable_names = built.params, built.trainable_names
-        self.advantage = build_advantage(t.advantage, t.per_prompt_buffer_size, t.per_prompt_min_count)
+        # per_component normalises each part of a weighted reward on its own: scoring then keeps the parts too.
+        self.by_component = t.advantage in COMPONENT_SCHEMES
+        weights = self.reward.weights if self.by_component else None
+        self.advantage = build_advantage(t.advantage, t.per_prompt_buffer_size, t.per_prompt_min_count, weights)
+        self.reward_components: dict[str, torch.Tensor] | None = None
         # A stateful advantage scheme (per-prompt statistics) is saved in checkpoints.
         self.advantage_state = self.advantage if hasattr(self.advantage, "state_dict") else None
         self.negative_cond = built.negative_cond  # the negative prompt's conditioning for CFG, or None
@@ -200,7 +204,10 @@ class Trainer:
         start = time.perf_counter()
         samples, rewards, reward_info, timings = self.sample_and_score(epoch)
         all_rewards, all_prompts = self.gather(rewards, samples.prompts)
-        weights = self.compute_weights(all_rewards, all_prompts)
+        all_components = self.gather_components(self.reward_components)
+        weights = self.compute_weights(all_rewards, all_prompts, all_components)
+        if self.by_component:  # what each component contributed to the advantages
+            reward_info.update(self.advantage.last_info())
         # Online rewards (the discriminator) learn from every process's samples, so their copies stay identical.
         all_images = samples.images if self.accelerator.num_processes == 1 else self.accelerator.gather(samples.images)
         reward_info.update(self.reward.update(all_images, all_prompts))
@@ -276,7 +283,8 @@ class Trainer:
         self, epoch: int, decode: Callable | None = None
     ) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
         """Sample this process's trajectories for ``epoch`` and score them: ``(samples, rewards [B], reward info,
-        timings)``. ``decode`` replaces the sampler's VAE decoding (:func:`ddpo.policy.sampling.decode_latents`,
+        timings)``; with ``train.advantage=per_component`` :attr:`reward_components` then holds the weighted reward's
+        per-sample component values (``{name: [B]}``, this process). ``decode`` replaces the sampler's VAE decoding (:func:`ddpo.policy.sampling.decode_latents`,
         called the same way), e.g. to time it.
 
         With ``overlap_scoring`` (where :func:`overlap_scoring` allows it) and inside :meth:`scoring_executor` the
@@ -288,11 +296,12 @@ class Trainer:
         denoiser = acc.unwrap_model(self.denoiser)  # sampling needs no DDP gradient sync
         executor = self._executor if self.overlaps_scoring() else None
         self._phase("sampling")
-        return sample_epoch(
+        *scored, self.reward_components = sample_epoch(
             self.config, epoch, acc.process_index, self.prompts,
             lambda prompts, seed: self.sample(denoiser, prompts, seed, share_initial_noise=share, decode=decode),
             self.score, self.estimator.sampling_weights, executor,
         )  # fmt: skip
+        return tuple(scored)
 
     def sample(
         self,
@@ -319,10 +328,12 @@ class Trainer:
     def score(
         self, images: torch.Tensor, prompts: list[str], where: str = ""
     ) -> tuple[torch.Tensor, dict[str, float], float]:
-        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``
-        (:func:`~ddpo.training.scoring.checked_score`; ``where`` names the batch in an error)."""
+        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds,
+        components)`` (:func:`~ddpo.training.scoring.checked_score`; ``where`` names the batch in an error; the
+        weighted reward's per-sample components with ``train.advantage=per_component``, else None)."""
         metadata = [self.prompt_metadata.get(p, {}) for p in prompts] if self.prompt_metadata else None
-        return checked_score(self.reward, images, prompts, self.accelerator.device, where, metadata)
+        device = self.accelerator.device
+        return checked_score(self.reward, images, prompts, device, where, metadata, self.by_component)
 
     def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         """Rewards and prompts of every process, in process order."""
@@ -330,11 +341,24 @@ class Trainer:
             return rewards, prompts
         return self.accelerator.gather(rewards), gather_object(prompts)
 
-    def compute_weights(self, all_rewards: torch.Tensor, all_prompts: list[str]) -> torch.Tensor:
+    def gather_components(self, components: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """Every process's per-sample component values (:attr:`reward_components`), in process order, or None."""
+        if components is None or self.accelerator.num_processes == 1:
+            return components
+        return {name: self.accelerator.gather(values) for name, values in components.items()}
+
+    def compute_weights(
+        self, all_rewards: torch.Tensor, all_prompts: list[str], all_components: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Per-trajectory weights of this process's samples: the estimator's weights of the clipped advantages
-        (the advantages themselves for DDPO, RWR's weights for RWR)."""
+        (the advantages themselves for DDPO, RWR's weights for RWR). ``all_components``: every process's per-sample
+        component values of a weighted reward, which ``train.advantage=per_component`` needs."""
         t, acc = self.config.train, self.accelerator
-        advantages = clip_advantages(self.advantage(all_rewards, all_prompts), t.adv_clip_max)
+        if self.by_component:
+            advantages = self.advantage(all_rewards, all_prompts, components=all_components)
+        else:
+            advantages = self.advantage(all_rewards, all_prompts)
+        advantages = clip_advantages(advantages, t.adv_clip_max)
         weights = self.estimator.trajectory_weights(advantages)
         return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 
