@@ -73,7 +73,6 @@ class Trainer:
         self.stop_rules = StopRules(
             c.stop.guard_drop, c.stop.kl_limit, c.stop.patience, c.best_metric, c.stop.min_delta
         )
-        self._kl_since_eval: list[float] = []
         built = build_models(c, acc)
         self.pipe, self.family, self.scheduler = built.pipe, built.family, built.pipe.scheduler
         self.latent_size, self.vae_factor = built.latent_size, built.family.vae_scale_factor()
@@ -227,7 +226,7 @@ class Trainer:
             "epoch_seconds": time.perf_counter() - start,
         }
         if "kl" in train_info:  # the KL to the base model that train.kl_coef weighs (stop.kl_limit reads it)
-            self._kl_since_eval.append(float(train_info["kl"]))
+            self.stop_rules.note_kl(train_info["kl"])
         if self.accelerator.num_processes > 1:
             # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
             metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
@@ -250,9 +249,8 @@ class Trainer:
         denoiser = acc.unwrap_model(self.denoiser)
         metrics = heldout.run_evaluation(
             acc, self.run_dir, self.eval_prompts, c.sample.batch_size, epochs_done,
-            lambda p, seed: self.sample(denoiser, p, seed), self.score, self.guards, self._kl_since_eval,
+            lambda p, seed: self.sample(denoiser, p, seed), self.score, self.guards, self.stop_rules.take_kl(),
         )  # fmt: skip
-        self._kl_since_eval = []
         self._say(
             f"ddpo: held-out evaluation after {epochs_done} epochs ({metrics['samples']} images of {c.eval_prompts}): "
             f"reward {metrics['reward_mean']:.4g} ({metrics['eval_seconds']:.1f} s)"
