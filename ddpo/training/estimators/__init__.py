@@ -7,7 +7,7 @@ The trainer imports this package (the interface and the registry), never a famil
 
 from __future__ import annotations
 
-from .base import EpochResult, EpochRun, Estimator, Policy, PromptBatch
+from .base import EpochResult, EpochRun, Estimator, Policy, PromptBatch, not_differentiable_message
 from .registry import ESTIMATORS, estimator_for, register_estimator, unregister_estimator, validate_estimators
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Policy",
     "PromptBatch",
     "estimator_for",
+    "not_differentiable_message",
     "register_estimator",
     "unregister_estimator",
     "validate_estimators",

@@ -182,6 +182,23 @@ class EpochResult:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def differentiable_reward_names() -> list[str]:
+    """The registered rewards that are differentiable, as ``ddpo rewards`` lists them (a conditional one with its
+    condition)."""
+    from rewards import listing
+
+    return [name if said == "yes" else f"{name} ({said})" for name, said in listing() if said != "no"]
+
+
+def not_differentiable_message(reward: str, algorithm: str) -> str:
+    """The refusal of a reward that declares no gradient, naming the differentiable ones."""
+    return (
+        f"train.algorithm={algorithm} back-propagates the reward's gradient, and reward {reward!r} is not "
+        f"differentiable; use a differentiable reward: {', '.join(differentiable_reward_names())} (`ddpo rewards` "
+        "lists them), or a log-prob / forward-process algorithm (e.g. train.algorithm=ddpo_is) for this reward"
+    )
+
+
 class Estimator:
     """Base class of every estimator: subclasses set :attr:`uses_log_probs` and implement :meth:`loss`; the other
     hooks default to "nothing to do".
@@ -203,6 +220,10 @@ class Estimator:
     advantages -> (sample, step) minibatches of :meth:`loss`; then :meth:`loss`, :meth:`trajectory_weights`,
     :meth:`prepare_epoch` and :meth:`begin_inner_epoch` are not called, :meth:`end_epoch` and the checkpoint hooks
     are."""
+    needs_differentiable_reward: ClassVar[bool] = False
+    """Whether the loss back-propagates through the reward (then a reward that is not
+    :func:`rewards.is_differentiable` is refused before the model loads: by name in :meth:`validate`, an import path
+    or a composite once loaded, :func:`ddpo.training.run_inputs.load_run_inputs`)."""
     own_keys: ClassVar[dict[str, str]] = {}
     """The config keys this class adds, which only it (and its subclasses) read, each with what it is
     (``{"train.nft_beta": "DiffusionNFT's ..."}``); a subclass inherits its bases' keys. :meth:`validate` checks their
@@ -241,6 +262,11 @@ class Estimator:
 
             return copy.deepcopy(denoiser).requires_grad_(False)
         return None
+
+    @classmethod
+    def describe_minibatches(cls, config: RunConfig) -> str:
+        """What one minibatch of an estimator that owns its epoch is, for the run's start-up lines."""
+        return "its own minibatches"
 
     # ------------------------------------------------------------------ sampling
 
