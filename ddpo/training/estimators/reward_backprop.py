@@ -48,6 +48,12 @@ class RewardBackpropagation(Estimator):
                 f"of {', '.join(DIFFERENTIABLE_SAMPLERS)} (a differentiable step); got {s.scheduler!r}",
             )
             need(
+                s.num_batches_per_epoch % t.gradient_accumulation_steps == 0,
+                f"train.algorithm={cls.name} trains on each prompt batch as one minibatch: sample.num_batches_per_epoch "
+                f"({s.num_batches_per_epoch}) must be a multiple of train.gradient_accumulation_steps "
+                f"({t.gradient_accumulation_steps}) so that every optimiser step is full",
+            )
+            need(
                 t.num_inner_epochs == 1,
                 f"train.algorithm={cls.name} trains once on each batch as it samples it: train.num_inner_epochs must "
                 f"be 1; got {t.num_inner_epochs}",
@@ -160,22 +166,25 @@ class RewardBackpropagation(Estimator):
         return output
 
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` differentiable w.r.t. ``latents`` (under ``torch.utils.checkpoint`` with
-        ``train.gradient_checkpointing``: the VAE decoder's activations are recomputed in the backward pass)."""
+        """Images ``[B, 3, H, W]`` differentiable w.r.t. ``latents``, ``sample.decode_chunk_size`` at a time; with
+        ``train.gradient_checkpointing`` each chunk's decode runs under ``torch.utils.checkpoint``, so the backward
+        pass holds one chunk's VAE activations at a time."""
         s = self.policy.settings
 
         def decode(x: torch.Tensor) -> torch.Tensor:
             return vae_decode(vae, x, s.mixed_precision, s.decode_chunk_size)
 
-        if self.config.train.gradient_checkpointing:
-            return activation_checkpoint(decode, latents, use_reentrant=False)
-        return decode(latents)
+        if not self.config.train.gradient_checkpointing:
+            return decode(latents)
+        chunks = latents.split(s.decode_chunk_size)
+        return torch.cat([activation_checkpoint(decode, chunk, use_reentrant=False) for chunk in chunks])
 
 
 class DRaFT(RewardBackpropagation):
     """DRaFT-K: gradients through the last ``train.draft_k`` steps; DRaFT-LV (``train.draft_lv``, ``K = 1``): the
     last step from ``train.draft_lv_samples`` re-noisings of the clean sample."""
 
+    name = "draft"
     own_keys = {
         "train.draft_k": "DRaFT's number K of last sampling steps back-propagated through",
         "train.draft_lv": "DRaFT-LV's switch",
@@ -226,6 +235,7 @@ class AlignProp(RewardBackpropagation):
     """AlignProp: gradients through the last ``K`` steps, ``K`` drawn uniformly from ``[train.alignprop_k_min,
     train.alignprop_k_max]`` for each batch (randomised truncated backpropagation)."""
 
+    name = "alignprop"
     own_keys = {
         "train.alignprop_k_min": "AlignProp's smallest number K of back-propagated steps",
         "train.alignprop_k_max": "AlignProp's largest number K of back-propagated steps",
