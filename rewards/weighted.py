@@ -52,7 +52,8 @@ class WeightedReward(Reward):
 
     Every component's output is validated by name (``weighted/<name>``) before it is summed, so a NaN, a wrong
     shape or dtype stops the run naming the component and the bad sample indices. :meth:`last_info` returns
-    ``{"reward/<name>_mean": float}`` for every component of the last call (plus the components' own info).
+    ``{"reward/<name>_mean": float}`` for every component of the last call (plus the components' own info);
+    :meth:`last_components` its per-sample values (``train.advantage=per_component`` normalises each on its own).
     :meth:`update`, :meth:`state_dict` and :meth:`load_state_dict` are forwarded to the components (state keyed by
     component name). The sum is :attr:`~rewards.Reward.differentiable` when every component is, and its gradient is
     then the weighted sum of the components' gradients.
@@ -80,6 +81,7 @@ class WeightedReward(Reward):
         # differentiable exactly when every part is; one non-differentiable part makes the sum's gradient wrong.
         self.differentiable = all(is_differentiable(reward) for reward in self.components.values())
         self._last: dict[str, torch.Tensor] = {}
+        self._last_values: dict[str, torch.Tensor] = {}
         self._last_component_info: dict[str, float] = {}
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
@@ -88,6 +90,7 @@ class WeightedReward(Reward):
         batch_size = images.shape[0]
         total = torch.zeros(batch_size, dtype=torch.float32, device=images.device)
         means: dict[str, torch.Tensor] = {}
+        per_sample: dict[str, torch.Tensor] = {}
         component_info: dict[str, float] = {}
         for name, reward in self.components.items():
             if metadata is not None and accepts_metadata(reward.__call__):
@@ -97,9 +100,15 @@ class WeightedReward(Reward):
             values = check_reward_output(values, batch_size, f"weighted/{name}")
             total = total + self.weights[name] * values.to(total.device)
             means[name] = values.detach().mean()
+            per_sample[name] = values.detach()
             component_info.update(reward.last_info())
-        self._last, self._last_component_info = means, component_info
+        self._last, self._last_values, self._last_component_info = means, per_sample, component_info
         return total
+
+    def last_components(self) -> dict[str, torch.Tensor]:
+        """Each component's checked values of the last call, unweighted and detached: ``{name: float32 [B]}``, in
+        the order of ``components``."""
+        return dict(self._last_values)
 
     def last_info(self) -> dict[str, float]:
         info = {f"reward/{name}_mean": float(mean) for name, mean in self._last.items()}

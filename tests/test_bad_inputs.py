@@ -910,6 +910,12 @@ CASES = [
             ),
         )
     ],
+    (
+        "per_component without a weighted reward",
+        lambda t, f, m: (["train", *T, *f, "sample.samples_per_prompt=2", "train.advantage=per_component"], {}),
+        "normalises each component of a weighted reward",
+        True,
+    ),
 ]
 
 

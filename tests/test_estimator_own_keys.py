@@ -81,11 +81,11 @@ def test_another_estimators_key_is_refused_naming_the_key_the_algorithm_and_the_
 
 
 def test_keys_shared_by_the_chosen_estimator_and_defaults_pass():
-    """AWM and NFT share the old policy's keys; a key at its default (as presets write them) is no setting."""
+    """AWM (with its proximal term) and NFT share the old policy's keys; a key at its default (as presets write them)
+    is no setting."""
     assert build_config(preset="tiny", overrides=["train.nft_beta=1", "train.nft_sample_policy=old"])
-    assert build_config(
-        preset="tiny", overrides=["train.algorithm=awm", "sample.scheduler=euler", "train.old_policy_uphold=0.9"]
-    )
+    awm = ["train.algorithm=awm", "sample.scheduler=euler", "train.awm_ema_kl=1"]
+    assert build_config(preset="tiny", overrides=[*awm, "train.old_policy_uphold=0.9"])
     assert build_config(
         preset="tiny", overrides=["train.algorithm=nft", "sample.scheduler=euler", "train.old_policy_uphold=0.9"]
     )
@@ -117,3 +117,14 @@ def test_a_registered_estimator_needs_no_edit_of_the_check():
         assert config.train.kl_form == "flow_grpo"
     finally:
         unregister_estimator("toy_keys")
+
+
+def test_awm_without_its_proximal_term_refuses_an_old_policy_schedule():
+    """AWM keeps an old policy only with ``train.awm_ema_kl > 0``; without it the old policy's schedule would do
+    nothing, and is refused; with it, accepted."""
+    flow = ["train.algorithm=awm", "sample.scheduler=euler"]
+    with pytest.raises(ConfigError, match="train.old_policy_uprate schedules the old \\(EMA\\) policy") as refused:
+        build_config(preset="tiny", overrides=[*flow, "train.old_policy_uprate=0.01"])
+    assert "set train.awm_ema_kl > 0, or train.old_policy_uprate back to 0.001" in str(refused.value)
+    config = build_config(preset="tiny", overrides=[*flow, "train.old_policy_uprate=0.01", "train.awm_ema_kl=1"])
+    assert config.train.old_policy_uprate == 0.01

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -102,3 +103,25 @@ def test_guards_change_no_training_tensor(fast_overrides, tmp_path):
     a, b = _lora(tmp_path / "runs" / "plain"), _lora(tmp_path / "runs" / "guarded")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "guard/clip_score_mean" in read_jsonl(tmp_path / "runs" / "guarded" / "eval.jsonl")[0]
+
+
+def test_a_resume_between_evaluations_keeps_the_kl_of_the_epochs_before_it(fast_overrides, tmp_path):
+    """``kl_to_base`` at an evaluation is the mean training KL of the epochs since the previous one, also when the run
+    was resumed in between: the resumed run (from the checkpoint after epoch 1, as after a crash in epoch 2) logs the
+    same value as the uninterrupted one."""
+    import shutil
+
+    overrides = [*fast_overrides, "num_epochs=2", "eval_prompts=simple_animals", "eval_samples=4", "eval_every=2"]
+    overrides += ["train.kl_coef=0.5", "save_every=1", "keep_checkpoints=2"]
+    assert main(["train", "--preset", "tiny", *overrides]) == 0
+    run = tmp_path / "runs" / "run"
+    whole = read_jsonl(run / "eval.jsonl")[-1]
+    kls = [m["kl"] for m in read_jsonl(run / "metrics.jsonl")]
+    assert whole["epoch"] == 2 and whole["kl_to_base"] == pytest.approx(sum(kls) / 2, rel=1e-12) and kls[1] > 0
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("checkpoint_000002", "final"))
+    for name in ("metrics.jsonl", "eval.jsonl"):  # what a crash during epoch 2 leaves
+        lines = (crashed / name).read_text().splitlines(keepends=True)
+        (crashed / name).write_text("".join(lines[:1]))
+    assert main(["train", "--resume", str(crashed)]) == 0
+    assert read_jsonl(crashed / "eval.jsonl")[-1]["kl_to_base"] == whole["kl_to_base"]

@@ -51,6 +51,7 @@ import torch
 from ..policy.sampling import AUTOCAST_DTYPES, Trajectories, decode_latents, encode_prompts
 from ..training.config import to_dict
 from ..training.prompts import draw_prompts
+from ..training.scoring import concat_components
 from ..training.streams import Stream, derive_seed
 from ..training.trainer import Trainer
 from .bench_calibrate import calibrate, calibrate_main, calibration_key, format_calibration  # noqa: F401 (re-exported)
@@ -139,7 +140,7 @@ class EpochBench:
         start = time.perf_counter()
         samples, rewards, _, timings = tr.sample_and_score(epoch, decode=timed_decode)
         all_rewards, all_prompts = tr.gather(rewards, samples.prompts)
-        weights = tr.compute_weights(all_rewards, all_prompts)
+        weights = tr.compute_weights(all_rewards, all_prompts, tr.gather_components(tr.reward_components))
         self.last_epoch = (samples, weights)
         sync(self.device)
         train_start = time.perf_counter()
@@ -197,11 +198,13 @@ class EpochBench:
             decode_calls += 1
             batches.append(Trajectories(prompts, embeds, tr.negative_cond, latents, log_probs, timesteps, images))
         score_start = time.perf_counter()
-        rewards = torch.cat([tr.score(batch.images, batch.prompts)[0] for batch in batches])
+        scored = [tr.score(batch.images, batch.prompts) for batch in batches]
+        rewards = torch.cat([result.values for result in scored])
+        components = concat_components(scored)  # train.advantage=per_component's per-sample parts, else None
         seconds["scoring_seconds"] = time.perf_counter() - score_start
         samples = Trajectories.cat(batches)
         all_rewards, all_prompts = tr.gather(rewards, samples.prompts)
-        weights = tr.compute_weights(all_rewards, all_prompts)
+        weights = tr.compute_weights(all_rewards, all_prompts, tr.gather_components(components))
         train_start = time.perf_counter()
         info = reference_optimise(tr, epoch, samples, weights)
         sync(self.device)

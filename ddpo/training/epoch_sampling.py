@@ -43,9 +43,10 @@ def sample_epoch(
     score: Callable,
     sampling_weights: Callable[[], AbstractContextManager],
     executor: ThreadPoolExecutor | None,
-) -> tuple[Trajectories | CleanSamples, torch.Tensor, dict[str, float], dict[str, float]]:
+) -> tuple[Trajectories | CleanSamples, torch.Tensor, dict[str, float], dict[str, float], dict | None]:
     """Sample and score this process's ``sample.num_batches_per_epoch`` batches of ``epoch``: ``(samples, rewards [B],
-    reward info, timings)``.
+    reward info, timings, components)`` (``components``: a ``weighted`` reward's per-sample component values
+    ``{name: [B]}`` when ``score`` returns them, else None).
 
     Batch ``b`` draws its prompts and its noise seed as :func:`epoch_batches` says; ``sample(batch prompts, seed)`` samples it under
     ``sampling_weights()`` (the estimator's: DiffusionNFT samples with its old policy) and ``score(images, prompts,
@@ -64,5 +65,5 @@ def sample_epoch(
         else:
             pending.append(score(samples.images, batch.prompts, batch.where))
     sampling_seconds = time.perf_counter() - sampling_start
-    rewards, reward_info, timings = combine_scores(pending, executor is not None, sampling_seconds)
-    return type(batches[0]).cat(batches), rewards, reward_info, timings
+    rewards, reward_info, timings, components = combine_scores(pending, executor is not None, sampling_seconds)
+    return type(batches[0]).cat(batches), rewards, reward_info, timings, components

@@ -56,6 +56,18 @@ class StopRules:
     since_best: int = 0
     stopped: str | None = None
     """Why the run stopped early (the message of :meth:`observe`), once it has."""
+    kl_since_eval: list[float] = field(default_factory=list)
+    """The epochs' training KL to the base (``train.kl_coef > 0``) since the last evaluation, whose mean the next one
+    logs as ``kl_to_base`` (checkpointed: a resume between two evaluations keeps the epochs before it)."""
+
+    def note_kl(self, kl: float) -> None:
+        """Record one epoch's training KL to the base."""
+        self.kl_since_eval.append(float(kl))
+
+    def take_kl(self) -> list[float]:
+        """The KL values since the last evaluation, for this one (the record starts afresh)."""
+        values, self.kl_since_eval = self.kl_since_eval, []
+        return values
 
     def settings(self) -> list:
         """The rules' thresholds: a resumed run whose rules changed (overrides) judges afresh."""
@@ -109,6 +121,7 @@ class StopRules:
             "since_best": self.since_best,
             "stopped": self.stopped,
             "settings": self.settings(),
+            "kl_since_eval": list(self.kl_since_eval),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -118,5 +131,6 @@ class StopRules:
         self.best_value = -math.inf if state["best_value"] is None else float(state["best_value"])
         self.best_epoch = state["best_epoch"]
         self.since_best = int(state["since_best"])
+        self.kl_since_eval = [float(v) for v in state.get("kl_since_eval", [])]  # absent from older checkpoints
         same_rules = state.get("settings") == self.settings()
         self.stopped = state.get("stopped") if same_rules else None

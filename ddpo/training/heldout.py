@@ -38,7 +38,7 @@ def evaluate_chunks(
     results, first_images = [], None
     for k in range(acc.process_index, len(chunks), acc.num_processes):
         trajectories = sample(chunks[k], derive_seed(0, Stream.EVAL_NOISE, k))
-        values, info, _ = score(trajectories.images, chunks[k], f"held-out evaluation, chunk {k}")
+        values, info = score(trajectories.images, chunks[k], f"held-out evaluation, chunk {k}")[:2]
         results.append((k, values.cpu().tolist(), info))
         if k == 0:
             first_images = trajectories.images
@@ -82,7 +82,7 @@ def run_evaluation(
     acc, start = accelerator, time.perf_counter()
 
     def score_with_guards(images: torch.Tensor, chunk: list[str], where: str):
-        values, info, seconds = score(images, chunk, where)
+        values, info, seconds = score(images, chunk, where)[:3]
         return values, {**info, **guard_scores(guards, images, chunk, acc.device, where)}, seconds
 
     chunks, results, first_images = evaluate_chunks(acc, prompts, batch_size, sample, score_with_guards)

@@ -60,14 +60,22 @@ def draw_prompts(
 
 def load_prompt_metadata(name_or_path: str, key: str = "prompts") -> dict[str, dict]:
     """``{prompt: its row's other columns}`` of a prompt table (:mod:`~ddpo.training.prompt_files`); empty for a
-    text file, a shipped set or a table without other columns. A prompt given twice with different metadata is an
-    error (the reward could not tell which row a sample came from)."""
+    text file, a shipped set or a table without other columns (:func:`load_prompts_and_metadata`)."""
     path = Path(name_or_path).expanduser()
     if not (path.is_file() and is_table(path)):
         return {}
+    return load_prompts_and_metadata(name_or_path, key)[1]
+
+
+def load_prompts_and_metadata(name_or_path: str, key: str = "prompts") -> tuple[list[str], dict[str, dict]]:
+    """:func:`load_prompts` and :func:`load_prompt_metadata` of one source, a table read once. A prompt given twice
+    with different metadata is an error (the reward could not tell which row a sample came from)."""
+    path = Path(name_or_path).expanduser()
+    if not (path.is_file() and is_table(path)):
+        return load_prompts(name_or_path, key), {}
     table = load_prompt_table(path, key)
     if not table.has_metadata:
-        return {}
+        return table.prompts, {}
     out: dict[str, dict] = {}
     for prompt, metadata in zip(table.prompts, table.metadata):
         if out.setdefault(prompt, metadata) != metadata:
@@ -75,4 +83,4 @@ def load_prompt_metadata(name_or_path: str, key: str = "prompts") -> dict[str, d
                 f"{key}: prompt file {str(path)!r} gives the prompt {prompt!r} twice with different metadata "
                 f"({out[prompt]} and {metadata}); make each prompt's row unique"
             )
-    return out
+    return table.prompts, out

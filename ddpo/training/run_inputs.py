@@ -13,7 +13,7 @@ from rewards import accepts_metadata, get_reward, is_differentiable
 from .config import ConfigError, RunConfig
 from .estimators import estimator_for, not_differentiable_message
 from .evaluation import eval_prompt_list
-from .prompts import load_prompt_metadata, load_prompts
+from .prompts import load_prompts_and_metadata
 
 
 @dataclass
@@ -35,16 +35,17 @@ def load_run_inputs(config: RunConfig, main_process: bool = True) -> RunInputs:
     """Load the run's prompts, reward and guards; on the main process, a note for what a setting cannot act on (a
     prompt table's columns with a reward that takes no metadata, guards without ``eval_prompts``)."""
     c = config
-    prompts = load_prompts(c.prompts)
-    eval_prompts = (
-        eval_prompt_list(load_prompts(c.eval_prompts, "eval_prompts"), c.eval_samples) if c.eval_prompts else []
-    )
+    prompts, metadata = load_prompts_and_metadata(c.prompts)  # a prompt table is read once
+    eval_prompts = []
+    if c.eval_prompts:
+        held_out, eval_metadata = load_prompts_and_metadata(c.eval_prompts, "eval_prompts")
+        eval_prompts = eval_prompt_list(held_out, c.eval_samples)
+        metadata = {**metadata, **eval_metadata}
     reward = get_reward(c.reward.name, **c.reward.options)
     estimator = estimator_for(c)
     if estimator.needs_differentiable_reward and not is_differentiable(reward):
         # an import path or a composite (weighted) is known to be differentiable or not only once loaded
         raise ConfigError(not_differentiable_message(c.reward.name, estimator.name))
-    metadata = {**load_prompt_metadata(c.prompts), **load_prompt_metadata(c.eval_prompts or "", "eval_prompts")}
     with torch.random.fork_rng(devices=[]):  # a guard's model init must not move the stream that initialises LoRA
         guards = {n: get_reward(n, **(opts or {})) for n, opts in (c.eval_rewards if eval_prompts else {}).items()}
     if main_process and metadata and not accepts_metadata(reward):

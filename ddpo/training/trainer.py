@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 
 from ..models import absent_components
-from ..policy.advantages import build_advantage, clip_advantages
+from ..policy.advantages import COMPONENT_SCHEMES, build_advantage, clip_advantages
 from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
 from . import checkpoint_state, heldout, rundir
 from .checkpoint import weights_sha256
@@ -73,7 +73,6 @@ class Trainer:
         self.stop_rules = StopRules(
             c.stop.guard_drop, c.stop.kl_limit, c.stop.patience, c.best_metric, c.stop.min_delta
         )
-        self._kl_since_eval: list[float] = []
         built = build_models(c, acc)
         self.pipe, self.family, self.scheduler = built.pipe, built.family, built.pipe.scheduler
         self.latent_size, self.vae_factor = built.latent_size, built.family.vae_scale_factor()
@@ -81,7 +80,11 @@ class Trainer:
         self.denoiser, self.optimizer = built.denoiser, built.optimizer  # the UNet or the transformer, prepared
         self.reference_denoiser = built.reference_denoiser
         self.params, self.trainable_names = built.params, built.trainable_names
-        self.advantage = build_advantage(t.advantage, t.per_prompt_buffer_size, t.per_prompt_min_count)
+        # per_component normalises each part of a weighted reward on its own: scoring then keeps the parts too.
+        self.by_component = t.advantage in COMPONENT_SCHEMES
+        weights = self.reward.weights if self.by_component else None
+        self.advantage = build_advantage(t.advantage, t.per_prompt_buffer_size, t.per_prompt_min_count, weights)
+        self.reward_components: dict[str, torch.Tensor] | None = None
         # A stateful advantage scheme (per-prompt statistics) is saved in checkpoints.
         self.advantage_state = self.advantage if hasattr(self.advantage, "state_dict") else None
         self.negative_cond = built.negative_cond  # the negative prompt's conditioning for CFG, or None
@@ -201,7 +204,6 @@ class Trainer:
         start = time.perf_counter()
         epoch_of = self.owned_epoch if self.estimator.owns_epoch else self.sampled_epoch
         logged, rewards, all_rewards, train_info, reward_info, timings = epoch_of(epoch)
-        train_info.update(self.estimator.end_epoch(self.global_step))
         metrics = {
             "epoch": epoch,
             "global_step": self.global_step,
@@ -214,7 +216,7 @@ class Trainer:
             "epoch_seconds": time.perf_counter() - start,
         }
         if "kl" in train_info:  # the KL to the base model that train.kl_coef weighs (stop.kl_limit reads it)
-            self._kl_since_eval.append(float(train_info["kl"]))
+            self.stop_rules.note_kl(train_info["kl"])
         if self.accelerator.num_processes > 1:
             # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
             metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
@@ -226,10 +228,14 @@ class Trainer:
         ``(samples, this process's rewards [B], every process's rewards, train info, reward info, timings)``."""
         samples, rewards, reward_info, timings = self.sample_and_score(epoch)
         all_rewards, all_prompts = self.gather(rewards, samples.prompts)
-        weights = self.compute_weights(all_rewards, all_prompts)
+        all_components = self.gather_components(self.reward_components)
+        weights = self.compute_weights(all_rewards, all_prompts, all_components)
+        if self.by_component:  # what each component contributed to the advantages
+            reward_info.update(self.advantage.last_info())
         reward_info.update(self.learn_reward(samples.images, all_prompts))
         train_start = time.perf_counter()
         train_info = self.optimise(epoch, samples, weights)
+        train_info.update(self.estimator.end_epoch(self.global_step))
         timings["training_seconds"] = time.perf_counter() - train_start
         return samples, rewards, all_rewards, train_info, reward_info, timings
 
@@ -244,10 +250,12 @@ class Trainer:
         train_start = time.perf_counter()
         result = self.estimator.train_epoch(self.epoch_run(epoch, steps))
         self.global_step = steps.global_step
+        train_info = steps.diagnostics(result.extra)
+        train_info.update(self.estimator.end_epoch(self.global_step))
+        timings = {**result.timings, "training_seconds": time.perf_counter() - train_start}
         all_rewards, all_prompts = self.gather(result.rewards, result.prompts)
         reward_info = {**result.reward_info, **self.learn_reward(result.images, all_prompts)}
-        timings = {**result.timings, "training_seconds": time.perf_counter() - train_start}
-        return result, result.rewards, all_rewards, steps.diagnostics(result.extra), reward_info, timings
+        return result, result.rewards, all_rewards, train_info, reward_info, timings
 
     def epoch_run(self, epoch: int, steps: MinibatchSteps) -> EpochRun:
         """What an estimator that owns its epoch works with (:class:`~ddpo.training.estimators.EpochRun`): this
@@ -287,9 +295,8 @@ class Trainer:
         denoiser = acc.unwrap_model(self.denoiser)
         metrics = heldout.run_evaluation(
             acc, self.run_dir, self.eval_prompts, c.sample.batch_size, epochs_done,
-            lambda p, seed: self.sample(denoiser, p, seed), self.score, self.guards, self._kl_since_eval,
+            lambda p, seed: self.sample(denoiser, p, seed), self.score, self.guards, self.stop_rules.take_kl(),
         )  # fmt: skip
-        self._kl_since_eval = []
         self._say(
             f"ddpo: held-out evaluation after {epochs_done} epochs ({metrics['samples']} images of {c.eval_prompts}): "
             f"reward {metrics['reward_mean']:.4g} ({metrics['eval_seconds']:.1f} s)"
@@ -320,7 +327,8 @@ class Trainer:
         self, epoch: int, decode: Callable | None = None
     ) -> tuple[Trajectories, torch.Tensor, dict[str, float], dict[str, float]]:
         """Sample this process's trajectories for ``epoch`` and score them: ``(samples, rewards [B], reward info,
-        timings)``. ``decode`` replaces the sampler's VAE decoding (:func:`ddpo.policy.sampling.decode_latents`,
+        timings)``; with ``train.advantage=per_component`` :attr:`reward_components` then holds the weighted reward's
+        per-sample component values (``{name: [B]}``, this process). ``decode`` replaces the sampler's VAE decoding (:func:`ddpo.policy.sampling.decode_latents`,
         called the same way), e.g. to time it.
 
         With ``overlap_scoring`` (where :func:`overlap_scoring` allows it) and inside :meth:`scoring_executor` the
@@ -332,11 +340,12 @@ class Trainer:
         denoiser = acc.unwrap_model(self.denoiser)  # sampling needs no DDP gradient sync
         executor = self._executor if self.overlaps_scoring() else None
         self._phase("sampling")
-        return sample_epoch(
+        *scored, self.reward_components = sample_epoch(
             self.config, epoch, acc.process_index, self.prompts,
             lambda prompts, seed: self.sample(denoiser, prompts, seed, share_initial_noise=share, decode=decode),
             self.score, self.estimator.sampling_weights, executor,
         )  # fmt: skip
+        return tuple(scored)
 
     def sample(
         self,
@@ -363,9 +372,11 @@ class Trainer:
     def score(
         self, images: torch.Tensor, prompts: list[str], where: str = ""
     ) -> tuple[torch.Tensor, dict[str, float], float]:
-        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds)``
-        (:func:`~ddpo.training.scoring.checked_score`; ``where`` names the batch in an error)."""
-        return checked_score(self.reward, images, prompts, self.accelerator.device, where, self.metadata(prompts))
+        """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds,
+        components)`` (:func:`~ddpo.training.scoring.checked_score`; ``where`` names the batch in an error; the
+        weighted reward's per-sample components with ``train.advantage=per_component``, else None)."""
+        device = self.accelerator.device
+        return checked_score(self.reward, images, prompts, device, where, self.metadata(prompts), self.by_component)
 
     def differentiable_reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The checked reward of ``images`` ``[B, 3, H, W]`` in the caller's gradient mode: ``[B]`` float32 on the
@@ -384,11 +395,24 @@ class Trainer:
             return rewards, prompts
         return self.accelerator.gather(rewards), gather_object(prompts)
 
-    def compute_weights(self, all_rewards: torch.Tensor, all_prompts: list[str]) -> torch.Tensor:
+    def gather_components(self, components: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """Every process's per-sample component values (:attr:`reward_components`), in process order, or None."""
+        if components is None or self.accelerator.num_processes == 1:
+            return components
+        return {name: self.accelerator.gather(values) for name, values in components.items()}
+
+    def compute_weights(
+        self, all_rewards: torch.Tensor, all_prompts: list[str], all_components: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Per-trajectory weights of this process's samples: the estimator's weights of the clipped advantages
-        (the advantages themselves for DDPO, RWR's weights for RWR)."""
+        (the advantages themselves for DDPO, RWR's weights for RWR). ``all_components``: every process's per-sample
+        component values of a weighted reward, which ``train.advantage=per_component`` needs."""
         t, acc = self.config.train, self.accelerator
-        advantages = clip_advantages(self.advantage(all_rewards, all_prompts), t.adv_clip_max)
+        if self.by_component:
+            advantages = self.advantage(all_rewards, all_prompts, components=all_components)
+        else:
+            advantages = self.advantage(all_rewards, all_prompts)
+        advantages = clip_advantages(advantages, t.adv_clip_max)
         weights = self.estimator.trajectory_weights(advantages)
         return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 

@@ -127,7 +127,10 @@ class TrainConfig:
     """How rewards become advantages: ``per_prompt`` running statistics, ``batch`` normalisation, ``group``
     (normalised within each prompt's samples, GRPO), ``group_center`` (centred within each prompt's samples, scaled
     by the batch std of the centred values) or ``global_std`` (Flow-GRPO's ``global_std=True``: centred within each
-    prompt's samples, divided by the batch std of the raw rewards + 1e-4)."""
+    prompt's samples, divided by the batch std of the raw rewards + 1e-4) or ``per_component`` (a ``weighted`` reward:
+    each component normalised within each prompt's samples, then weighted and summed, then batch-normalised, as in the
+    multi-reward setups of Flow-GRPO; each component's say is logged as ``advantage/<name>_abs_mean`` and
+    ``advantage/<name>_corr``)."""
     per_prompt_buffer_size: int = 16
     """Rewards remembered per prompt by the per-prompt tracker."""
     per_prompt_min_count: int = 16

@@ -192,8 +192,13 @@ def validate_train(config: RunConfig, estimator: type) -> None:
         f"train.advantage must be one of {', '.join(ADVANTAGES)}; got {t.advantage!r}",
     )
     need(
-        t.advantage not in ("group", "group_center", "global_std") or s.samples_per_prompt > 1,
+        t.advantage not in ("group", "group_center", "global_std", "per_component") or s.samples_per_prompt > 1,
         f"train.advantage={t.advantage} needs sample.samples_per_prompt > 1 (several samples of each prompt per batch)",
+    )
+    need(
+        t.advantage != "per_component" or config.reward.name == "weighted",
+        f"train.advantage=per_component normalises each component of a weighted reward on its own; reward.name is "
+        f"{config.reward.name!r}: use reward.name=weighted with reward.options.components, or another train.advantage",
     )
     need(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0; got {t.adv_clip_max}")
     need(t.kl_coef >= 0, f"train.kl_coef must be >= 0; got {t.kl_coef}")

@@ -134,7 +134,8 @@ class EpochRun:
         negative_cond: the negative prompt's conditioning ``[1, ...]`` for classifier-free guidance (None without).
         vae: the pipeline's VAE (frozen; its dtype is the run's precision with LoRA).
         score: the checked reward without gradient, as the trainer scores samples: ``score(images [B, 3, H, W],
-            prompts, where) -> (values [B] on the device, reward info, seconds)``.
+            prompts, where) ->`` a :class:`ddpo.training.scoring.Scored` ``(values [B] on the device, reward info,
+            seconds, components)``, which :func:`ddpo.training.scoring.combine_scores` puts together.
         reward: the reward with gradient (the prompts' metadata passed as for :attr:`score`): ``reward(images
             [B, 3, H, W] in [0, 1], prompts) -> values [B]`` float32, differentiable w.r.t. the images when the reward
             declares ``differentiable`` (:func:`rewards.is_differentiable`); its output is checked as :attr:`score`'s.
@@ -153,7 +154,7 @@ class EpochRun:
     encode: Callable[[list[str]], Any]
     negative_cond: Any
     vae: torch.nn.Module
-    score: Callable[[torch.Tensor, list[str], str], tuple[torch.Tensor, dict[str, float], float]]
+    score: Callable[[torch.Tensor, list[str], str], Any]
     reward: Callable[[torch.Tensor, list[str]], torch.Tensor]
     step: Callable[[LossFunction], dict[str, torch.Tensor]]
     sample_and_score: Callable[[], tuple[Any, torch.Tensor, dict[str, float], dict[str, float]]]

@@ -8,6 +8,7 @@ proximal term ``train.awm_ema_kl > 0``), saved in checkpoints as ``old_policy.<t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -228,6 +229,14 @@ class AdvantageWeightedMatching(ForwardProcessEstimator):
         super().validate(config, chosen, need)
         t = config.train
         need(t.awm_ema_kl >= 0, f"train.awm_ema_kl must be >= 0; got {t.awm_ema_kl}")
+        if t.awm_ema_kl == 0:  # no proximal term: no old policy whose schedule these keys would set
+            defaults = {f.name: f.default for f in dataclasses.fields(t)}
+            for key in ("old_policy_flat", "old_policy_uprate", "old_policy_uphold"):
+                need(
+                    getattr(t, key) == defaults[key],
+                    f"train.{key} schedules the old (EMA) policy, which train.algorithm=awm keeps only for its "
+                    f"proximal term: set train.awm_ema_kl > 0, or train.{key} back to {defaults[key]:g}",
+                )
 
     def estimator_loss(self, x0, noise, level, x0_pred, raw, old, weights):
         target = matching_target(x0, noise, level, self.prediction_space)

@@ -102,7 +102,7 @@ class RewardBackpropagation(Estimator):
             scores.append(run.score(kept["images"], batch.prompts, batch.where))
             images.append(kept["images"])
             prompts += batch.prompts
-        rewards, reward_info, timings = combine_scores(scores, False, 0.0)
+        rewards, reward_info, timings, _ = combine_scores(scores, False, 0.0)
         timings = {"scoring_seconds": timings["scoring_seconds"]}
         return EpochResult(prompts, torch.cat(images), rewards, reward_info, timings)
 
