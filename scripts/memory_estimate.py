@@ -338,6 +338,42 @@ def vae_decode_bytes(vae, images: int, latent: int, dtype: torch.dtype) -> int:
     return _peak(run)
 
 
+def vae_decode_train_bytes(vae, images: int, latent: int, dtype: torch.dtype) -> int:
+    """Peak bytes of a VAE decode with gradients w.r.t. the latents (forward + backward, frozen weights): reward
+    backpropagation's decode."""
+    low = None if dtype == torch.float32 else dtype
+
+    def run():
+        z = torch.empty(images, vae.config.latent_channels, latent, latent, device="meta", requires_grad=True)
+        with gpu_like(low):
+            out = vae.decode(z).sample.float()
+            out.square().mean().backward()
+        del out, z
+
+    return _peak(run)
+
+
+def clip_image_train_bytes(name: str, images: int, size: int = 224) -> int | None:
+    """Peak bytes of an open_clip image tower's forward + backward w.r.t. ``images`` input pictures (frozen weights,
+    float32 as the aesthetic reward runs it): what a differentiable CLIP reward adds in reward backpropagation; None
+    without open_clip."""
+    try:
+        import open_clip
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        visual = open_clip.create_model(name, pretrained=None, device="meta").visual.requires_grad_(False)
+
+    def run():
+        x = torch.empty(images, 3, size, size, device="meta", requires_grad=True)
+        with gpu_like(None):
+            out = visual(x).float()
+            out.square().mean().backward()
+        del out, x
+
+    return _peak(run)
+
+
 def linear_fit(measure, sizes=(1, 2)) -> tuple[float, float]:
     """``(a, b)`` with bytes = a + b * size, from two measurements (activations are linear in the batch)."""
     y0, y1 = (measure(s) for s in sizes)
@@ -476,6 +512,7 @@ def model_numbers(arch: dict, rank: int, targets: list[str], resolution: int | N
         n[f"train_{dtype_name}"] = linear_fit(call)
         n[f"sample_{dtype_name}"] = linear_fit(lambda r, d=dtype: call(r, d, False))
         n[f"decode_{dtype_name}"] = linear_fit(lambda r, d=dtype: vae_decode_bytes(vae, r, latent, d))
+        n[f"decode_train_{dtype_name}"] = linear_fit(lambda r, d=dtype: vae_decode_train_bytes(vae, r, latent, d))
         unet.enable_gradient_checkpointing()
         n[f"train_ckpt_{dtype_name}"] = linear_fit(call)
     ARCH_CACHE[key] = n
@@ -549,6 +586,9 @@ def preset_memory(cfg: dict, n: dict) -> dict:
         "sampling_call": sfit[0] + sfit[1] * rows_sample,
         "vae_decode": dfit[0] + dfit[1] * chunk,
     }
+    if train.get("algorithm") in REWARD_BACKPROP:  # no stored trajectories; the chain's phases instead
+        del parts["trajectories"]
+        phases = reward_backprop_phases(cfg, n, d, cfg_rows)
     static = sum(parts.values())
     tensors = static + max(phases.values())
     total = tensors * MARGIN + CUDA_OVERHEAD_GIB * GIB
@@ -560,6 +600,66 @@ def preset_memory(cfg: dict, n: dict) -> dict:
         "tensors_gib": tensors / GIB,
         "total_gib": total / GIB,
         "rows": {"train": rows_train, "sample": rows_sample, "decode": chunk},
+        "reward_backprop": train.get("algorithm") in REWARD_BACKPROP,
+    }
+
+
+REWARD_BACKPROP = ("draft", "alignprop")
+"""The reward-backpropagation algorithms: their memory is that of the chain (:func:`reward_backprop_phases`)."""
+STEP_TENSORS = 4
+"""Latent-sized float32 tensors a checkpointed gradient step keeps until the backward pass: its input latents (the
+checkpoint's), the guided output and the two the step's arithmetic saves (an upper bound for DDIM and flow steps)."""
+REWARD_TRAIN_CACHE: dict = {}
+
+
+def reward_train_fit(reward: dict) -> tuple[float, float]:
+    """``(a, b)``: bytes ``a + b * images`` of the reward model's forward and backward w.r.t. the images (the aesthetic
+    reward's open_clip image tower at 224 px; 0 for a pixel rule)."""
+    if reward.get("name") != "aesthetic":
+        return 0.0, 0.0
+    arch = (reward.get("options") or {}).get("clip_model", "ViT-L-14")
+    if arch not in REWARD_TRAIN_CACHE:
+        measured = clip_image_train_bytes(arch, 1) is not None
+        REWARD_TRAIN_CACHE[arch] = linear_fit(lambda r: clip_image_train_bytes(arch, r)) if measured else (0.0, 0.0)
+    return REWARD_TRAIN_CACHE[arch]
+
+
+def reward_backprop_phases(cfg: dict, n: dict, d: str, cfg_rows: int) -> dict:
+    """Peak bytes of the phases of one reward-backpropagation minibatch (``train.algorithm=draft|alignprop``).
+
+    The chain samples ``sample.batch_size`` images: steps without gradient are sampling calls; the ``K`` gradient
+    steps (``draft_k``; ``alignprop_k_max``, the largest draw; DRaFT-LV: ``draft_lv_samples`` last steps) keep, with
+    ``train.gradient_checkpointing``, only :data:`STEP_TENSORS` latents each (``torch.utils.checkpoint`` around each
+    step's denoiser call), and their backward recomputes one call at a time (a checkpointed training call, the UNet's
+    blocks also checkpointed); without it every gradient call's activations stay until the backward (counted as
+    ``K`` training calls: an upper bound, each call's backward transient is counted ``K`` times). Then the VAE decode
+    with gradient (DRaFT-LV: ``draft_lv_samples`` times the images; with checkpointing recomputed in the backward one
+    ``sample.decode_chunk_size`` chunk at a time, else all stored from the forward) and the reward model's forward and
+    backward w.r.t. the images."""
+    sample, train = cfg["sample"], cfg["train"]
+    batch = sample["batch_size"]
+    lv = train["algorithm"] == "draft" and train.get("draft_lv", False)
+    images = batch * (train.get("draft_lv_samples", 2) if lv else 1)
+    if train["algorithm"] == "draft":
+        k = train.get("draft_lv_samples", 2) if lv else train.get("draft_k", 1)
+    else:
+        k = train.get("alignprop_k_max", 50)
+    rows = cfg_rows * batch
+    ckpt = train.get("gradient_checkpointing", False)
+    fit = n[f"train_ckpt_{d}" if ckpt else f"train_{d}"]
+    sfit, dec = n[f"sample_{d}"], n[f"decode_train_{d}"]
+    call = fit[0] + fit[1] * rows
+    chunk = min(sample.get("decode_chunk_size", 8), images) if ckpt else images  # one checkpointed chunk at a time
+    decode = dec[0] + dec[1] * chunk
+    ra, rb = reward_train_fit(cfg.get("reward", {}))
+    reward = ra + rb * images
+    latent_bytes = n.get("latent_channels", 4) * n["latent"] ** 2 * 4
+    chain = k * batch * latent_bytes * STEP_TENSORS if ckpt else k * call
+    return {
+        "sampling_call": sfit[0] + sfit[1] * rows,
+        "chain_and_reward": chain + (0 if ckpt else decode) + reward,
+        "chain_and_decode_backward": chain + decode,
+        "chain_and_step_backward": chain + (call if ckpt else 0),
     }
 
 
@@ -578,7 +678,9 @@ def fitting_settings(cfg: dict, n: dict, card_gib: float) -> tuple[dict, dict]:
 
     sample, train = cfg["sample"], cfg["train"]
     spp = sample.get("samples_per_prompt", 1)
-    sb0, tb0 = sample["batch_size"], train["batch_size"]
+    owned = train.get("algorithm") in REWARD_BACKPROP  # its minibatch is a prompt batch: train.batch_size unused
+    sb0 = sample["batch_size"]
+    tb0 = sb0 if owned else train["batch_size"]
     options = []
     factors = []
     f = 1
@@ -599,15 +701,16 @@ def fitting_settings(cfg: dict, n: dict, card_gib: float) -> tuple[dict, dict]:
         if f > 1:
             c["sample"]["batch_size"] = sb0 // f
             c["sample"]["num_batches_per_epoch"] = sample["num_batches_per_epoch"] * f
-            c["train"]["batch_size"] = tb0 // f
             c["train"]["gradient_accumulation_steps"] = train["gradient_accumulation_steps"] * f
             c["sample"]["decode_chunk_size"] = min(sample.get("decode_chunk_size", 8), sb0 // f)
             changes = {
                 "sample.batch_size": sb0 // f,
                 "sample.num_batches_per_epoch": c["sample"]["num_batches_per_epoch"],
-                "train.batch_size": tb0 // f,
-                "train.gradient_accumulation_steps": c["train"]["gradient_accumulation_steps"],
             }
+            if not owned:
+                c["train"]["batch_size"] = tb0 // f
+                changes["train.batch_size"] = tb0 // f
+            changes["train.gradient_accumulation_steps"] = c["train"]["gradient_accumulation_steps"]
         if ckpt and not train.get("gradient_checkpointing"):
             c["train"]["gradient_checkpointing"] = True
             changes["train.gradient_checkpointing"] = True
@@ -673,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             "sample_bf16",
             "decode_fp32",
             "decode_bf16",
+            "decode_train_fp32",
+            "decode_train_bf16",
         ):
             a, b = n[k]
             print(f"   {k:16s} {a / GIB:7.3f} + {b / GIB:7.4f} x rows GiB")

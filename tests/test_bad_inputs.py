@@ -800,6 +800,32 @@ CASES = [
             ),
         )
     ],
+    *[
+        (
+            f"reward backpropagation: {name}",
+            lambda t, f, m, a=args: (["train", *T, *f, "train.algorithm=draft", *a], {}),
+            phrase,
+            True,
+        )
+        for name, args, phrase in (
+            (
+                "reward not differentiable",
+                [],
+                "reward 'jpeg_compressibility' is not differentiable; use a differentiable",
+            ),
+            (
+                "composite reward not differentiable",
+                ["reward.name=weighted", 'reward.options={"components": {"brightness": 1, "jpeg_compressibility": 1}}'],
+                "reward 'weighted' is not differentiable",
+            ),
+            ("sampler", ["reward.name=brightness", "sample.scheduler=euler"], "(a differentiable step); got 'euler'"),
+            (
+                "draft_k",
+                ["reward.name=brightness", "train.draft_k=5"],
+                "train.draft_k must be in [1, sample.num_steps=4]",
+            ),
+        )
+    ],
     (
         "CPS eta above 1",
         lambda t, f, m: (

@@ -127,3 +127,29 @@ def test_family_counts_are_the_published_ones(me):
     assert me.count_params(me.build_text_model("clip_proj", CLIP_BIGG_TEXT_ENCODER)) == 694_659_840  # CLIP-G: 695M
     assert me.count_params(me.build_text_model("clip", SDXL_TEXT_ENCODER)) == 123_060_480  # CLIP-L, as SD 1.5
     assert me.count_params(me.build_text_model("clip_proj", SDXL_TEXT_ENCODER)) == 123_060_480 + 768 * 768
+
+
+def test_reward_backprop_phases_count_the_chain_the_decode_and_the_reward(me):
+    """Reward backpropagation's phases, by hand on round per-row numbers: with checkpointing the chain keeps 4
+    latents per gradient step and image, the decode's backward one chunk, the step's backward one checkpointed call
+    of 2B rows; without, K training calls and the whole decode stay until the backward (a pixel reward: 0)."""
+    gib = me.GIB
+    n = {"latent": 64, "latent_channels": 4, "train_bf16": (0, 1 * gib), "train_ckpt_bf16": (0, 0.25 * gib),
+         "sample_bf16": (0, 0.06 * gib), "decode_train_bf16": (0, 5 * gib)}  # fmt: skip
+    cfg = {
+        "sample": {"batch_size": 4, "decode_chunk_size": 1},
+        "train": {"algorithm": "draft", "draft_k": 3, "gradient_checkpointing": True},
+        "reward": {"name": "brightness"},
+    }
+    latents = 3 * 4 * 4 * (4 * 64 * 64 * 4)  # K x B x 4 tensors x one float32 latent
+    phases = me.reward_backprop_phases(cfg, n, "bf16", cfg_rows=2)
+    assert phases == {
+        "sampling_call": 0.06 * gib * 8,
+        "chain_and_reward": latents,
+        "chain_and_decode_backward": latents + 5 * gib,
+        "chain_and_step_backward": latents + 0.25 * gib * 8,
+    }
+    cfg["train"]["gradient_checkpointing"] = False
+    phases = me.reward_backprop_phases(cfg, n, "bf16", cfg_rows=2)
+    assert phases["chain_and_reward"] == 3 * 8 * gib + 4 * 5 * gib
+    assert phases["chain_and_decode_backward"] == 3 * 8 * gib + 4 * 5 * gib

@@ -289,7 +289,14 @@ def sample_trajectories(
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, mixed_precision: str = "no", chunk_size: int = 8) -> torch.Tensor:
-    """VAE-decode ``[B, C, h, w]`` latents to float32 images ``[B, 3, H, W]`` in ``[0, 1]``, ``chunk_size`` at a time."""
+    """VAE-decode ``[B, C, h, w]`` latents to float32 images ``[B, 3, H, W]`` in ``[0, 1]``, ``chunk_size`` at a time,
+    without gradient (:func:`vae_decode` in the caller's gradient mode)."""
+    return vae_decode(vae, latents, mixed_precision, chunk_size)
+
+
+def vae_decode(vae, latents: torch.Tensor, mixed_precision: str = "no", chunk_size: int = 8) -> torch.Tensor:
+    """:func:`decode_latents` in the caller's gradient mode: with gradients on, the images are differentiable w.r.t.
+    ``latents`` (reward backpropagation; the clamp to ``[0, 1]`` passes no gradient where it clips)."""
     images = []
     for chunk in latents.split(chunk_size):
         with autocast(latents.device, mixed_precision):

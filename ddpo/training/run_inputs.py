@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from rewards import accepts_metadata, get_reward
+from rewards import accepts_metadata, get_reward, is_differentiable
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .estimators import estimator_for, not_differentiable_message
 from .evaluation import eval_prompt_list
 from .prompts import load_prompts_and_metadata
 
@@ -41,6 +42,10 @@ def load_run_inputs(config: RunConfig, main_process: bool = True) -> RunInputs:
         eval_prompts = eval_prompt_list(held_out, c.eval_samples)
         metadata = {**metadata, **eval_metadata}
     reward = get_reward(c.reward.name, **c.reward.options)
+    estimator = estimator_for(c)
+    if estimator.needs_differentiable_reward and not is_differentiable(reward):
+        # an import path or a composite (weighted) is known to be differentiable or not only once loaded
+        raise ConfigError(not_differentiable_message(c.reward.name, estimator.name))
     with torch.random.fork_rng(devices=[]):  # a guard's model init must not move the stream that initialises LoRA
         guards = {n: get_reward(n, **(opts or {})) for n, opts in (c.eval_rewards if eval_prompts else {}).items()}
     if main_process and metadata and not accepts_metadata(reward):

@@ -46,28 +46,36 @@ def checked_score(
     reward's per-sample component values (:meth:`rewards.WeightedReward.last_components`), read in the same call so a
     scoring thread cannot mix batches."""
     start = time.perf_counter()
-    name = reward.name
-    context = f" ({where})" if where else ""
-    try:
-        with torch.no_grad():
-            if metadata is not None and accepts_metadata(reward):
-                values = reward(images, prompts, metadata=metadata)
-            else:
-                values = reward(images, prompts)
-    except Exception as err:
-        raise RewardError(
-            f"reward {name!r} raised {type(err).__name__}: {err}{context}. The error is in the reward's own code; "
-            "run with --debug (or DDPO_DEBUG=1) for its traceback"
-        ) from err
-    try:
-        values = check_reward_output(values, len(prompts), name)
-    except RewardError as err:
-        raise RewardError(f"{err}{context}") from None
+    with torch.no_grad():
+        values = checked_reward_call(reward, images, prompts, where, metadata)
     parts = None
     if components:
         parts = {name: part.to(device) for name, part in reward.last_components().items()}
     kill_point("score")
     return Scored(values.detach().to(device), dict(reward.last_info()), time.perf_counter() - start, parts)
+
+
+def checked_reward_call(
+    reward, images: torch.Tensor, prompts: list[str], where: str = "", metadata: list | None = None
+) -> torch.Tensor:
+    """``reward(images, prompts[, metadata])`` -> values ``[B]`` float32, checked as :func:`checked_score` checks
+    them, in the caller's gradient mode: under ``torch.enable_grad()`` a differentiable reward's values carry the
+    gradient w.r.t. ``images`` (reward backpropagation)."""
+    context = f" ({where})" if where else ""
+    try:
+        if metadata is not None and accepts_metadata(reward):
+            values = reward(images, prompts, metadata=metadata)
+        else:
+            values = reward(images, prompts)
+    except Exception as err:
+        raise RewardError(
+            f"reward {reward.name!r} raised {type(err).__name__}: {err}{context}. The error is in the reward's own "
+            "code; run with --debug (or DDPO_DEBUG=1) for its traceback"
+        ) from err
+    try:
+        return check_reward_output(values, len(prompts), reward.name)
+    except RewardError as err:
+        raise RewardError(f"{err}{context}") from None
 
 
 def combine_scores(

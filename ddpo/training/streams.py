@@ -30,6 +30,12 @@ class Stream(IntEnum):
     EVAL_IMAGE_NOISE = 7
     """The per-image noise of ``ddpo eval`` (:func:`ddpo.training.evaluation.image_noise_seed`): ``(seed, 7,
     crc32(prompt), repeat)``."""
+    TRUNCATION = 8
+    """AlignProp's number of back-propagated steps of a training batch: ``(seed, 8, epoch, batch)``, the same on every
+    process."""
+    REWARD_NOISE = 9
+    """DRaFT-LV's re-noising of a training batch's clean samples (and its last step's noise): ``(seed, 9, epoch,
+    batch, process)``."""
 
 
 def _mix(*values: int) -> int:

@@ -32,18 +32,18 @@ from . import checkpoint_state, heldout, rundir
 from .checkpoint import weights_sha256
 from .checkpoint_state import TrainingSnapshot
 from .config import RunConfig, train_steps_per_trajectory
-from .epoch_sampling import sample_epoch
-from .estimators import Estimator
+from .epoch_sampling import epoch_batches, sample_epoch
+from .estimators import EpochRun, Estimator
 from .guards import StopRules
 from .killpoints import kill_point
 from .model_card import write_model_card
-from .optimise import optimise_epoch, shuffled_pairs
+from .optimise import MinibatchSteps, optimise_epoch, shuffled_pairs
 from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
 from .progress import EpochProgress, describe_batch_sizes
 from .reporting import layout_line, run_summary, write_epoch
 from .run_inputs import load_run_inputs
 from .runlog import read_jsonl
-from .scoring import checked_score
+from .scoring import checked_reward_call, checked_score
 from .setup import build_models, make_accelerator
 
 # Importable from here as before (the CLI and tests import them from the trainer).
@@ -199,21 +199,11 @@ class Trainer:
         return run_summary(self.run_dir, self.config, self.reward.name, self.family.name, self.pipe)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
-        """One epoch; returns (and logs) its metrics."""
+        """One epoch, the trainer's (:meth:`sampled_epoch`) or the estimator's own (:meth:`owned_epoch`); returns (and
+        logs) its metrics."""
         start = time.perf_counter()
-        samples, rewards, reward_info, timings = self.sample_and_score(epoch)
-        all_rewards, all_prompts = self.gather(rewards, samples.prompts)
-        all_components = self.gather_components(self.reward_components)
-        weights = self.compute_weights(all_rewards, all_prompts, all_components)
-        if self.by_component:  # what each component contributed to the advantages
-            reward_info.update(self.advantage.last_info())
-        # Online rewards (the discriminator) learn from every process's samples, so their copies stay identical.
-        all_images = samples.images if self.accelerator.num_processes == 1 else self.accelerator.gather(samples.images)
-        reward_info.update(self.reward.update(all_images, all_prompts))
-        train_start = time.perf_counter()
-        train_info = self.optimise(epoch, samples, weights)
-        train_info.update(self.estimator.end_epoch(self.global_step))
-        timings["training_seconds"] = time.perf_counter() - train_start
+        epoch_of = self.owned_epoch if self.estimator.owns_epoch else self.sampled_epoch
+        logged, rewards, all_rewards, train_info, reward_info, timings = epoch_of(epoch)
         metrics = {
             "epoch": epoch,
             "global_step": self.global_step,
@@ -230,8 +220,64 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
             metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
-        self.log(epoch, metrics, samples, rewards)
+        self.log(epoch, metrics, logged, rewards)
         return metrics
+
+    def sampled_epoch(self, epoch: int) -> tuple[Any, torch.Tensor, torch.Tensor, dict, dict, dict]:
+        """The trainer's epoch: sample and score, advantages, the estimator's (sample, step) minibatches. Returns
+        ``(samples, this process's rewards [B], every process's rewards, train info, reward info, timings)``."""
+        samples, rewards, reward_info, timings = self.sample_and_score(epoch)
+        all_rewards, all_prompts = self.gather(rewards, samples.prompts)
+        all_components = self.gather_components(self.reward_components)
+        weights = self.compute_weights(all_rewards, all_prompts, all_components)
+        if self.by_component:  # what each component contributed to the advantages
+            reward_info.update(self.advantage.last_info())
+        reward_info.update(self.learn_reward(samples.images, all_prompts))
+        train_start = time.perf_counter()
+        train_info = self.optimise(epoch, samples, weights)
+        train_info.update(self.estimator.end_epoch(self.global_step))
+        timings["training_seconds"] = time.perf_counter() - train_start
+        return samples, rewards, all_rewards, train_info, reward_info, timings
+
+    def owned_epoch(self, epoch: int) -> tuple[Any, torch.Tensor, torch.Tensor, dict, dict, dict]:
+        """The epoch of an estimator that owns it (:meth:`Estimator.train_epoch` on :meth:`epoch_run`), returned as
+        :meth:`sampled_epoch` returns its own (the :class:`~ddpo.training.estimators.EpochResult` as the samples)."""
+        self._phase("training")
+        steps = MinibatchSteps(
+            self.config, self.accelerator, self.denoiser, self.params, self.optimizer, epoch, self.global_step,
+            self.run_dir,
+        )  # fmt: skip
+        train_start = time.perf_counter()
+        result = self.estimator.train_epoch(self.epoch_run(epoch, steps))
+        self.global_step = steps.global_step
+        train_info = steps.diagnostics(result.extra)
+        train_info.update(self.estimator.end_epoch(self.global_step))
+        timings = {**result.timings, "training_seconds": time.perf_counter() - train_start}
+        all_rewards, all_prompts = self.gather(result.rewards, result.prompts)
+        reward_info = {**result.reward_info, **self.learn_reward(result.images, all_prompts)}
+        return result, result.rewards, all_rewards, train_info, reward_info, timings
+
+    def epoch_run(self, epoch: int, steps: MinibatchSteps) -> EpochRun:
+        """What an estimator that owns its epoch works with (:class:`~ddpo.training.estimators.EpochRun`): this
+        process's prompt batches and noise seeds of ``epoch``, the reward with and without gradient, ``steps.step``."""
+        acc = self.accelerator
+        return EpochRun(
+            epoch=epoch,
+            batches=epoch_batches(self.config, epoch, acc.process_index, self.prompts),
+            encode=lambda prompts: self.family.encode(prompts, acc.device, self.latent_size),
+            negative_cond=self.negative_cond,
+            vae=self.pipe.vae,
+            score=self.score,
+            reward=self.differentiable_reward,
+            step=steps.step,
+            sample_and_score=lambda: self.sample_and_score(epoch),
+        )
+
+    def learn_reward(self, images: torch.Tensor, all_prompts: list[str]) -> dict[str, float]:
+        """An online reward (the discriminator) learns from every process's ``images``, so its copies stay identical;
+        returns its info (:meth:`rewards.Reward.update`)."""
+        all_images = images if self.accelerator.num_processes == 1 else self.accelerator.gather(images)
+        return self.reward.update(all_images, all_prompts)
 
     # ------------------------------------------------------------------ held-out evaluation
 
@@ -329,9 +375,19 @@ class Trainer:
         """The checked reward of ``images`` ``[B, 3, H, W]``: ``(values [B] on the device, reward info, seconds,
         components)`` (:func:`~ddpo.training.scoring.checked_score`; ``where`` names the batch in an error; the
         weighted reward's per-sample components with ``train.advantage=per_component``, else None)."""
-        metadata = [self.prompt_metadata.get(p, {}) for p in prompts] if self.prompt_metadata else None
         device = self.accelerator.device
-        return checked_score(self.reward, images, prompts, device, where, metadata, self.by_component)
+        return checked_score(self.reward, images, prompts, device, where, self.metadata(prompts), self.by_component)
+
+    def differentiable_reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The checked reward of ``images`` ``[B, 3, H, W]`` in the caller's gradient mode: ``[B]`` float32 on the
+        device, differentiable w.r.t. the images for a differentiable reward
+        (:func:`~ddpo.training.scoring.checked_reward_call`)."""
+        values = checked_reward_call(self.reward, images, prompts, metadata=self.metadata(prompts))
+        return values.to(self.accelerator.device)
+
+    def metadata(self, prompts: list[str]) -> list[dict] | None:
+        """The prompts' rows of the prompt tables' other columns (for a reward that takes ``metadata``), or None."""
+        return [self.prompt_metadata.get(p, {}) for p in prompts] if self.prompt_metadata else None
 
     def gather(self, rewards: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         """Rewards and prompts of every process, in process order."""
@@ -385,8 +441,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
 
-    def log(self, epoch: int, metrics: dict[str, Any], samples: Trajectories, rewards: torch.Tensor) -> None:
-        """The epoch's metrics to the trackers and ``metrics.jsonl``, its sample grid (:func:`write_epoch`)."""
+    def log(self, epoch: int, metrics: dict[str, Any], samples, rewards: torch.Tensor) -> None:
+        """The epoch's metrics to the trackers and ``metrics.jsonl``, its sample grid (:func:`write_epoch`) of
+        ``samples``' images and prompts (an epoch's samples or an :class:`~ddpo.training.estimators.EpochResult`)."""
         acc = self.accelerator
         acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
         if acc.is_main_process:

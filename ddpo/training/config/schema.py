@@ -90,7 +90,9 @@ class TrainConfig:
     algorithm: str = "ddpo_is"
     """``ddpo_is`` (PPO clip), ``ddpo_sf`` (REINFORCE), ``rwr`` (exponentiated weights) or ``rwr_sparse`` (top
     quantile) on per-step log-probs; ``awm`` (advantage-weighted denoising loss) or ``nft`` (DiffusionNFT) on the
-    forward process of clean samples (see :mod:`ddpo.policy.forward`)."""
+    forward process of clean samples (see :mod:`ddpo.policy.forward`); ``draft`` (DRaFT-K, DRaFT-LV) or ``alignprop``
+    (randomised truncation) back-propagate a differentiable reward through the last sampling steps
+    (:mod:`ddpo.policy.reward_backprop`)."""
     learning_rate: float = 3e-4
     """AdamW learning rate."""
     lr_warmup_steps: int = 0
@@ -142,7 +144,8 @@ class TrainConfig:
     kl_coef: float = 0.0
     """Weight of the per-step KL to the frozen base model (0 disables; for LoRA the base is the adapter-off UNet).
     For ``awm`` / ``nft`` the KL term is the mean squared distance of the model outputs in its pretraining space:
-    velocities for a flow-matching model, noise predictions for an epsilon UNet (v for a v-prediction one)."""
+    velocities for a flow-matching model, noise predictions for an epsilon UNet (v for a v-prediction one); for
+    ``draft`` / ``alignprop`` the same distance of the guided outputs, averaged over the back-propagated steps."""
     kl_form: str = "gaussian"
     """Which per-step KL ``kl_coef`` weighs (log-prob algorithms): ``gaussian``, the true KL between the policy's and
     the base model's step Gaussians; or ``flow_grpo`` (flow SDE samplers only), Flow-GRPO's: with ``flow_sde`` it
@@ -170,6 +173,23 @@ class TrainConfig:
     """DiffusionNFT: the old policy's EMA decay grows by this per optimiser step after ``old_policy_flat``."""
     old_policy_uphold: float = 0.5
     """DiffusionNFT: the largest EMA decay of the old policy (updated once per epoch; in [0, 1))."""
+    draft_k: int = 1
+    """DRaFT (``algorithm=draft``): back-propagate the reward through the last this many sampling steps (1 to
+    ``sample.num_steps``; ``num_steps`` is full DRaFT, 1 the paper's DRaFT-1)."""
+    draft_lv: bool = False
+    """DRaFT-LV (``algorithm=draft``, ``draft_k=1``): re-noise each clean sample ``draft_lv_samples`` times to the
+    last step's noise level and average the reward gradient of the last step taken from each (lower variance)."""
+    draft_lv_samples: int = 2
+    """DRaFT-LV's number of re-noisings ``n`` of each clean sample (2 in the paper)."""
+    alignprop_k_min: int = 1
+    """AlignProp (``algorithm=alignprop``): the fewest last sampling steps the reward is back-propagated through; the
+    number ``K`` is drawn uniformly from ``[alignprop_k_min, alignprop_k_max]`` for each batch."""
+    alignprop_k_max: int = 50
+    """AlignProp: the most last sampling steps back-propagated through (at most ``sample.num_steps``)."""
+    reward_clip_max: float | None = None
+    """Reward backpropagation (``draft``, ``alignprop``): each sample's reward is clamped to at most this before the
+    mean, so samples above it give no gradient and stop being pushed further (against over-optimisation; null: no
+    clamp)."""
     optimizer: str = "adamw"
     """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes 8-bit AdamW: ~4x smaller optimiser state, for full fine-tuning)."""
     old_log_probs: str = "auto"

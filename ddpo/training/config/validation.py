@@ -31,7 +31,7 @@ def validate(config: RunConfig) -> None:
     estimator = validate_algorithm(config)
     validate_sample(config, estimator)
     validate_reward(config)
-    validate_train(config)
+    validate_train(config, estimator)
     validate_model(config)
     validate_guards(config)
 
@@ -167,9 +167,9 @@ def validate_reward(config: RunConfig) -> None:
         )
 
 
-def validate_train(config: RunConfig) -> None:
+def validate_train(config: RunConfig, estimator: type) -> None:
     """The ``train`` section's shared keys: optimiser, advantages, minibatches, old log-probs, and that every
-    optimiser step of an epoch is full."""
+    optimiser step of the trainer's epoch is full (an ``estimator`` that owns its epoch checks its own layout)."""
     from ...policy.advantages import ADVANTAGES
 
     s, t = config.sample, config.train
@@ -214,6 +214,8 @@ def validate_train(config: RunConfig) -> None:
         "training shapes) or equal batch sizes",
     )
     need(t.optimizer in ("adamw", "adamw8bit"), f"train.optimizer must be adamw or adamw8bit; got {t.optimizer!r}")
+    if estimator.owns_epoch:  # its minibatches are its own: it checks their layout (Estimator.validate)
+        return
     pairs = s.batch_size * s.num_batches_per_epoch * train_steps_per_trajectory(config)
     per_step = t.batch_size * t.gradient_accumulation_steps
     need(

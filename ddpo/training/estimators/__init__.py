@@ -7,14 +7,18 @@ The trainer imports this package (the interface and the registry), never a famil
 
 from __future__ import annotations
 
-from .base import Estimator, Policy
+from .base import EpochResult, EpochRun, Estimator, Policy, PromptBatch, not_differentiable_message
 from .registry import ESTIMATORS, estimator_for, register_estimator, unregister_estimator, validate_estimators
 
 __all__ = [
     "ESTIMATORS",
+    "EpochResult",
+    "EpochRun",
     "Estimator",
     "Policy",
+    "PromptBatch",
     "estimator_for",
+    "not_differentiable_message",
     "register_estimator",
     "unregister_estimator",
     "validate_estimators",

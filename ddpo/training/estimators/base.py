@@ -15,6 +15,12 @@ evaluates and checkpoints; it never asks which estimator it runs. Each estimator
 * its extra state (an old policy, an EMA), saved and loaded with checkpoints (:meth:`Estimator.state_dict`,
   :meth:`Estimator.load_state_dict`).
 
+An estimator whose epoch is not "sample, score without gradient, train on (sample, step) pairs" (reward
+backpropagation through the sampling chain, an offline preference loss on a dataset) owns its epoch instead
+(:attr:`Estimator.owns_epoch`): the trainer hands it an :class:`EpochRun` (this process's prompt batches with their
+noise seeds, the reward with and without gradient, the optimiser step, the sampler) and it returns an
+:class:`EpochResult` (the images and rewards to log); logging, evaluation, guards and checkpoints stay the trainer's.
+
 Adding an estimator is one module with one subclass of :class:`Estimator` plus one entry in
 :data:`ddpo.training.estimators.registry.ESTIMATORS` (or a call of
 :func:`~ddpo.training.estimators.registry.register_estimator`).
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -94,6 +100,106 @@ class Policy:
             model.enable_adapters()
 
 
+LossFunction = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn() -> (loss, info)``: one minibatch's differentiable scalar loss and its detached scalar diagnostics."""
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """One of this process's sampling batches of an epoch, exactly as the trainer's own epoch would sample it
+    (:func:`ddpo.training.epoch_sampling.epoch_batches`).
+
+    Attributes:
+        index: the batch's index ``b`` in the epoch (``0 <= b < sample.num_batches_per_epoch``).
+        prompts: its ``sample.batch_size`` prompts (:func:`ddpo.training.prompts.draw_prompts`).
+        noise_seed: the seed of its sampling noise, ``derive_seed(seed, Stream.SAMPLING_NOISE, epoch, b, process)``.
+        where: the batch named for error messages (``"epoch 3, batch 1: samples 2-3 of process 0"``).
+    """
+
+    index: int
+    prompts: list[str]
+    noise_seed: int
+    where: str
+
+
+@dataclass
+class EpochRun:
+    """What the trainer gives an estimator that owns its epoch (:meth:`Estimator.train_epoch`). An estimator takes
+    what it needs: one that trains on a dataset may ignore :attr:`batches` and the rewards.
+
+    Attributes:
+        epoch: the epoch (0-based).
+        batches: this process's prompt batches of the epoch with their noise seeds (the trainer's own draws).
+        encode: ``encode(prompts) -> Conditioning [B, ...]`` float32 of the run's model family on the device.
+        negative_cond: the negative prompt's conditioning ``[1, ...]`` for classifier-free guidance (None without).
+        vae: the pipeline's VAE (frozen; its dtype is the run's precision with LoRA).
+        score: the checked reward without gradient, as the trainer scores samples: ``score(images [B, 3, H, W],
+            prompts, where) ->`` a :class:`ddpo.training.scoring.Scored` ``(values [B] on the device, reward info,
+            seconds, components)``, which :func:`ddpo.training.scoring.combine_scores` puts together.
+        reward: the reward with gradient (the prompts' metadata passed as for :attr:`score`): ``reward(images
+            [B, 3, H, W] in [0, 1], prompts) -> values [B]`` float32, differentiable w.r.t. the images when the reward
+            declares ``differentiable`` (:func:`rewards.is_differentiable`); its output is checked as :attr:`score`'s.
+        step: one training minibatch, ``step(loss_fn)``: calls ``loss_fn`` inside the accumulation context, back-
+            propagates, and at every ``train.gradient_accumulation_steps``-th call clips, sets the learning rate,
+            refuses a non-finite gradient norm and steps the optimiser, exactly as the trainer's own minibatches
+            (:class:`ddpo.training.optimise.MinibatchSteps`). Returns ``loss_fn``'s diagnostics; their epoch means
+            (and ``grad_norm``) are logged.
+        sample_and_score: the trainer's own epoch sampling, no gradient: ``() -> (samples, rewards [B], reward
+            info, timings)`` of :attr:`batches` with the current weights (e.g. to log the policy's reward when the
+            epoch itself samples nothing).
+    """
+
+    epoch: int
+    batches: list[PromptBatch]
+    encode: Callable[[list[str]], Any]
+    negative_cond: Any
+    vae: torch.nn.Module
+    score: Callable[[torch.Tensor, list[str], str], Any]
+    reward: Callable[[torch.Tensor, list[str]], torch.Tensor]
+    step: Callable[[LossFunction], dict[str, torch.Tensor]]
+    sample_and_score: Callable[[], tuple[Any, torch.Tensor, dict[str, float], dict[str, float]]]
+
+
+@dataclass
+class EpochResult:
+    """What an estimator that owns its epoch returns (:meth:`Estimator.train_epoch`), for the trainer to log as any
+    epoch: ``reward_mean`` / ``reward_std`` over every process's :attr:`rewards`, the sample grid of :attr:`images`.
+
+    Attributes:
+        prompts: the ``B`` prompts of :attr:`images`.
+        images: ``[B, 3, H, W]`` float32 in ``[0, 1]``, detached: the epoch's images on this process (the grid; an
+            online reward learns from them, :meth:`rewards.Reward.update`).
+        rewards: ``[B]`` float32 on the device, detached: their rewards (the checked reward, :attr:`EpochRun.score`).
+        reward_info: the reward's info, logged as is (averaged over batches).
+        timings: ``{"..._seconds": float}``, logged as is.
+        extra: further diagnostics, each a 0-d tensor reduced with ``max`` over processes (e.g. a largest value).
+    """
+
+    prompts: list[str]
+    images: torch.Tensor
+    rewards: torch.Tensor
+    reward_info: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def differentiable_reward_names() -> list[str]:
+    """The registered rewards that are differentiable, as ``ddpo rewards`` lists them (a conditional one with its
+    condition)."""
+    from rewards import listing
+
+    return [name if said == "yes" else f"{name} ({said})" for name, said in listing() if said != "no"]
+
+
+def not_differentiable_message(reward: str, algorithm: str) -> str:
+    """The refusal of a reward that declares no gradient, naming the differentiable ones."""
+    return (
+        f"train.algorithm={algorithm} back-propagates the reward's gradient, and reward {reward!r} is not "
+        f"differentiable; use a differentiable reward: {', '.join(differentiable_reward_names())} (`ddpo rewards` "
+        "lists them), or a log-prob / forward-process algorithm (e.g. train.algorithm=ddpo_is) for this reward"
+    )
+
+
 class Estimator:
     """Base class of every estimator: subclasses set :attr:`uses_log_probs` and implement :meth:`loss`; the other
     hooks default to "nothing to do".
@@ -110,6 +216,15 @@ class Estimator:
     uses_ppo_ratio: ClassVar[bool] = False
     """Whether the loss clips a PPO ratio (then ``train.ratio_form`` may change it; :meth:`validate` refuses
     ``train.ratio_form=flow_grpo`` for every other estimator)."""
+    owns_epoch: ClassVar[bool] = False
+    """Whether this estimator runs its epoch itself (:meth:`train_epoch`) instead of the trainer's sample -> score ->
+    advantages -> (sample, step) minibatches of :meth:`loss`; then :meth:`loss`, :meth:`trajectory_weights`,
+    :meth:`prepare_epoch` and :meth:`begin_inner_epoch` are not called, :meth:`end_epoch` and the checkpoint hooks
+    are."""
+    needs_differentiable_reward: ClassVar[bool] = False
+    """Whether the loss back-propagates through the reward (then a reward that is not
+    :func:`rewards.is_differentiable` is refused before the model loads: by name in :meth:`validate`, an import path
+    or a composite once loaded, :func:`ddpo.training.run_inputs.load_run_inputs`)."""
     own_keys: ClassVar[dict[str, str]] = {}
     """The config keys this class adds, which only it (and its subclasses) read, each with what it is
     (``{"train.nft_beta": "DiffusionNFT's ..."}``); a subclass inherits its bases' keys. :meth:`validate` checks their
@@ -149,6 +264,11 @@ class Estimator:
             return copy.deepcopy(denoiser).requires_grad_(False)
         return None
 
+    @classmethod
+    def describe_minibatches(cls, config: RunConfig) -> str:
+        """What one minibatch of an estimator that owns its epoch is, for the run's start-up lines."""
+        return "its own minibatches"
+
     # ------------------------------------------------------------------ sampling
 
     def sampling_weights(self) -> contextlib.AbstractContextManager:
@@ -181,6 +301,12 @@ class Estimator:
         ``[num_samples]``: a differentiable scalar and detached scalar diagnostics (averaged over the epoch; an
         ``approx_kl`` of the epoch's first optimiser step is also logged as ``first_step_approx_kl``)."""
         raise NotImplementedError
+
+    def train_epoch(self, run: EpochRun) -> EpochResult:
+        """The whole epoch of an estimator that owns it (:attr:`owns_epoch`): train through ``run.step`` and return
+        what to log. Random draws come from ``run.batches``' noise seeds or the estimator's own streams
+        (:mod:`ddpo.training.streams`), so that a resumed run repeats an uninterrupted one."""
+        raise NotImplementedError(f"train.algorithm={self.name} sets owns_epoch but has no train_epoch")
 
     def end_epoch(self, global_step: int) -> dict[str, float]:
         """After the epoch's last optimiser step (``global_step`` steps done so far): further metrics of the epoch."""

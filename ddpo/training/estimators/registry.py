@@ -18,6 +18,7 @@ from .log_prob import (
     RewardWeightedRegression,
     SparseRewardWeightedRegression,
 )
+from .reward_backprop import AlignProp, DRaFT
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     "ddpo_is": DDPOImportanceSampling,
@@ -26,6 +27,8 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "rwr_sparse": SparseRewardWeightedRegression,
     "awm": AdvantageWeightedMatching,
     "nft": DiffusionNFT,
+    "draft": DRaFT,
+    "alignprop": AlignProp,
 }
 """Every ``train.algorithm``, in the order the config's messages list them."""
 
@@ -94,5 +97,7 @@ def _value_and_default(config: RunConfig, key: str) -> tuple[Any, Any]:
 
 
 def _shown(value: Any) -> str:
-    """A default as a user writes it: ``0`` (not ``0.0``), ``0.001``, ``old``."""
+    """A default as a user writes it: ``0`` (not ``0.0``), ``0.001``, ``old``, ``null``."""
+    if value is None:
+        return "null"
     return f"{value:g}" if isinstance(value, float) else str(value)
