@@ -28,14 +28,22 @@ def batch_sizes(config: RunConfig, num_processes: int) -> dict[str, int]:
 
 
 def describe_batch_sizes(config: RunConfig, num_processes: int) -> str:
-    """The lines printed at the start of a run."""
+    """The lines printed at the start of a run (an estimator that owns its epoch describes its own minibatches: only
+    the samples line is the trainer's)."""
+    from .estimators import estimator_for
+
     b, s, t = batch_sizes(config, num_processes), config.sample, config.train
     plural = "es" if num_processes > 1 else ""
+    samples = (
+        f"ddpo: {num_processes} process{plural}; per epoch {b['samples_per_epoch']} samples "
+        f"({b['samples_per_epoch_per_process']} per process = sample.batch_size {s.batch_size} x "
+        f"sample.num_batches_per_epoch {s.num_batches_per_epoch})"
+    )
+    if estimator_for(config).owns_epoch:
+        return samples
     return "\n".join(
         [
-            f"ddpo: {num_processes} process{plural}; per epoch {b['samples_per_epoch']} samples "
-            f"({b['samples_per_epoch_per_process']} per process = sample.batch_size {s.batch_size} x "
-            f"sample.num_batches_per_epoch {s.num_batches_per_epoch})",
+            samples,
             f"ddpo: per optimiser step {b['pairs_per_step']} (trajectory, timestep) pairs "
             f"({b['pairs_per_step_per_process']} per process = train.batch_size {t.batch_size} x "
             f"train.gradient_accumulation_steps {t.gradient_accumulation_steps}); "

@@ -31,7 +31,7 @@ def validate(config: RunConfig) -> None:
     estimator = validate_algorithm(config)
     validate_sample(config, estimator)
     validate_reward(config)
-    validate_train(config)
+    validate_train(config, estimator)
     validate_model(config)
     validate_guards(config)
 
@@ -167,9 +167,10 @@ def validate_reward(config: RunConfig) -> None:
         )
 
 
-def validate_train(config: RunConfig) -> None:
+def validate_train(config: RunConfig, estimator: type | None = None) -> None:
     """The ``train`` section's shared keys: optimiser, advantages, minibatches, old log-probs, and that every
-    optimiser step of an epoch is full."""
+    optimiser step of the trainer's epoch is full (not for an ``estimator`` that owns its epoch: it lays out its own
+    minibatches)."""
     from ...policy.advantages import ADVANTAGES
 
     s, t = config.sample, config.train
@@ -212,7 +213,7 @@ def validate_train(config: RunConfig) -> None:
     pairs = s.batch_size * s.num_batches_per_epoch * train_steps_per_trajectory(config)
     per_step = t.batch_size * t.gradient_accumulation_steps
     need(
-        pairs % per_step == 0,
+        pairs % per_step == 0 or getattr(estimator, "owns_epoch", False),
         f"each epoch trains on {pairs} (trajectory, timestep) pairs per process (sample.batch_size * "
         f"sample.num_batches_per_epoch * steps trained per trajectory), which is not a multiple of train.batch_size * "
         f"train.gradient_accumulation_steps = {per_step}; change one of them so every optimiser step is full",

@@ -18,6 +18,7 @@ from .log_prob import (
     RewardWeightedRegression,
     SparseRewardWeightedRegression,
 )
+from .preference import DiffusionDPO, OnlineDPO
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     "ddpo_is": DDPOImportanceSampling,
@@ -26,6 +27,8 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "rwr_sparse": SparseRewardWeightedRegression,
     "awm": AdvantageWeightedMatching,
     "nft": DiffusionNFT,
+    "dpo": DiffusionDPO,
+    "online_dpo": OnlineDPO,
 }
 """Every ``train.algorithm``, in the order the config's messages list them."""
 
