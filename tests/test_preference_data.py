@@ -52,8 +52,8 @@ def test_the_fixture_script_rewrites_the_fixture_byte_for_byte(tmp_path):
 
 
 def test_pick_a_pic_parquet_with_image_bytes_reads_as_the_folder(tmp_path):
-    """Pick-a-Pic ships the images as bytes in the parquet file (``jpg_0``, ``jpg_1``), with more columns than the
-    four read; label_0 = 0 means jpg_1 is preferred."""
+    """Pick-a-Pic ships the images as bytes in parquet shards (``jpg_0``, ``jpg_1``), with more columns than the four
+    read; label_0 = 0 means jpg_1 is preferred. One file, or a folder of shards read in name order."""
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
     rows = [json.loads(line) for line in (FIXTURE / "metadata.jsonl").read_text().splitlines()]
@@ -68,8 +68,12 @@ def test_pick_a_pic_parquet_with_image_bytes_reads_as_the_folder(tmp_path):
         }
     )
     table.to_parquet(tmp_path / "train.parquet")
+    (tmp_path / "shards").mkdir()
+    table[:20].to_parquet(tmp_path / "shards" / "train-00000-of-00002.parquet")
+    table[20:].to_parquet(tmp_path / "shards" / "train-00001-of-00002.parquet")
     folder, parquet = load_preference_data(FIXTURE, 16), load_preference_data(tmp_path / "train.parquet", 16)
     assert parquet.captions == folder.captions and parquet.ties == folder.ties
+    assert load_preference_data(tmp_path / "shards", 16).captions == folder.captions  # a folder of shards
     for a, b in zip(folder.images(range(4), 16), parquet.images(range(4), 16)):
         assert torch.equal(a, b)
     first = rows[0]
@@ -98,7 +102,11 @@ def _small_image(folder: Path) -> Path:
 
 BAD_DATA = [  # (id, make the data from a copy of the fixture, key phrase of the message)
     ("no such path", lambda t: t / "nowhere", "does not exist"),
-    ("folder without metadata", lambda t: (t / "empty").mkdir() or t / "empty", "has no metadata.jsonl"),
+    (
+        "folder without metadata",
+        lambda t: (t / "empty").mkdir() or t / "empty",
+        "has neither metadata.jsonl nor .parquet files",
+    ),
     ("missing image", lambda t: (_copy(t) / "002_0.png").unlink() or t / "prefs", "002_0.png' is missing"),
     (
         "label out of range",

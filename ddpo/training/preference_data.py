@@ -12,8 +12,10 @@ One row per pair, with Pick-a-Pic's column names (``yuvalkirstain/pickapic_v2``;
   Diffusion-DPO leaves out Pick-a-Pic's "no decision" rows: a tie says neither image is better, and the loss has no
   term for it.
 
-``train.preference_data`` is a table file (``.parquet``, ``.jsonl``, ``.csv``) or a folder holding
-``metadata.jsonl`` (the Hugging Face image-folder convention) with its images. Every image is decoded once here, so
+``train.preference_data`` is a table file (``.parquet``, ``.jsonl``, ``.csv``), or a folder holding either
+``metadata.jsonl`` (the Hugging Face image-folder convention) with its images, or parquet files (Pick-a-Pic's shards,
+read in name order). Every table is read into memory (with Pick-a-Pic's embedded images: use a subset of its shards
+that fits). Every image is decoded once here, so
 that a missing, unreadable or too small image stops the run before the model loads; while training each image is
 centre-cropped to a square and resized (bilinear) to ``sample.resolution``, as Diffusion-DPO's training transform does
 (without its random flip), and an image smaller than that is refused rather than upsampled.
@@ -94,24 +96,29 @@ def to_tensor(image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
 
 
-def _table_path(path: Path, key: str) -> Path:
-    """The table of ``path``: itself for a table file, ``metadata.jsonl`` inside a folder."""
+def _tables(path: Path, key: str) -> list[Path]:
+    """The tables of ``path``: itself for a table file; in a folder its ``metadata.jsonl``, else its ``*.parquet``
+    files in name order (Pick-a-Pic's shards)."""
     if path.is_dir():
-        table = path / METADATA_FILE
-        if not table.is_file():
+        if (path / METADATA_FILE).is_file():
+            return [path / METADATA_FILE]
+        shards = sorted(path.glob("*.parquet"))
+        if not shards:
             raise PreferenceDataError(
-                f"{key}: folder {str(path)!r} has no {METADATA_FILE}; write one JSON object a line with the columns "
-                f"{', '.join(COLUMNS)} (jpg_0 / jpg_1: image file names in the folder), or give a .parquet file in "
-                "Pick-a-Pic's layout"
+                f"{key}: folder {str(path)!r} has neither {METADATA_FILE} nor .parquet files; write {METADATA_FILE} with "
+                f"one JSON object a line with the columns {', '.join(COLUMNS)} (jpg_0 / jpg_1: image file names in the "
+                "folder), or put Pick-a-Pic's parquet shards in it"
             )
-        return table
+        return shards
     if not path.exists():
-        raise PreferenceDataError(f"{key}: {str(path)!r} does not exist; give a .parquet file or a folder of pairs")
+        raise PreferenceDataError(
+            f"{key}: {str(path)!r} does not exist; give a .parquet file or a folder of preference pairs"
+        )
     if path.suffix.lower() not in TABLE_SUFFIXES:
         raise PreferenceDataError(
             f"{key}: {str(path)!r} is neither a folder of pairs nor a table file ({', '.join(TABLE_SUFFIXES)})"
         )
-    return path
+    return [path]
 
 
 def _rows(table: Path, key: str) -> list[dict[str, Any]]:
@@ -191,12 +198,13 @@ def load_preference_data(
     a label is not 0, 0.5 or 1, or an image is missing, unreadable or smaller than ``resolution``
     (``check_images=False`` skips decoding the images)."""
     given = Path(path).expanduser()
-    table = _table_path(given, key)
-    rows = _rows(table, key)
-    where = f"{key}: {str(table)!r}"
+    rows: list[tuple[dict[str, Any], Path, int]] = []  # (row, its table, its number in the table)
+    for table in _tables(given, key):
+        rows += [(row, table, number) for number, row in enumerate(_rows(table, key), start=1)]
+    where = f"{key}: {str(given)!r}"
     if not rows:
         raise PreferenceDataError(f"{where} holds no row; add rows with the columns {', '.join(COLUMNS)}")
-    columns = sorted({column for row in rows for column in row})
+    columns = sorted({column for row, _, _ in rows for column in row})
     missing = [column for column in COLUMNS if column not in columns]
     if missing:
         raise PreferenceDataError(
@@ -204,12 +212,12 @@ def load_preference_data(
             f"preference pairs need Pick-a-Pic's columns {', '.join(COLUMNS)}"
         )
     captions, preferred, rejected, ties = [], [], [], 0
-    for number, row in enumerate(rows, start=1):
-        at = f"{where}, row {number}"
+    for row, table, number in rows:
+        at = f"{key}: {str(table)!r}, row {number}"
         caption, label = row.get("caption"), row.get("label_0")
         if _missing(caption) or not isinstance(caption, str) or not caption.strip():
-            raise PreferenceDataError(f"{at}: the caption is {'empty' if not caption else repr(caption)}; every pair "
-                                      "needs its prompt as text")  # fmt: skip
+            shown = "empty" if not caption else repr(caption)
+            raise PreferenceDataError(f"{at}: the caption is {shown}; every pair needs its prompt as text")
         if isinstance(label, bool) or not isinstance(label, (int, float)) or float(label) not in LABELS:
             raise PreferenceDataError(
                 f"{at}: label_0 is {label!r}; it must be 1 (jpg_0 preferred), 0 (jpg_1 preferred) or 0.5 (a tie)"
