@@ -105,9 +105,9 @@ def _tables(path: Path, key: str) -> list[Path]:
         shards = sorted(path.glob("*.parquet"))
         if not shards:
             raise PreferenceDataError(
-                f"{key}: folder {str(path)!r} has neither {METADATA_FILE} nor .parquet files; write {METADATA_FILE} with "
-                f"one JSON object a line with the columns {', '.join(COLUMNS)} (jpg_0 / jpg_1: image file names in the "
-                "folder), or put Pick-a-Pic's parquet shards in it"
+                f"{key}: folder {str(path)!r} has neither {METADATA_FILE} nor .parquet files; write {METADATA_FILE} "
+                f"with one JSON object a line with the columns {', '.join(COLUMNS)} (jpg_0 / jpg_1: image file names "
+                "in the folder), or put Pick-a-Pic's parquet shards in it"
             )
         return shards
     if not path.exists():

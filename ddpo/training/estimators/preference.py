@@ -206,10 +206,11 @@ class DiffusionDPO(PreferenceEstimator):
         data = load_preference_data(t.preference_data, config.sample.resolution)
         per_step = t.batch_size * t.gradient_accumulation_steps * num_processes
         if len(data) < per_step:
+            processes = f"{num_processes} process{'es' if num_processes > 1 else ''}"
             raise PreferenceDataError(
                 f"train.preference_data: {data.source!r} holds {len(data)} pairs, fewer than one optimiser step takes "
                 f"({per_step} = train.batch_size {t.batch_size} x train.gradient_accumulation_steps "
-                f"{t.gradient_accumulation_steps} x {num_processes} processes); lower them or add pairs"
+                f"{t.gradient_accumulation_steps} x {processes}); lower them or add pairs"
             )
         if main_process:
             steps = len(data) // per_step

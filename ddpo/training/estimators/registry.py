@@ -97,5 +97,7 @@ def _value_and_default(config: RunConfig, key: str) -> tuple[Any, Any]:
 
 
 def _shown(value: Any) -> str:
-    """A default as a user writes it: ``0`` (not ``0.0``), ``0.001``, ``old``."""
+    """A default as a user writes it: ``0`` (not ``0.0``), ``0.001``, ``old``, ``''`` (an empty string)."""
+    if value == "":
+        return "''"
     return f"{value:g}" if isinstance(value, float) else str(value)
