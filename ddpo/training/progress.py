@@ -28,8 +28,7 @@ def batch_sizes(config: RunConfig, num_processes: int) -> dict[str, int]:
 
 
 def describe_batch_sizes(config: RunConfig, num_processes: int) -> str:
-    """The lines printed at the start of a run (an estimator that owns its epoch describes its own minibatches: only
-    the samples line is the trainer's)."""
+    """The lines printed at the start of a run (an estimator that owns its epoch describes its own minibatches)."""
     from .estimators import estimator_for
 
     b, s, t = batch_sizes(config, num_processes), config.sample, config.train
@@ -39,18 +38,21 @@ def describe_batch_sizes(config: RunConfig, num_processes: int) -> str:
         f"({b['samples_per_epoch_per_process']} per process = sample.batch_size {s.batch_size} x "
         f"sample.num_batches_per_epoch {s.num_batches_per_epoch})"
     )
-    if estimator_for(config).owns_epoch:
-        return samples
-    return "\n".join(
-        [
-            samples,
+    estimator = estimator_for(config)
+    if estimator.owns_epoch:
+        steps = (
+            f"ddpo: train.algorithm={t.algorithm} runs its own epoch: {estimator.describe_minibatches(config)}; one "
+            f"optimiser step every train.gradient_accumulation_steps {t.gradient_accumulation_steps} minibatches"
+        )
+    else:
+        steps = (
             f"ddpo: per optimiser step {b['pairs_per_step']} (trajectory, timestep) pairs "
             f"({b['pairs_per_step_per_process']} per process = train.batch_size {t.batch_size} x "
             f"train.gradient_accumulation_steps {t.gradient_accumulation_steps}); "
             f"{b['pairs_per_epoch_per_process']} pairs and {b['optimiser_steps_per_epoch']} optimiser steps "
-            "an epoch per process",
-        ]
-    )
+            "an epoch per process"
+        )
+    return "\n".join([samples, steps])
 
 
 def format_seconds(seconds: float) -> str:

@@ -236,17 +236,6 @@ class Estimator:
         return False
 
     @classmethod
-    def frozen_reference(cls, denoiser: torch.nn.Module, config: RunConfig) -> torch.nn.Module | None:
-        """A frozen copy of the base ``denoiser`` (before training), kept as :attr:`Policy.reference`, or None. The
-        default keeps one for the KL to the base model of full fine-tuning (``train.kl_coef > 0``,
-        ``model.use_lora=false``); with LoRA the denoiser with its adapters off is the base model, no copy needed."""
-        if config.train.kl_coef > 0 and not config.model.use_lora:
-            import copy
-
-            return copy.deepcopy(denoiser).requires_grad_(False)
-        return None
-
-    @classmethod
     def read_inputs(cls, config: RunConfig, num_processes: int, main_process: bool) -> Any:
         """What this estimator reads from files before the model loads (so that a bad file fails first), kept as
         :attr:`Policy.inputs`; ``num_processes``: the run's processes; ``main_process``: whether to print a note.
@@ -258,6 +247,22 @@ class Estimator:
         (``sample.batch_size * sample.num_batches_per_epoch * processes``); an estimator that trains on a dataset
         counts what it trains on."""
         return sampled
+
+    @classmethod
+    def frozen_reference(cls, denoiser: torch.nn.Module, config: RunConfig) -> torch.nn.Module | None:
+        """A frozen copy of the base ``denoiser`` (before training), kept as :attr:`Policy.reference`, or None. The
+        default keeps one for the KL to the base model of full fine-tuning (``train.kl_coef > 0``,
+        ``model.use_lora=false``); with LoRA the denoiser with its adapters off is the base model, no copy needed."""
+        if config.train.kl_coef > 0 and not config.model.use_lora:
+            import copy
+
+            return copy.deepcopy(denoiser).requires_grad_(False)
+        return None
+
+    @classmethod
+    def describe_minibatches(cls, config: RunConfig) -> str:
+        """What one minibatch of an estimator that owns its epoch is, for the run's start-up lines."""
+        return "its own minibatches"
 
     # ------------------------------------------------------------------ sampling
 

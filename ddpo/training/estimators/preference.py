@@ -197,6 +197,13 @@ class DiffusionDPO(PreferenceEstimator):
         )
 
     @classmethod
+    def describe_minibatches(cls, config) -> str:
+        return (
+            f"train.batch_size {config.train.batch_size} preference pairs of train.preference_data (an epoch is one "
+            "shuffled pass over them)"
+        )
+
+    @classmethod
     def read_inputs(cls, config, num_processes: int, main_process: bool) -> PreferencePairs:
         """The preference pairs, read and checked in full (:func:`~ddpo.training.preference_data.
         load_preference_data`); refused when they fill no optimiser step."""
