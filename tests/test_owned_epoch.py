@@ -59,7 +59,9 @@ def _train(fast_overrides, tmp_path, name: str, *extra: str, resume: bool = Fals
     if resume:
         return main(["train", "--resume", str(tmp_path / "runs" / name), *extra])
     overrides = [o.replace("run_name=run", f"run_name={name}") for o in fast_overrides]
-    return main(["train", "--preset", "tiny", *overrides, "train.algorithm=toy_owned", "reward.name=brightness", *extra])
+    return main(
+        ["train", "--preset", "tiny", *overrides, "train.algorithm=toy_owned", "reward.name=brightness", *extra]
+    )
 
 
 def test_an_estimator_that_owns_its_epoch_trains_logs_and_resumes_exactly(fast_overrides, tmp_path, toy_owned):
