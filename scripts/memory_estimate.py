@@ -565,6 +565,11 @@ def preset_memory(cfg: dict, n: dict) -> dict:
     steps = sample["num_steps"]
     cond = n.get("cond_elems", TEXT_TOKENS * 768)
     trajectories = samples * ((steps + 1) * latent_elems * 4 + steps * 4 * 2 + cond * 4)
+    # Diffusion-DPO (dpo, online_dpo): an epoch keeps only clean latents; a training call runs a pair's two rows
+    # (conditional, no CFG), and full fine-tuning keeps the reference, a frozen float32 copy of the base denoiser.
+    preference = train.get("algorithm") in ("dpo", "online_dpo")
+    if preference:
+        trajectories = samples * (latent_elems * 4 + cond * 4)
     vae_bytes = 4 if n.get("vae_fp32") else wbytes
     parts = {
         "unet_frozen": frozen_unet * wbytes,
@@ -578,7 +583,9 @@ def preset_memory(cfg: dict, n: dict) -> dict:
     }
     if not lora and bf16:  # autocast keeps a bf16 copy of every fp32 weight during a forward
         parts["autocast_weight_cache"] = n["unet_params"] * 2
-    rows_train = cfg_rows * train["batch_size"]
+    if preference and not lora:
+        parts["reference_copy"] = n["unet_params"] * 4
+    rows_train = 2 * train["batch_size"] if preference else cfg_rows * train["batch_size"]
     rows_sample = cfg_rows * sample["batch_size"]
     chunk = min(sample.get("decode_chunk_size", 8), sample["batch_size"])
     phases = {
@@ -589,6 +596,8 @@ def preset_memory(cfg: dict, n: dict) -> dict:
     if train.get("algorithm") in REWARD_BACKPROP:  # no stored trajectories; the chain's phases instead
         del parts["trajectories"]
         phases = reward_backprop_phases(cfg, n, d, cfg_rows)
+    if train.get("algorithm") == "dpo":  # a minibatch's 2 x batch images encoded, counted as a decode of as many
+        phases["vae_encode"] = dfit[0] + dfit[1] * 2 * train["batch_size"]
     static = sum(parts.values())
     tensors = static + max(phases.values())
     total = tensors * MARGIN + CUDA_OVERHEAD_GIB * GIB

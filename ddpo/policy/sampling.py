@@ -306,6 +306,17 @@ def vae_decode(vae, latents: torch.Tensor, mixed_precision: str = "no", chunk_si
     return torch.cat(images)
 
 
+def encode_images(vae, images: torch.Tensor, mixed_precision: str = "no") -> torch.Tensor:
+    """VAE-encode images ``[B, 3, H, W]`` in ``[0, 1]`` to float32 latents ``[B, C, h, w]`` in the denoiser's space,
+    the inverse of :func:`decode_latents`: the mean (mode) of the VAE's latent distribution, shifted and scaled as the
+    pipelines scale it (``(z - shift_factor) * scaling_factor``; SD3 / FLUX VAEs have a shift). Deterministic: no
+    latent noise is drawn. Called without gradient by the caller."""
+    with autocast(images.device, mixed_precision):
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        mode = vae.encode(images.to(vae.dtype) * 2 - 1).latent_dist.mode()
+    return (mode.float() - shift) * vae.config.scaling_factor
+
+
 def recompute_step(
     denoiser,
     scheduler,
@@ -391,9 +402,10 @@ def _module(model):
     return model if isinstance(model, torch.nn.Module) else None
 
 
-def _stored_timesteps(scheduler) -> torch.Tensor:
-    """A sampler's timesteps as :class:`CleanSamples` keeps them: indices into ``alphas_cumprod`` for a DDPM-style
-    schedule (rounded, long), a flow-matching schedule's float ``sigma * num_train_timesteps`` as they are."""
+def sampler_timesteps(scheduler) -> torch.Tensor:
+    """A sampler's timesteps ``[T]`` (after ``set_timesteps``) as :class:`CleanSamples` keeps them: indices into
+    ``alphas_cumprod`` for a DDPM-style schedule (rounded, long), a flow-matching schedule's float
+    ``sigma * num_train_timesteps`` as they are."""
     if hasattr(scheduler, "alphas_cumprod"):
         return scheduler.timesteps.round().long()
     return scheduler.timesteps.float()
@@ -443,6 +455,6 @@ def sample_clean(
         cond=cond,
         negative_cond=negative_cond,
         latents=latents,
-        timesteps=_stored_timesteps(scheduler).to(device),
+        timesteps=sampler_timesteps(scheduler).to(device),
         images=images,
     )

@@ -29,11 +29,15 @@ class RunInputs:
     ``metadata``; empty for text prompt files and shipped sets."""
     guards: dict[str, Any]
     """The guard rewards of ``eval_rewards`` by name (none without a held-out evaluation to score them on)."""
+    estimator_inputs: Any = None
+    """What the run's estimator reads from files (:meth:`~ddpo.training.estimators.Estimator.read_inputs`: offline
+    DPO's preference pairs), or None."""
 
 
-def load_run_inputs(config: RunConfig, main_process: bool = True) -> RunInputs:
-    """Load the run's prompts, reward and guards; on the main process, a note for what a setting cannot act on (a
-    prompt table's columns with a reward that takes no metadata, guards without ``eval_prompts``)."""
+def load_run_inputs(config: RunConfig, num_processes: int = 1, main_process: bool = True) -> RunInputs:
+    """Load the run's prompts, reward, guards and the estimator's own inputs (read for ``num_processes``
+    processes); on the main process, a note for what a setting cannot act on (a prompt table's columns with a reward
+    that takes no metadata, guards without ``eval_prompts``)."""
     c = config
     prompts, metadata = load_prompts_and_metadata(c.prompts)  # a prompt table is read once
     eval_prompts = []
@@ -55,4 +59,5 @@ def load_run_inputs(config: RunConfig, main_process: bool = True) -> RunInputs:
             f"ddpo: note: eval_rewards ({', '.join(c.eval_rewards)}) are scored at held-out evaluations only, and "
             "eval_prompts is empty: they are not scored"
         )
-    return RunInputs(prompts, eval_prompts, reward, metadata, guards)
+    estimator_inputs = estimator.read_inputs(c, num_processes, main_process)
+    return RunInputs(prompts, eval_prompts, reward, metadata, guards, estimator_inputs)

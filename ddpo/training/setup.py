@@ -57,10 +57,12 @@ def make_accelerator(config: RunConfig, run_dir: Path) -> Accelerator:
     )
 
 
-def build_models(config: RunConfig, accelerator: Accelerator) -> Models:
+def build_models(config: RunConfig, accelerator: Accelerator, estimator_inputs: Any = None) -> Models:
     """Load the model of ``config``, make its denoiser (the UNet or the transformer) trainable (LoRA adapters or
     all weights), cast the frozen parts to the run's precision, place everything on the accelerator's device and
-    build the optimiser over the trained parameters. A bad ``train.optimizer`` fails before the model loads."""
+    build the optimiser over the trained parameters; ``estimator_inputs`` (what the estimator read before, see
+    :meth:`~ddpo.training.estimators.Estimator.read_inputs`) goes to the policy. A bad ``train.optimizer`` fails
+    before the model loads."""
     c, s, t = config, config.sample, config.train
     device = accelerator.device
     optimizer_class = get_optimizer_class(t.optimizer)
@@ -135,6 +137,7 @@ def build_models(config: RunConfig, accelerator: Accelerator) -> Models:
         params=params,
         trainable_names=trainable_names,
         reference=reference,
+        inputs=estimator_inputs,
     )
     negative_cond = None
     if uses_cfg(s.guidance_scale) and not family.guidance_embedded:

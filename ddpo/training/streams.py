@@ -26,7 +26,8 @@ class Stream(IntEnum):
     EVAL_NOISE = 5
     """Sampling noise of held-out evaluation chunk ``k``: ``(0, 5, k)``, the same for every run and evaluation."""
     FORWARD_NOISE = 6
-    """The forward-process estimators' re-noising of clean samples: ``(seed, 6, epoch, inner, process)``."""
+    """The re-noising of clean latents (forward-process and preference estimators; offline DPO also draws its
+    minibatches' timesteps from it): ``(seed, 6, epoch, inner, process)``."""
     EVAL_IMAGE_NOISE = 7
     """The per-image noise of ``ddpo eval`` (:func:`ddpo.training.evaluation.image_noise_seed`): ``(seed, 7,
     crc32(prompt), repeat)``."""
@@ -36,6 +37,9 @@ class Stream(IntEnum):
     REWARD_NOISE = 9
     """DRaFT-LV's re-noising of a training batch's clean samples (and its last step's noise): ``(seed, 9, epoch,
     batch, process)``."""
+    PREFERENCE_ORDER = 10
+    """The shuffled order of offline DPO's preference pairs in an epoch (:mod:`ddpo.training.estimators.preference`):
+    ``(seed, 10, epoch)``, the same on every process (each takes its own share of each minibatch)."""
 
 
 def _mix(*values: int) -> int:

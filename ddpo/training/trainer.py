@@ -66,14 +66,14 @@ class Trainer:
         self.accelerator = acc = make_accelerator(c, self.run_dir)
         set_seed(c.seed, device_specific=True)
         # Everything that can fail on user input fails here, before a model is loaded.
-        inputs = load_run_inputs(c, acc.is_main_process)
+        inputs = load_run_inputs(c, acc.num_processes, acc.is_main_process)
         self.prompts, self.eval_prompts, self.reward = inputs.prompts, inputs.eval_prompts, inputs.reward
         self.prompt_metadata, self.guards = inputs.prompt_metadata, inputs.guards
         # Rules over the held-out evaluations: early stops and the best evaluation (final_checkpoint=best).
         self.stop_rules = StopRules(
             c.stop.guard_drop, c.stop.kl_limit, c.stop.patience, c.best_metric, c.stop.min_delta
         )
-        built = build_models(c, acc)
+        built = build_models(c, acc, inputs.estimator_inputs)
         self.pipe, self.family, self.scheduler = built.pipe, built.family, built.pipe.scheduler
         self.latent_size, self.vae_factor = built.latent_size, built.family.vae_scale_factor()
         self.settings, self.policy = built.settings, built.policy
@@ -91,10 +91,12 @@ class Trainer:
         self.start_epoch, self.global_step = 0, 0
         self.progress: EpochProgress | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self.samples_per_epoch = s.batch_size * s.num_batches_per_epoch * acc.num_processes
         self.steps_per_trajectory = train_steps_per_trajectory(c)
         # The run's estimator: its loss, its extra state (an old policy) and its per-epoch hooks.
         self.estimator: Estimator = built.estimator_class(self.policy)
+        self.samples_per_epoch = self.estimator.samples_per_epoch(
+            s.batch_size * s.num_batches_per_epoch * acc.num_processes
+        )
         if resume_checkpoint is not None:
             self._load_checkpoint(resume_checkpoint)
         self._write_run_files()
@@ -405,15 +407,16 @@ class Trainer:
         self, all_rewards: torch.Tensor, all_prompts: list[str], all_components: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Per-trajectory weights of this process's samples: the estimator's weights of the clipped advantages
-        (the advantages themselves for DDPO, RWR's weights for RWR). ``all_components``: every process's per-sample
-        component values of a weighted reward, which ``train.advantage=per_component`` needs."""
+        (the advantages themselves for DDPO, RWR's weights for RWR) or of the rewards (online DPO's pairs).
+        ``all_components``: every process's per-sample component values of a weighted reward, which
+        ``train.advantage=per_component`` needs."""
         t, acc = self.config.train, self.accelerator
         if self.by_component:
             advantages = self.advantage(all_rewards, all_prompts, components=all_components)
         else:
             advantages = self.advantage(all_rewards, all_prompts)
         advantages = clip_advantages(advantages, t.adv_clip_max)
-        weights = self.estimator.trajectory_weights(advantages)
+        weights = self.estimator.epoch_weights(all_rewards, all_prompts, advantages)
         return weights.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 
     def optimise(self, epoch: int, samples: Trajectories | CleanSamples, weights: torch.Tensor) -> dict[str, float]:

@@ -92,7 +92,9 @@ class TrainConfig:
     quantile) on per-step log-probs; ``awm`` (advantage-weighted denoising loss) or ``nft`` (DiffusionNFT) on the
     forward process of clean samples (see :mod:`ddpo.policy.forward`); ``draft`` (DRaFT-K, DRaFT-LV) or ``alignprop``
     (randomised truncation) back-propagate a differentiable reward through the last sampling steps
-    (:mod:`ddpo.policy.reward_backprop`)."""
+    (:mod:`ddpo.policy.reward_backprop`); ``dpo`` (Diffusion-DPO on the offline pairs of ``preference_data``) or
+    ``online_dpo`` (Diffusion-DPO on the policy's own samples, the best and the worst of each prompt group as a pair;
+    see :mod:`ddpo.policy.dpo`)."""
     learning_rate: float = 3e-4
     """AdamW learning rate."""
     lr_warmup_steps: int = 0
@@ -166,6 +168,16 @@ class TrainConfig:
     nft_sample_policy: str = "old"
     """DiffusionNFT: which weights collect the training samples: ``old`` (the old EMA policy its implicit policies
     are built around, as the reference implementation does) or ``current`` (the trained weights)."""
+    dpo_beta: float = 5000.0
+    """Diffusion-DPO (``dpo``, ``online_dpo``): ``beta``, how strongly the policy is held to the base model; the loss
+    is ``-log sigmoid(-beta / 2 * ((mse_w - mse_l) - (ref_mse_w - ref_mse_l)))`` with per-sample mean squared errors
+    over the latent dimensions, the reference implementation's scale (its ``beta_dpo``; 5000 for Stable Diffusion 1.5
+    and SDXL in the paper). > 0."""
+    preference_data: str = ""
+    """Diffusion-DPO offline (``dpo``): the preference pairs, in Pick-a-Pic's layout (columns ``caption``, ``jpg_0``,
+    ``jpg_1``, ``label_0`` in {0, 0.5, 1}; ties are left out): a ``.parquet`` / ``.jsonl`` / ``.csv`` table or a
+    folder with ``metadata.jsonl``, images as bytes or as file names beside the table
+    (:mod:`ddpo.training.preference_data`). Read and checked in full before the model loads."""
     old_policy_flat: int = 0
     """DiffusionNFT (and AWM's ``awm_ema_kl``): optimiser steps during which the old policy is the current one (EMA
     decay 0)."""

@@ -219,7 +219,7 @@ def validate_train(config: RunConfig, estimator: type) -> None:
     pairs = s.batch_size * s.num_batches_per_epoch * train_steps_per_trajectory(config)
     per_step = t.batch_size * t.gradient_accumulation_steps
     need(
-        pairs % per_step == 0,
+        pairs % per_step == 0 or getattr(estimator, "owns_epoch", False),
         f"each epoch trains on {pairs} (trajectory, timestep) pairs per process (sample.batch_size * "
         f"sample.num_batches_per_epoch * steps trained per trajectory), which is not a multiple of train.batch_size * "
         f"train.gradient_accumulation_steps = {per_step}; change one of them so every optimiser step is full",

@@ -1,5 +1,6 @@
 """Estimators: what turns an epoch's samples and their weights into a loss (:mod:`.base`), one module per family
-(:mod:`.log_prob`: DDPO-IS/SF, RWR, sparse RWR; :mod:`.forward_process`: AWM, DiffusionNFT), and the registry from
+(:mod:`.log_prob`: DDPO-IS/SF, RWR, sparse RWR; :mod:`.forward_process`: AWM, DiffusionNFT; :mod:`.preference`:
+Diffusion-DPO offline and online), and the registry from
 ``train.algorithm`` to a class (:mod:`.registry`).
 
 The trainer imports this package (the interface and the registry), never a family's module.

@@ -67,8 +67,11 @@ class Policy:
         model: the trained denoiser (UNet or transformer) as prepared by ``accelerate``: call it for gradients.
         params: its trainable parameters, in :attr:`trainable_names` order.
         trainable_names: their names (checkpoint keys).
-        reference: a frozen copy of the base denoiser (full fine-tuning with ``train.kl_coef > 0``), or None: with
-            LoRA the base model is the denoiser with its adapters off.
+        reference: a frozen copy of the base denoiser (full fine-tuning with ``train.kl_coef > 0``, or an estimator
+            whose loss always compares with the base model), or None: with LoRA the base model is the denoiser with its
+            adapters off.
+        inputs: what the estimator read before the model loaded (:meth:`Estimator.read_inputs`, e.g. a preference
+            dataset), or None.
     """
 
     config: RunConfig
@@ -80,6 +83,7 @@ class Policy:
     params: list[torch.nn.Parameter]
     trainable_names: list[str]
     reference: torch.nn.Module | None = None
+    inputs: Any = None
 
     def unwrapped(self) -> torch.nn.Module:
         """The trained denoiser without its DDP wrapper (no gradient synchronisation)."""
@@ -219,8 +223,8 @@ class Estimator:
     owns_epoch: ClassVar[bool] = False
     """Whether this estimator runs its epoch itself (:meth:`train_epoch`) instead of the trainer's sample -> score ->
     advantages -> (sample, step) minibatches of :meth:`loss`; then :meth:`loss`, :meth:`trajectory_weights`,
-    :meth:`prepare_epoch` and :meth:`begin_inner_epoch` are not called, :meth:`end_epoch` and the checkpoint hooks
-    are."""
+    :meth:`epoch_weights`, :meth:`prepare_epoch` and :meth:`begin_inner_epoch` are not called, :meth:`end_epoch` and
+    the checkpoint hooks are."""
     needs_differentiable_reward: ClassVar[bool] = False
     """Whether the loss back-propagates through the reward (then a reward that is not
     :func:`rewards.is_differentiable` is refused before the model loads: by name in :meth:`validate`, an import path
@@ -254,6 +258,19 @@ class Estimator:
         return False
 
     @classmethod
+    def read_inputs(cls, config: RunConfig, num_processes: int, main_process: bool) -> Any:
+        """What this estimator reads from files before the model loads (so that a bad file fails first), kept as
+        :attr:`Policy.inputs`; ``num_processes``: the run's processes; ``main_process``: whether to print a note.
+        Default: nothing (None)."""
+        return None
+
+    def samples_per_epoch(self, sampled: int) -> int:
+        """What an epoch's ``samples`` metric counts, over every process: by default the ``sampled`` samples
+        (``sample.batch_size * sample.num_batches_per_epoch * processes``); an estimator that trains on a dataset
+        counts what it trains on."""
+        return sampled
+
+    @classmethod
     def frozen_reference(cls, denoiser: torch.nn.Module, config: RunConfig) -> torch.nn.Module | None:
         """A frozen copy of the base ``denoiser`` (before training), kept as :attr:`Policy.reference`, or None. The
         default keeps one for the KL to the base model of full fine-tuning (``train.kl_coef > 0``,
@@ -282,6 +299,12 @@ class Estimator:
         """The per-trajectory weight the loss takes, from the clipped advantages ``[N] -> [N]`` (default: the
         advantages themselves)."""
         return advantages
+
+    def epoch_weights(self, rewards: torch.Tensor, prompts: list[str], advantages: torch.Tensor) -> torch.Tensor:
+        """The per-sample weights ``[N]`` the loss takes, of every process's samples in process order, from their
+        rewards ``[N]``, prompts and clipped advantages ``[N]``: :meth:`trajectory_weights` of the advantages unless
+        an estimator weighs by the rewards themselves (online DPO pairs samples by reward)."""
+        return self.trajectory_weights(advantages)
 
     def prepare_epoch(
         self, samples: Samples, inner_pairs: Callable[[int], tuple[torch.Tensor, torch.Tensor]]

@@ -1,5 +1,6 @@
 """Forward-process estimators: AWM and DiffusionNFT train on the policy's own clean samples (any sampler, no per-step
-log-probs), re-noised at the pairs' timesteps (:mod:`ddpo.policy.forward` holds their maths).
+log-probs), re-noised at the pairs' timesteps (:mod:`ddpo.policy.forward` holds their maths). What they share with
+every estimator on re-noised clean latents (the preference estimators too) is :class:`ReNoisingEstimator`.
 
 Both may keep an old policy, an EMA of the trained weights updated once per epoch (DiffusionNFT always; AWM with its
 proximal term ``train.awm_ema_kl > 0``), saved in checkpoints as ``old_policy.<trainable name>``.
@@ -36,13 +37,91 @@ if TYPE_CHECKING:
     from ...policy.sampling import CleanSamples
 
 
-class ForwardProcessEstimator(Estimator):
-    """The forward-process family: re-noising, the denoiser's ``x0`` and raw predictions, the old policy.
+class ReNoisingEstimator(Estimator):
+    """What every estimator that trains on re-noised clean latents shares (the forward-process estimators below, the
+    preference estimators of :mod:`.preference`): clean samples from any sampler, the re-noising of clean latents at
+    given timesteps, and the denoiser's ``x0`` and raw predictions.
 
-    Each inner epoch re-noises the pairs' clean samples, in minibatch order, with noise from the run's stream
+    Each inner epoch re-noises, in minibatch order, with noise from the run's stream
     ``(seed, Stream.FORWARD_NOISE, epoch, inner, process)``."""
 
     uses_log_probs = False
+
+    def __init__(self, policy: Policy):
+        super().__init__(policy)
+        self.noise: torch.Generator | None = None
+
+    @classmethod
+    def validate(cls, config, chosen: type[Estimator], need: Need) -> None:
+        if chosen is not cls:
+            return
+        from ...models.schedulers import SCHEDULERS, is_known_scheduler
+
+        s, t = config.sample, config.train
+        need(
+            is_known_scheduler(s.scheduler),
+            f"sample.scheduler={s.scheduler!r} is not a sampler: use one of {', '.join(SCHEDULERS)} or a diffusers "
+            "scheduler class name (e.g. DPMSolverMultistepScheduler)",
+        )
+        need(
+            t.kl_form == "gaussian",
+            f"train.kl_form=flow_grpo is the KL of a log-prob step; train.algorithm={cls.name} has its own KL in "
+            "the model's prediction space (use train.kl_form=gaussian)",
+        )
+        super().validate(config, chosen, need)  # train.ratio_form
+
+    # ------------------------------------------------------------------ re-noising and predictions
+
+    def begin_inner_epoch(self, epoch: int, inner: int) -> None:
+        acc = self.policy.accelerator
+        seed = derive_seed(self.config.seed, Stream.FORWARD_NOISE, epoch, inner, acc.process_index)
+        self.noise = torch.Generator().manual_seed(seed)
+
+    def draw_noise(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Standard normal noise of ``shape``, float32 on ``device``, from the inner epoch's generator."""
+        return torch.randn(shape, generator=self.noise, dtype=torch.float32).to(device)
+
+    def renoise(
+        self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, noise, level)``: the clean latents ``x0`` ``[N, C, h, w]`` re-noised at ``timesteps`` ``[N]`` with
+        ``noise`` ``[N, C, h, w]`` (drawn from the inner epoch's generator when None); the noise ``level`` ``[N]`` is
+        ``alpha_bar_t``, or ``sigma`` for a flow-matching model."""
+        scheduler = self.policy.scheduler
+        if noise is None:
+            noise = self.draw_noise(x0.shape, x0.device)
+        if self.policy.family.flow_matching:  # x_t = (1 - sigma) x0 + sigma eps
+            sigma = flow_sigmas(scheduler, timesteps)
+            return flow_add_noise(x0, noise, sigma), noise, sigma
+        abar = alpha_bar(scheduler.alphas_cumprod, timesteps)  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+        return add_noise(x0, noise, abar), noise, abar
+
+    @property
+    def prediction_space(self) -> str:
+        """The space of the model's pretraining loss (:func:`~ddpo.policy.forward.matching_target`): ``flow`` for a
+        flow-matching model, else the scheduler's ``prediction_type``."""
+        return "flow" if self.policy.family.flow_matching else self.policy.scheduler.config.prediction_type
+
+    def denoise(
+        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds, level: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, output)`` float32 ``[N, C, h, w]`` each, of ``model`` at ``(x_t, t, c)`` (the conditional model,
+        no CFG), under the run's autocast: its ``x0`` prediction whatever the model's prediction type, and its raw
+        output (the velocity of a flow-matching model, else noise, v or x0 as the scheduler's ``prediction_type``
+        says; the noise ``level`` ``[N]``: ``alpha_bar_t``, or ``sigma`` for a flow-matching model)."""
+        p = self.policy
+        denoiser = p.family.bind(model, p.settings.guidance_scale)
+        with autocast(x_t.device, self.config.mixed_precision):
+            output = denoiser(x_t, timesteps, embeds)
+        if p.family.flow_matching:
+            return flow_predictions(output, x_t, level)[0], output.float()
+        return predictions(output, x_t, level, p.scheduler.config.prediction_type)[0], output.float()
+
+
+class ForwardProcessEstimator(ReNoisingEstimator):
+    """The forward-process family: the re-noised pairs' loss of a family member (:meth:`estimator_loss`) and the old
+    policy."""
+
     own_keys = {
         "train.old_policy_flat": "the old (EMA) policy's schedule",
         "train.old_policy_uprate": "the old (EMA) policy's schedule",
@@ -56,7 +135,6 @@ class ForwardProcessEstimator(Estimator):
         self.old_params: list[torch.Tensor] | None = (
             [p.detach().clone() for p in policy.params] if self.uses_old_policy() else None
         )
-        self.noise: torch.Generator | None = None
 
     def uses_old_policy(self) -> bool:
         """Whether this run keeps an old (EMA) policy."""
@@ -64,22 +142,8 @@ class ForwardProcessEstimator(Estimator):
 
     @classmethod
     def validate(cls, config, chosen: type[Estimator], need: Need) -> None:
+        super().validate(config, chosen, need)  # the sampler, train.kl_form, train.ratio_form
         t = config.train
-        if chosen is cls:
-            from ...models.schedulers import SCHEDULERS, is_known_scheduler
-
-            s = config.sample
-            need(
-                is_known_scheduler(s.scheduler),
-                f"sample.scheduler={s.scheduler!r} is not a sampler: use one of {', '.join(SCHEDULERS)} or a diffusers "
-                "scheduler class name (e.g. DPMSolverMultistepScheduler)",
-            )
-            need(
-                t.kl_form == "gaussian",
-                f"train.kl_form=flow_grpo is the KL of a log-prob step; train.algorithm={cls.name} has its own KL in "
-                "the model's prediction space (use train.kl_form=gaussian)",
-            )
-            super().validate(config, chosen, need)  # train.ratio_form
         need(t.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0; got {t.old_policy_flat}")
         need(t.old_policy_uprate >= 0, f"train.old_policy_uprate must be >= 0; got {t.old_policy_uprate}")
         need(0 <= t.old_policy_uphold < 1, f"train.old_policy_uphold must be in [0, 1); got {t.old_policy_uphold}")
@@ -131,46 +195,6 @@ class ForwardProcessEstimator(Estimator):
         with torch.no_grad():
             for name, param in zip(names, self.old_params, strict=True):
                 param.copy_(old[f"old_policy.{name}"].to(param.device, param.dtype))
-
-    # ------------------------------------------------------------------ re-noising and predictions
-
-    def begin_inner_epoch(self, epoch: int, inner: int) -> None:
-        acc = self.policy.accelerator
-        seed = derive_seed(self.config.seed, Stream.FORWARD_NOISE, epoch, inner, acc.process_index)
-        self.noise = torch.Generator().manual_seed(seed)
-
-    def renoise(self, x0: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, noise, level)``: the clean latents ``x0`` ``[N, C, h, w]`` re-noised at ``timesteps`` ``[N]`` with
-        noise drawn from the inner epoch's generator; the noise ``level`` ``[N]`` is ``alpha_bar_t``, or ``sigma`` for
-        a flow-matching model."""
-        scheduler = self.policy.scheduler
-        noise = torch.randn(x0.shape, generator=self.noise, dtype=torch.float32).to(x0.device)
-        if self.policy.family.flow_matching:  # x_t = (1 - sigma) x0 + sigma eps
-            sigma = flow_sigmas(scheduler, timesteps)
-            return flow_add_noise(x0, noise, sigma), noise, sigma
-        abar = alpha_bar(scheduler.alphas_cumprod, timesteps)  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
-        return add_noise(x0, noise, abar), noise, abar
-
-    @property
-    def prediction_space(self) -> str:
-        """The space of the model's pretraining loss (:func:`~ddpo.policy.forward.matching_target`): ``flow`` for a
-        flow-matching model, else the scheduler's ``prediction_type``."""
-        return "flow" if self.policy.family.flow_matching else self.policy.scheduler.config.prediction_type
-
-    def denoise(
-        self, model, x_t: torch.Tensor, timesteps: torch.Tensor, embeds, level: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0_hat, output)`` float32 ``[N, C, h, w]`` each, of ``model`` at ``(x_t, t, c)`` (the conditional model,
-        no CFG), under the run's autocast: its ``x0`` prediction whatever the model's prediction type, and its raw
-        output (the velocity of a flow-matching model, else noise, v or x0 as the scheduler's ``prediction_type``
-        says; the noise ``level`` ``[N]``: ``alpha_bar_t``, or ``sigma`` for a flow-matching model)."""
-        p = self.policy
-        denoiser = p.family.bind(model, p.settings.guidance_scale)
-        with autocast(x_t.device, self.config.mixed_precision):
-            output = denoiser(x_t, timesteps, embeds)
-        if p.family.flow_matching:
-            return flow_predictions(output, x_t, level)[0], output.float()
-        return predictions(output, x_t, level, p.scheduler.config.prediction_type)[0], output.float()
 
     def loss(
         self, samples: CleanSamples, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor

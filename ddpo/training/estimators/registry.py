@@ -18,6 +18,7 @@ from .log_prob import (
     RewardWeightedRegression,
     SparseRewardWeightedRegression,
 )
+from .preference import DiffusionDPO, OnlineDPO
 from .reward_backprop import AlignProp, DRaFT
 
 ESTIMATORS: dict[str, type[Estimator]] = {
@@ -29,6 +30,8 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "nft": DiffusionNFT,
     "draft": DRaFT,
     "alignprop": AlignProp,
+    "dpo": DiffusionDPO,
+    "online_dpo": OnlineDPO,
 }
 """Every ``train.algorithm``, in the order the config's messages list them."""
 
@@ -97,7 +100,9 @@ def _value_and_default(config: RunConfig, key: str) -> tuple[Any, Any]:
 
 
 def _shown(value: Any) -> str:
-    """A default as a user writes it: ``0`` (not ``0.0``), ``0.001``, ``old``, ``null``."""
+    """A default as a user writes it: ``0`` (not ``0.0``), ``0.001``, ``old``, ``null``, ``''`` (an empty string)."""
     if value is None:
         return "null"
+    if value == "":
+        return "''"
     return f"{value:g}" if isinstance(value, float) else str(value)
