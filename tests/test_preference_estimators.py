@@ -51,8 +51,8 @@ class Recorder:
         self._calls: list | None = None
         weights = Trainer.compute_weights
 
-        def compute_weights(trainer, rewards, prompts):
-            out = weights(trainer, rewards, prompts)
+        def compute_weights(trainer, rewards, prompts, components=None):
+            out = weights(trainer, rewards, prompts, components)
             self.epochs.append((rewards.detach().clone(), list(prompts), out.detach().clone()))
             return out
 
