@@ -233,3 +233,14 @@ def test_trains_and_resumes_exactly_through_the_cli(fast_overrides, tmp_path, ex
         assert {"reward_mean", "reward_std", "loss", "grad_norm", "reward_backprop_steps"} <= row.keys()
         assert ("kl" in row) == ("train.kl_coef=0.1" in extra)
     assert (tmp_path / "runs" / "straight" / "samples" / "epoch_0001.png").is_file()
+
+
+def test_alignprop_defaults_fit_any_number_of_steps():
+    """``train.alignprop_k_max`` defaults to all the sampler's steps, so the algorithm runs on a 10-step preset without
+    a further key; an explicit ``k_max`` above the steps is refused."""
+    overrides = ["train.algorithm=alignprop", "reward.name=brightness", "sample.scheduler=ddim"]
+    overrides += ["train.gradient_accumulation_steps=4"]
+    config = build_config(preset="world", overrides=overrides)
+    assert config.train.alignprop_k_max is None and config.sample.num_steps == 10
+    with pytest.raises(ConfigError, match="k_max <= sample.num_steps=10"):
+        build_config(preset="world", overrides=[*overrides, "train.alignprop_k_max=11"])

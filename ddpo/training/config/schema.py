@@ -196,8 +196,9 @@ class TrainConfig:
     alignprop_k_min: int = 1
     """AlignProp (``algorithm=alignprop``): the fewest last sampling steps the reward is back-propagated through; the
     number ``K`` is drawn uniformly from ``[alignprop_k_min, alignprop_k_max]`` for each batch."""
-    alignprop_k_max: int = 50
-    """AlignProp: the most last sampling steps back-propagated through (at most ``sample.num_steps``)."""
+    alignprop_k_max: int | None = None
+    """AlignProp: the most last sampling steps back-propagated through (at most ``sample.num_steps``; null: all of
+    them, ``sample.num_steps``)."""
     reward_clip_max: float | None = None
     """Reward backpropagation (``draft``, ``alignprop``): each sample's reward is clamped to at most this before the
     mean, so samples above it give no gradient and stop being pushed further (against over-optimisation; null: no

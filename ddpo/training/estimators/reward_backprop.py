@@ -245,11 +245,12 @@ class AlignProp(RewardBackpropagation):
     def validate(cls, config, chosen: type[Estimator], need: Need) -> None:
         super().validate(config, chosen, need)
         s, t = config.sample, config.train
+        k_max = s.num_steps if t.alignprop_k_max is None else t.alignprop_k_max
         need(
-            1 <= t.alignprop_k_min <= t.alignprop_k_max <= s.num_steps,
+            1 <= t.alignprop_k_min <= k_max <= s.num_steps,
             f"train.alignprop_k_min and train.alignprop_k_max must satisfy 1 <= k_min <= k_max <= sample.num_steps="
-            f"{s.num_steps} (K, the steps back-propagated through, is drawn from [k_min, k_max]); got "
-            f"[{t.alignprop_k_min}, {t.alignprop_k_max}]",
+            f"{s.num_steps} (K, the steps back-propagated through, is drawn from [k_min, k_max]; k_max null: "
+            f"num_steps); got [{t.alignprop_k_min}, {k_max}]",
         )
 
     def first_gradient_step(self, epoch: int, batch: PromptBatch) -> int:
@@ -257,4 +258,5 @@ class AlignProp(RewardBackpropagation):
         # One K per batch, the same on every process (their minibatches stay alike in cost).
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, Stream.TRUNCATION, epoch, batch.index))
         steps = self.policy.settings.num_steps
-        return alignprop_first_gradient_step(steps, t.alignprop_k_min, t.alignprop_k_max, generator)
+        k_max = steps if t.alignprop_k_max is None else t.alignprop_k_max
+        return alignprop_first_gradient_step(steps, t.alignprop_k_min, k_max, generator)
