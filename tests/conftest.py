@@ -53,3 +53,20 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def record_epoch_weights(monkeypatch) -> list:
+    """Watch ``Trainer.compute_weights`` without changing it: the returned list gets one ``(rewards, prompts,
+    weights)`` a call (every process's rewards and prompts, this process's weights), detached copies."""
+    from ddpo.training.trainer import Trainer
+
+    epochs: list = []
+    weights = Trainer.compute_weights
+
+    def compute_weights(trainer, rewards, prompts, components=None):
+        out = weights(trainer, rewards, prompts, components)
+        epochs.append((rewards.detach().clone(), list(prompts), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(Trainer, "compute_weights", compute_weights)
+    return epochs

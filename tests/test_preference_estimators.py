@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_epoch_weights
 from safetensors.torch import load_file
 
 from ddpo.cli import main
@@ -21,7 +22,6 @@ from ddpo.training.config import ConfigError, build_config
 from ddpo.training.estimators import ESTIMATORS
 from ddpo.training.estimators.preference import DiffusionDPO, OnlineDPO
 from ddpo.training.estimators.registry import own_keys
-from ddpo.training.trainer import Trainer
 
 FIXTURE = Path(__file__).parent / "data" / "world_prefs"
 FAMILIES = {  # model family -> its overrides beside the fast settings
@@ -46,17 +46,9 @@ class Recorder:
     rows, the reference's and the policy's outputs)."""
 
     def __init__(self, monkeypatch):
-        self.epochs: list[tuple[torch.Tensor, list[str], torch.Tensor]] = []
+        self.epochs = record_epoch_weights(monkeypatch)  # (rewards, prompts, weights) of each epoch
         self.minibatches: list[dict] = []
         self._calls: list | None = None
-        weights = Trainer.compute_weights
-
-        def compute_weights(trainer, rewards, prompts, components=None):
-            out = weights(trainer, rewards, prompts, components)
-            self.epochs.append((rewards.detach().clone(), list(prompts), out.detach().clone()))
-            return out
-
-        monkeypatch.setattr(Trainer, "compute_weights", compute_weights)
         for cls in (OnlineDPO, DiffusionDPO):
             self._wrap(monkeypatch, cls, "pair_loss", self._pair_loss)
             for name in ("renoise", "denoise"):

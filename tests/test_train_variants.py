@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import record_epoch_weights
 from diffusers import StableDiffusionPipeline
 from torch.distributions import Normal, kl_divergence
 
@@ -33,18 +34,10 @@ class LossRecorder:
     forward-process ones)."""
 
     def __init__(self, monkeypatch):
-        self.epochs: list[tuple[torch.Tensor, list[str], torch.Tensor]] = []
+        self.epochs = record_epoch_weights(monkeypatch)  # (rewards, prompts, weights) of each epoch
         self.minibatches: list[dict] = []
         self._inner = 0
         self._calls: list | None = None
-        weights = Trainer.compute_weights
-
-        def compute_weights(trainer, rewards, prompts, components=None):
-            out = weights(trainer, rewards, prompts, components)
-            self.epochs.append((rewards.detach().clone(), list(prompts), out.detach().clone()))
-            return out
-
-        monkeypatch.setattr(Trainer, "compute_weights", compute_weights)
         for cls in (LogProbEstimator, ForwardProcessEstimator):
             self._wrap(monkeypatch, cls, "begin_inner_epoch", self._begin)
             self._wrap(monkeypatch, cls, "loss", self._loss)
@@ -245,7 +238,6 @@ def test_timestep_window_trains_only_the_first_steps(fast_overrides, tmp_path):
     """With ``timestep_window=0.5`` every training pair comes from the first half of the denoising steps (the
     noisiest), each trajectory contributing ``timestep_fraction`` of that half, distinct steps."""
     from ddpo.training.config import build_config
-    from ddpo.training.trainer import Trainer
 
     overrides = [o for o in fast_overrides if not o.startswith("sample.num_steps")]
     overrides += ["sample.num_steps=8", "train.timestep_window=0.5", "train.timestep_fraction=0.5"]
@@ -265,7 +257,6 @@ def test_timestep_window_trains_only_the_first_steps(fast_overrides, tmp_path):
 def test_shared_initial_noise_in_training_batches_only(fast_overrides, tmp_path):
     """``sample.share_initial_noise``: the training samples of a prompt group share x_T; the option needs groups."""
     from ddpo.training.config import ConfigError, build_config
-    from ddpo.training.trainer import Trainer
 
     overrides = [*fast_overrides, "sample.samples_per_prompt=2", "sample.share_initial_noise=true"]
     overrides += ["overlap_scoring=false"]  # sample_and_score outside run(): no scoring thread
