@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .killpoints import kill_point
+from .sharding import copy_full_
 
 PREFIX = "checkpoint_"
 MANIFEST = "manifest.json"
@@ -313,9 +314,8 @@ def restore_trainable(path: Path, trainable: dict[str, torch.Tensor], params: di
             f"{path}: {len(wrong)} trained weights do not fit the model's shapes (checkpoint vs model: "
             f"{'; '.join(wrong[:3])}); was model.lora_rank or the model changed? Resume with the run's own values"
         )
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    for name, value in trainable.items():
+        copy_full_(params[name], value)  # a sharded parameter keeps its own slice
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

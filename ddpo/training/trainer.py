@@ -45,6 +45,7 @@ from .run_inputs import load_run_inputs
 from .runlog import read_jsonl
 from .scoring import checked_score
 from .setup import build_models, make_accelerator
+from .sharding import shard_metrics
 
 # Importable from here as before (the CLI and tests import them from the trainer).
 __all__ = ["Trainer", "TrainingError", "TrainingSnapshot", "interrupted_message", "new_run_dir", "overlap_scoring"]
@@ -221,9 +222,11 @@ class Trainer:
         }
         if "kl" in train_info:  # the KL to the base model that train.kl_coef weighs (stop.kl_limit reads it)
             self._kl_since_eval.append(float(train_info["kl"]))
-        if self.accelerator.num_processes > 1:
-            # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
-            metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
+        if (acc := self.accelerator).num_processes > 1:
+            # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl (sharded: one hash).
+            metrics["weights_sha256"] = checkpoint_state.weights_hashes(acc, self.denoiser, self.trainable_names)
+            if acc.is_fsdp2:  # what each process holds of the denoiser, measured
+                metrics.update(shard_metrics(acc, acc.unwrap_model(self.denoiser)))
         self.log(epoch, metrics, samples, rewards)
         return metrics
 
