@@ -131,6 +131,24 @@ def save_checkpoint(
     return final
 
 
+def check_launch(path: Path, state: dict[str, Any], accelerator: Accelerator) -> None:
+    """Refuse to resume the checkpoint ``path`` (its ``state.json``: ``state``) with another launch than the one that
+    wrote it: a sharded (FSDP2) checkpoint without FSDP or the reverse (its optimiser state is keyed otherwise), or
+    another number of processes (the random streams would differ). ``ValueError`` saying how to resume."""
+    sharded = bool(state.get("sharded", False))  # checkpoints from before sharding existed: unsharded
+    if sharded != accelerator.is_fsdp2:
+        written, now = ("a sharded (FSDP2)", "without") if sharded else ("an unsharded", "with")
+        raise ValueError(
+            f"{path} was written by {written} run and this one is launched {now} FSDP; resume with the launch "
+            "that wrote it (docs/multi-gpu.md#sharded-training-fsdp2)"
+        )
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(
+            f"{path} was written by {state['num_processes']} processes; resume with the same number "
+            f"(now {accelerator.num_processes}) so that the random streams match"
+        )
+
+
 def load_checkpoint(
     path: Path,
     accelerator: Accelerator,
@@ -147,17 +165,7 @@ def load_checkpoint(
     acc = accelerator
     data = checkpoint.load(path, acc.process_index)
     state = data["state"]
-    if state["num_processes"] != acc.num_processes:
-        raise ValueError(
-            f"{path} was written by {state['num_processes']} processes; resume with the same number "
-            f"(now {acc.num_processes}) so that the random streams match"
-        )
-    if state.get("sharded", False) != acc.is_fsdp2:
-        written, now = ("a sharded (FSDP2)", "without") if state.get("sharded", False) else ("an unsharded", "with")
-        raise ValueError(
-            f"{path} was written by {written} run and this one is launched {now} FSDP; resume with the launch "
-            "that wrote it (docs/multi-gpu.md#sharded-training-fsdp2)"
-        )
+    check_launch(path, state, acc)
     model = acc.unwrap_model(denoiser)
     sharding.reshard(model)  # named_parameters() then gives the shards
     named = dict(model.named_parameters())

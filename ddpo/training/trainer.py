@@ -29,7 +29,7 @@ from ..models import absent_components
 from ..policy.advantages import build_advantage, clip_advantages
 from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
 from . import checkpoint_state, heldout, rundir
-from .checkpoint import weights_sha256
+from .checkpoint import read_json, weights_sha256
 from .checkpoint_state import TrainingSnapshot
 from .config import RunConfig, train_steps_per_trajectory
 from .epoch_sampling import sample_epoch
@@ -67,6 +67,8 @@ class Trainer:
         self.accelerator = acc = make_accelerator(c, self.run_dir)
         set_seed(c.seed, device_specific=True)
         # Everything that can fail on user input fails here, before a model is loaded.
+        if resume_checkpoint is not None:  # resumed by the launch that wrote it (processes, sharding)
+            checkpoint_state.check_launch(resume_checkpoint, read_json(resume_checkpoint / "state.json"), acc)
         inputs = load_run_inputs(c, acc.is_main_process)
         self.prompts, self.eval_prompts, self.reward = inputs.prompts, inputs.eval_prompts, inputs.reward
         self.prompt_metadata, self.guards = inputs.prompt_metadata, inputs.guards
