@@ -48,8 +48,11 @@ def _one_machine(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def _two_machines(args: list[str], cwd: Path) -> list[tuple[int, str, str]]:
     """The same launch as two machines of one process each on this host (``--num_machines 2 --machine_rank R
-    --main_process_ip 127.0.0.1``): ``(exit code, stdout, stderr)`` of machine 0 and machine 1."""
-    command = [*ACCELERATE, *FSDP, "--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1"]
+    --main_process_ip 127.0.0.1``): ``(exit code, stdout, stderr)`` of machine 0 and machine 1. Without accelerate's
+    ``fsdp_cpu_ram_efficient_loading`` (on by default: process 0's weights are loaded into every shard), so that each
+    process shards its own copy, and LoRA's initialisation must be made equal by ddpo."""
+    command = [*ACCELERATE, *FSDP, "--fsdp_cpu_ram_efficient_loading", "false"]
+    command += ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1"]
     command += ["--main_process_port", str(_free_port())]
     machines = [
         subprocess.Popen(

@@ -130,6 +130,12 @@ def build_models(config: RunConfig, accelerator: Accelerator) -> Models:
     )
     if c.model.compile:
         denoiser.compile()  # in place: parameter names (checkpoints, LoRA export) are unchanged
+    if accelerator.is_fsdp2 and c.model.use_lora:
+        # Each process seeds its own RNG (set_seed(device_specific=True)), so LoRA's random initialisation differs
+        # between processes. DDP broadcasts process 0's weights when it wraps the model; FSDP2 keeps each process's
+        # slice of its own (unless accelerate's fsdp_cpu_ram_efficient_loading loads process 0's): broadcast first.
+        for param in params:
+            torch.distributed.broadcast(param.data, src=0)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     if accelerator.is_fsdp2 and reference is not None:
         # The frozen reference is as large as the trained denoiser: sharded the same way (its calls run on every
