@@ -127,3 +127,16 @@ def test_family_counts_are_the_published_ones(me):
     assert me.count_params(me.build_text_model("clip_proj", CLIP_BIGG_TEXT_ENCODER)) == 694_659_840  # CLIP-G: 695M
     assert me.count_params(me.build_text_model("clip", SDXL_TEXT_ENCODER)) == 123_060_480  # CLIP-L, as SD 1.5
     assert me.count_params(me.build_text_model("clip_proj", SDXL_TEXT_ENCODER)) == 123_060_480 + 768 * 768
+
+
+def test_fsdp_units_are_the_blocks_accelerate_wraps(me):
+    """FLUX.1-dev under TRANSFORMER_BASED_WRAP: one unit per double- and single-stream block (its _no_split_modules),
+    the rest (embedders, final norm and projection) in the root unit; counted here from the block lists."""
+    from memory_tables import FLUX1_DEV_TRANSFORMER
+
+    flux = me.build_denoiser("flux", FLUX1_DEV_TRANSFORMER)
+    blocks = [*flux.transformer_blocks, *flux.single_transformer_blocks]
+    largest, root = me.fsdp_units(flux)
+    assert largest == max(me.count_params(block) for block in blocks)
+    assert root == me.count_params(flux) - sum(me.count_params(block) for block in blocks)
+    assert 0 < root < largest  # FLUX's blocks dominate: 19 double (339.8M each) and 38 single (141.6M each)
