@@ -28,6 +28,7 @@ import re
 import shutil
 import stat
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -378,9 +379,15 @@ def restore_final_reward(reward, run_dir: Path, epochs: int | None) -> bool:
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the names, dtypes, shapes and bytes of ``state`` (in name order): equal exactly when the tensors are
     bit-identical."""
+    return weights_sha256_of((name, state[name]) for name in sorted(state))
+
+
+def weights_sha256_of(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`weights_sha256` of ``(name, tensor)`` pairs given in name order, taken one at a time (a sharded run's
+    full tensors, gathered one by one, are hashed without ever being held together)."""
     digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+    for name, value in tensors:
+        tensor = value.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -11,7 +11,7 @@ Every function that gathers is a collective: all processes call it, with the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -22,19 +22,23 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def full_tensors(named: dict[str, torch.Tensor], names: Iterable[str], keep: bool) -> dict[str, torch.Tensor]:
-    """The full tensors of ``named[name]`` for each of ``names``, on the CPU, detached, gathered one at a time (a
-    sharded tensor is all-gathered; a plain one is taken as it is). ``keep``: whether this process keeps them (the
-    main process writing a checkpoint); the others take part in the gathers and get an empty dict, so no process but
-    the one that writes ever holds more than one full tensor. A collective when any tensor is sharded."""
-    out = {}
+def iter_full_tensors(named: dict[str, torch.Tensor], names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` for each of ``names``, in that order, on the CPU, detached, gathered one at a time when
+    asked for (a sharded tensor is all-gathered; a plain one is taken as it is): a collective when any is sharded,
+    so every process must go through all of them."""
     for name in names:
         tensor = named[name].detach()
         if is_sharded(tensor):
             tensor = tensor.full_tensor()
-        if keep:
-            out[name] = tensor.cpu()
-    return out
+        yield name, tensor.cpu()
+
+
+def full_tensors(named: dict[str, torch.Tensor], names: Iterable[str], keep: bool) -> dict[str, torch.Tensor]:
+    """The full tensors of ``named[name]`` for each of ``names`` (:func:`iter_full_tensors`). ``keep``: whether this
+    process keeps them (the main process writing a checkpoint); the others take part in the gathers and get an empty
+    dict, so no process but the one that writes ever holds more than one full tensor. A collective when any tensor is
+    sharded."""
+    return {name: tensor for name, tensor in iter_full_tensors(named, names) if keep}
 
 
 def copy_full_(target: torch.Tensor, full: torch.Tensor) -> None:
