@@ -286,3 +286,49 @@ def test_a_sharded_checkpoint_resumed_without_sharding_is_refused(sharded_lora, 
     err = capsys.readouterr().err
     assert "was written by a sharded (FSDP2) run and this one is launched without FSDP" in err, err[-2000:]
     assert "Traceback" not in err
+
+
+SHARED_CHECK = """
+import sys
+from pathlib import Path
+from accelerate import Accelerator
+from ddpo.training.config import ConfigError
+from ddpo.training.processes import check_shared_run_dir
+
+accelerator = Accelerator(cpu=True)
+try:
+    check_shared_run_dir(accelerator, Path("runs/run"))
+except ConfigError as err:
+    print(err, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_machines_that_do_not_share_the_run_directory_are_refused(tmp_path):
+    """Two machines of one process each (``LOCAL_WORLD_SIZE=1``, as a launcher on each would start them) whose
+    relative run directory lands in a different folder on each (their working directories differ, as two machines'
+    disks would): the check the trainer makes before the model loads (``check_shared_run_dir``) stops both, naming
+    the process that cannot see the run directory; machine 0's marker is gone. Run as a small script (torch and
+    accelerate only, no model code: the trainer's call of it is one line), to keep the suite short."""
+    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="1")
+    machines = []
+    for rank in (0, 1):
+        (tmp_path / f"machine{rank}" / "runs").mkdir(parents=True)
+        machines.append(
+            subprocess.Popen(
+                [sys.executable, "-c", SHARED_CHECK],
+                cwd=tmp_path / f"machine{rank}",
+                env=dict(env, RANK=str(rank), LOCAL_RANK="0"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    errors = [machine.communicate(timeout=300)[1] for machine in machines]
+    for machine, err in zip(machines, errors, strict=True):
+        assert machine.returncode == 2, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("the run directory runs/run is not shared by the machines of this run: process 1 on ")
+        assert "process 0 on" not in line
+    assert not list((tmp_path / "machine0" / "runs").iterdir())  # machine 0 removed its marker

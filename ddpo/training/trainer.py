@@ -38,7 +38,14 @@ from .guards import StopRules
 from .killpoints import kill_point
 from .model_card import write_model_card
 from .optimise import optimise_epoch, shuffled_pairs
-from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
+from .processes import (
+    TrainingError,
+    check_shared_run_dir,
+    collective_failure,
+    interrupted_message,
+    lost_process_message,
+    overlap_scoring,
+)
 from .progress import EpochProgress, describe_batch_sizes
 from .reporting import layout_line, run_summary, write_epoch
 from .run_inputs import load_run_inputs
@@ -67,6 +74,7 @@ class Trainer:
         self.accelerator = acc = make_accelerator(c, self.run_dir)
         set_seed(c.seed, device_specific=True)
         # Everything that can fail on user input fails here, before a model is loaded.
+        check_shared_run_dir(acc, self.run_dir)  # several machines write one run directory
         if resume_checkpoint is not None:  # resumed by the launch that wrote it (processes, sharding)
             checkpoint_state.check_launch(resume_checkpoint, read_json(resume_checkpoint / "state.json"), acc)
         inputs = load_run_inputs(c, acc.is_main_process)
