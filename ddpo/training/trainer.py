@@ -232,7 +232,8 @@ class Trainer:
         }
         if "kl" in train_info:  # the KL to the base model that train.kl_coef weighs (stop.kl_limit reads it)
             self._kl_since_eval.append(float(train_info["kl"]))
-        if (acc := self.accelerator).num_processes > 1:
+        acc = self.accelerator
+        if acc.num_processes > 1:
             # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl (sharded: one hash).
             metrics["weights_sha256"] = checkpoint_state.weights_hashes(acc, self.denoiser, self.trainable_names)
             if acc.is_fsdp2:  # what each process holds of the denoiser, measured
@@ -397,6 +398,7 @@ class Trainer:
     def restore(self, saved: TrainingSnapshot) -> None:
         """Back to ``saved`` (:meth:`snapshot`), gradients cleared; ``saved`` stays reusable."""
         self.global_step = checkpoint_state.restore(saved, self.params, self.optimizer, self.advantage_state)
+        self.policy.weights_changed()  # a sharded model gathers the restored weights at its next call
 
     def _checkpointed(self) -> dict[str, Any]:
         """The objects whose state a checkpoint holds (:mod:`~ddpo.training.checkpoint_state`)."""
