@@ -483,6 +483,7 @@ def model_numbers(arch: dict, rank: int, targets: list[str], resolution: int | N
         "latent": latent,
         "latent_channels": arch["vae"]["latent_channels"],
         "unet_params": count_params(denoiser),
+        "fsdp_units": fsdp_units(denoiser),
         "unet_buffers": count_buffers(denoiser),
         "vae_params": count_params(build_vae(arch["vae"])),
         "text_params": sum(texts),
@@ -672,6 +673,59 @@ def reward_backprop_phases(cfg: dict, n: dict, d: str, cfg_rows: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------- sharded full fine-tuning
+
+FSDP_GPUS = (1, 2, 4, 8)
+"""GPU counts of the sharded full fine-tuning table (docs/gpu-memory.md#full-fine-tuning-sharded-over-n-gpus-fsdp2)."""
+
+
+def fsdp_units(model: torch.nn.Module) -> tuple[int, int]:
+    """``(largest unit, root unit)``: parameters of the largest FSDP unit and of the root unit of ``model`` wrapped as
+    accelerate's ``TRANSFORMER_BASED_WRAP`` wraps it: one unit per module whose class the model names in
+    ``_no_split_modules``, holding its parameters that no unit inside it holds; the root unit holds the rest."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    taken: set[int] = set()
+    largest = 0
+    for module in reversed(list(model.modules())):  # a module's descendants come before it
+        if type(module).__name__ in names:
+            own = [p for p in module.parameters() if id(p) not in taken]
+            taken.update(id(p) for p in own)
+            largest = max(largest, sum(p.numel() for p in own))
+    root = sum(p.numel() for p in model.parameters() if id(p) not in taken)
+    return largest, root
+
+
+def fsdp_full_memory(cfg: dict, n: dict, gpus: int, checkpointing: bool = False) -> dict:
+    """GiB per GPU of the preset ``cfg`` as a full fine-tuning (``model.use_lora=false``) sharded over ``gpus`` GPUs
+    with FSDP2 (accelerate's ``TRANSFORMER_BASED_WRAP``), on the architecture numbers ``n`` (with ``fsdp_units``).
+
+    Sharded (divided by ``gpus``): the fp32 weights, their gradients and AdamW state, the frozen KL reference
+    (``train.kl_coef > 0``, an fp32 copy) and the old policy (``nft``, ``awm`` with ``awm_ema_kl > 0``: an fp32 EMA).
+    Gathered while computing (FSDP2's mixed precision gathers in bf16 under ``mixed_precision=bf16``, else fp32): the
+    root unit, which stays gathered from forward to backward, and two of the largest unit (the one computing and the
+    one prefetched), each with its unsharded gradient before the reduce-scatter. Replicated on every GPU, as without
+    sharding: VAE, text encoders, reward model, the epoch's trajectories and the activations of one call."""
+    model, train = {**cfg["model"], "use_lora": False}, dict(cfg["train"])
+    if checkpointing:
+        train["gradient_checkpointing"] = True
+    mem = preset_memory({**cfg, "model": model, "train": train}, n)
+    parts = {k: v * GIB for k, v in mem["parts_gib"].items()}
+    parts.pop("autocast_weight_cache", None)  # FSDP2 gathers bf16 weights per unit instead
+    for key in ("trainable_weights", "gradients", "optimizer_state"):
+        parts[key] /= gpus
+    copies = (train.get("kl_coef", 0) > 0) + (
+        train.get("algorithm") == "nft" or (train.get("algorithm") == "awm" and train.get("awm_ema_kl", 0) > 0)
+    )
+    parts["reference_and_old_policy"] = copies * n["unet_params"] * 4 / gpus
+    gathered = 2 if cfg.get("mixed_precision", "no") in ("bf16", "fp16") else 4
+    largest, root = n["fsdp_units"]
+    parts["gathered_units"] = (root + 2 * largest) * gathered * 2  # weights and their unsharded gradients
+    static = sum(parts.values())
+    phases = {k: v * GIB for k, v in mem["phases_gib"].items()}
+    total = (static + max(phases.values())) * MARGIN + CUDA_OVERHEAD_GIB * GIB
+    return {"parts_gib": {k: v / GIB for k, v in parts.items()}, "static_gib": static / GIB, "total_gib": total / GIB}
+
+
 def merged_preset(name: str) -> dict:
     from ddpo.training.config import build_config, to_dict
 
@@ -762,7 +816,12 @@ def main(argv: list[str] | None = None) -> int:
             if "does not fit" not in changes:  # the recommended overrides are a valid config
                 build_config(preset=name, overrides=[f"{k}={str(v).lower()}" for k, v in changes.items()])
             cards[str(card)] = {"changes": changes, "total_gib": fitted["total_gib"]}
-        report["presets"][name] = {"memory": mem, "cards": cards}
+        sharded = {
+            f"{gpus}{'_ckpt' if ckpt else ''}": fsdp_full_memory(cfg, n, gpus, ckpt)["total_gib"]
+            for ckpt in (False, True)
+            for gpus in FSDP_GPUS
+        }
+        report["presets"][name] = {"memory": mem, "cards": cards, "full_fine_tuning_fsdp": sharded}
         print(
             f"\n== {name}: {n['architecture']} {n['resolution']} px, LoRA r{m['lora_rank']} = {n['lora_params']:,} params"
         )
@@ -771,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {k:24s} {v:8.3f} GiB")
         for card, c in cards.items():
             print(f"   {card:>3s} GB: {c['total_gib']:6.2f} GiB with {c['changes'] or 'as configured'}")
+        for suffix, label in (("", ""), ("_ckpt", " + gradient checkpointing")):
+            figures = ", ".join(f"{gpus} GPUs {sharded[f'{gpus}{suffix}']:.1f}" for gpus in FSDP_GPUS)
+            print(f"   full fine-tuning, FSDP2{label}: {figures} GiB per GPU")
     for arch, n in report["architectures"].items():
         print(
             f"\n{arch}: denoiser {n['unet_params']:,} params (+{n['unet_buffers']:,} buffer values), "

@@ -37,11 +37,17 @@ def fast_settings(tiny_model_dir) -> dict[str, object]:
     }
 
 
+def cli_overrides(settings: dict[str, object], output_dir: Path, run_name: str = "run") -> list[str]:
+    """``settings`` (:func:`fast_settings`) as CLI overrides, into ``output_dir/run_name``, training every step,
+    writing grids."""
+    extra = [f"output_dir={output_dir}", f"run_name={run_name}", "train.timestep_fraction=1.0", "log_images=true"]
+    return [f"{key}={value}" for key, value in settings.items()] + extra
+
+
 @pytest.fixture
 def fast_overrides(fast_settings, tmp_path) -> list[str]:
     """:func:`fast_settings` as CLI overrides, into ``tmp_path/runs/run``, training every step, writing grids."""
-    extra = [f"output_dir={tmp_path / 'runs'}", "run_name=run", "train.timestep_fraction=1.0", "log_images=true"]
-    return [f"{key}={value}" for key, value in fast_settings.items()] + extra
+    return cli_overrides(fast_settings, tmp_path / "runs")
 
 
 @pytest.fixture
@@ -70,3 +76,27 @@ def record_epoch_weights(monkeypatch) -> list:
 
     monkeypatch.setattr(Trainer, "compute_weights", compute_weights)
     return epochs
+
+
+def launch_two_processes(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+    """``python -m ddpo.cli ARGS`` in two processes on the CPU (DDP over gloo), started by torchrun."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ddpo.cli", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def ddp_tiny_run(fast_settings, tmp_path_factory) -> Path:
+    """A finished 2-epoch run of the tiny pipeline in two processes (DDP, torchrun), with :func:`fast_settings` and a
+    checkpoint per epoch: ``ROOT/runs/run``. Read-only: a test that resumes it works on a copy
+    (tests/test_distributed.py resumes it; tests/test_sharded.py compares a sharded run with it)."""
+    root = tmp_path_factory.mktemp("ddp_tiny_run")
+    done = launch_two_processes(
+        ["train", "--preset", "tiny", "num_epochs=2", *cli_overrides(fast_settings, root / "runs")], root
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "runs" / "run"

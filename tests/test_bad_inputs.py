@@ -190,6 +190,31 @@ CASES = [
         True,
     ),
     ("unknown preset", lambda t, f, m: (["train", "--preset", "tinyy", *f], {}), "Did you mean 'tiny'", True),
+    *[
+        (f"launch: {name}", lambda t, f, m, e=env: (["train", *T, *f], e), phrase, True)
+        for name, env, phrase in (
+            (
+                "FSDP in one process without CUDA",
+                {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "1"},
+                "started one process on a machine without CUDA, where accelerate would train unsharded",
+            ),
+            (
+                "FSDP version 1",
+                {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "WORLD_SIZE": "2"},
+                "ddpo shards with FSDP2 only: add --fsdp_version 2",
+            ),
+            (
+                "FSDP activation checkpointing",
+                {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+                "set train.gradient_checkpointing=true (diffusers' own) instead",
+            ),
+            (
+                "DeepSpeed",
+                {"ACCELERATE_USE_DEEPSPEED": "true"},
+                "the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), which ddpo does not support",
+            ),
+        )
+    ],
     (
         "missing config file",
         lambda t, f, m: (["train", "--config", str(t / "nope.yaml"), *f], {}),

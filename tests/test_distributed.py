@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,29 +14,23 @@ import sys
 import time
 
 import pytest
+from conftest import launch_two_processes
 from safetensors.torch import load_file
 
 from ddpo.training import checkpoint
 from ddpo.training.trainer import weights_sha256
 
 
-def _launch(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ddpo.cli", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_two_process_run_and_resume(fast_overrides, tmp_path):
-    done = _launch(["train", "--preset", "tiny", "num_epochs=2", *fast_overrides], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_two_process_run_and_resume(ddp_tiny_run, fast_overrides, tmp_path):
     run = tmp_path / "runs" / "run"
+    shutil.copytree(ddp_tiny_run, run)  # the shared 2-epoch run (conftest.py), resumed here on a copy
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # 2 processes x 2 batches x 2 samples: the rewards of both processes were gathered; one line per epoch.
     assert [m["samples"] for m in metrics] == [8, 16]
     newest = run / "checkpoints" / "checkpoint_000002"
     assert (newest / "rng_0.json").is_file() and (newest / "rng_1.json").is_file()
-    resumed = _launch(["train", "--resume", str(run), "num_epochs=3"], tmp_path)
+    resumed = launch_two_processes(["train", "--resume", str(run), "num_epochs=3"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1, 2] and metrics[2]["global_step"] == 3 * metrics[0]["global_step"]
@@ -48,7 +43,9 @@ def test_two_process_run_and_resume(fast_overrides, tmp_path):
         saved = load_file(run / "checkpoints" / f"checkpoint_{epoch + 1:06d}" / "trainable.safetensors")
         assert weights_sha256(saved) == h[0]
     # The resumed run matches one that ran its 3 epochs uninterrupted: the same weights and metrics (timings apart).
-    whole = _launch(["train", "--preset", "tiny", "num_epochs=3", *fast_overrides, "run_name=whole"], tmp_path)
+    whole = launch_two_processes(
+        ["train", "--preset", "tiny", "num_epochs=3", *fast_overrides, "run_name=whole"], tmp_path
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     for name in ("final/pytorch_lora_weights.safetensors", "checkpoints/checkpoint_000003/trainable.safetensors"):
         resumed_weights, whole_weights = load_file(run / name), load_file(tmp_path / "runs" / "whole" / name)

@@ -153,3 +153,16 @@ def test_reward_backprop_phases_count_the_chain_the_decode_and_the_reward(me):
     phases = me.reward_backprop_phases(cfg, n, "bf16", cfg_rows=2)
     assert phases["chain_and_reward"] == 3 * 8 * gib + 4 * 5 * gib
     assert phases["chain_and_decode_backward"] == 3 * 8 * gib + 4 * 5 * gib
+
+
+def test_fsdp_units_are_the_blocks_accelerate_wraps(me):
+    """FLUX.1-dev under TRANSFORMER_BASED_WRAP: one unit per double- and single-stream block (its _no_split_modules),
+    the rest (embedders, final norm and projection) in the root unit; counted here from the block lists."""
+    from memory_tables import FLUX1_DEV_TRANSFORMER
+
+    flux = me.build_denoiser("flux", FLUX1_DEV_TRANSFORMER)
+    blocks = [*flux.transformer_blocks, *flux.single_transformer_blocks]
+    largest, root = me.fsdp_units(flux)
+    assert largest == max(me.count_params(block) for block in blocks)
+    assert root == me.count_params(flux) - sum(me.count_params(block) for block in blocks)
+    assert 0 < root < largest  # FLUX's blocks dominate: 19 double (339.8M each) and 38 single (141.6M each)

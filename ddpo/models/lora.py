@@ -23,9 +23,12 @@ def add_lora(denoiser: torch.nn.Module, rank: int, alpha: float, target_modules:
         ) from err
 
 
-def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    denoiser: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The LoRA weights of ``denoiser`` (a UNet or a transformer) in the diffusers format that
-    ``pipe.load_lora_weights`` reads.
+    ``pipe.load_lora_weights`` reads; ``state_dict``: its LoRA tensors by parameter name, when they are to be taken
+    from there rather than from the module (a sharded module's, gathered in full).
 
     A UNet's are converted to diffusers' own key names (``to_q.lora.down``, as diffusers' UNet LoRA scripts save
     them); a transformer's (SD3, FLUX) stay in peft's (``to_q.lora_A``), which is what their pipelines' loaders and
@@ -35,7 +38,7 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(denoiser)
+    state = get_peft_model_state_dict(denoiser, state_dict=state_dict)
     return convert_state_dict_to_diffusers(state) if isinstance(denoiser, UNet2DConditionModel) else state
 
 

@@ -28,6 +28,7 @@ import re
 import shutil
 import stat
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .killpoints import kill_point
+from .sharding import copy_full_
 
 PREFIX = "checkpoint_"
 MANIFEST = "manifest.json"
@@ -313,9 +315,8 @@ def restore_trainable(path: Path, trainable: dict[str, torch.Tensor], params: di
             f"{path}: {len(wrong)} trained weights do not fit the model's shapes (checkpoint vs model: "
             f"{'; '.join(wrong[:3])}); was model.lora_rank or the model changed? Resume with the run's own values"
         )
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    for name, value in trainable.items():
+        copy_full_(params[name], value)  # a sharded parameter keeps its own slice
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -378,9 +379,15 @@ def restore_final_reward(reward, run_dir: Path, epochs: int | None) -> bool:
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the names, dtypes, shapes and bytes of ``state`` (in name order): equal exactly when the tensors are
     bit-identical."""
+    return weights_sha256_of((name, state[name]) for name in sorted(state))
+
+
+def weights_sha256_of(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`weights_sha256` of ``(name, tensor)`` pairs given in name order, taken one at a time (a sharded run's
+    full tensors, gathered one by one, are hashed without ever being held together)."""
     digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+    for name, value in tensors:
+        tensor = value.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -22,15 +22,48 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from ..models import lora_metadata, lora_state_dict
-from . import checkpoint
+from . import checkpoint, sharding
 from .killpoints import kill_point
 from .processes import TrainingError
 
 
 def trainable_state(accelerator: Accelerator, denoiser, trainable_names: list[str]) -> dict[str, torch.Tensor]:
-    """The trained tensors of ``denoiser`` (unwrapped from DDP / compile), by parameter name (detached, not copied)."""
-    named = dict(accelerator.unwrap_model(denoiser).named_parameters())
+    """The trained tensors of ``denoiser`` (unwrapped from DDP / compile), by parameter name (detached, not copied).
+
+    Under sharding (FSDP2) their full tensors, gathered from every process's shard one at a time
+    (:func:`~ddpo.training.sharding.full_tensors`), on the main process only: the others get an empty dict, and all
+    processes must call this."""
+    model = accelerator.unwrap_model(denoiser)
+    if accelerator.is_fsdp2:
+        sharding.reshard(model)  # named_parameters() then gives the shards
+        named = dict(model.named_parameters())
+        return sharding.full_tensors(named, trainable_names, keep=accelerator.is_main_process)
+    named = dict(model.named_parameters())
     return {name: named[name].detach() for name in trainable_names}
+
+
+def optimizer_state_dict(accelerator: Accelerator, denoiser, optimizer) -> dict[str, Any]:
+    """The optimiser state a checkpoint holds (all processes call this): ``optimizer.state_dict()``, or under sharding
+    the full state keyed by parameter name on the main process
+    (:func:`~ddpo.training.sharding.full_optimizer_state`; the others get an empty dict)."""
+    if accelerator.is_fsdp2:
+        return sharding.full_optimizer_state(accelerator.unwrap_model(denoiser), optimizer)
+    return optimizer.state_dict()
+
+
+def weights_hashes(accelerator: Accelerator, denoiser, trainable_names: list[str]) -> list[str]:
+    """An epoch's ``weights_sha256`` (all processes call this): with data parallelism, every process's hash of its own
+    copy of the trained weights, in process order (DDP keeps the copies equal, so the entries are); under sharding one
+    entry, the hash of the full weights gathered from the shards (no process holds a copy of its own). Either way
+    the hash of the full weights, so runs of both kinds can be compared. Sharded, the full tensors are gathered and
+    hashed one at a time: no process holds the full weights (full fine-tuning of FLUX: 44 GiB in fp32)."""
+    if not accelerator.is_fsdp2:
+        return gather_object([checkpoint.weights_sha256(trainable_state(accelerator, denoiser, trainable_names))])
+    model = accelerator.unwrap_model(denoiser)
+    sharding.reshard(model)  # named_parameters() then gives the shards
+    full = sharding.iter_full_tensors(dict(model.named_parameters()), sorted(trainable_names))
+    digest = checkpoint.weights_sha256_of(full)  # every process takes part in the gathers (and hashes)
+    return gather_object([digest] if accelerator.is_main_process else [])
 
 
 @contextlib.contextmanager
@@ -76,11 +109,14 @@ def save_checkpoint(
     tmp = checkpoint.begin(folder) if acc.is_main_process else None
     tmp = Path(gather_object([str(tmp)])[0]) if acc.num_processes > 1 else tmp
     with removed_on_failure(tmp if acc.is_main_process else None, final.name, previous, run_dir):
+        # Every process takes part: under sharding the full tensors are gathered from all of them.
+        trainable = trainable_state(acc, denoiser, trainable_names)
+        optimizer_state = optimizer_state_dict(acc, denoiser, optimizer)
+        extra = estimator.state_dict()
+        if extra:
+            extra = sharding.full_tensors(extra, sorted(extra), keep=acc.is_main_process)
         if acc.is_main_process:
-            trainable = trainable_state(acc, denoiser, trainable_names)
-            checkpoint.write_payload(
-                tmp, trainable, optimizer.state_dict(), reward.state_dict(), estimator.state_dict()
-            )
+            checkpoint.write_payload(tmp, trainable, optimizer_state, reward.state_dict(), extra)
             kill_point("checkpoint_payload")
         checkpoint.write_json(tmp / f"rng_{acc.process_index}.json", checkpoint.rng_state())
         acc.wait_for_everyone()
@@ -90,12 +126,31 @@ def save_checkpoint(
                 "global_step": global_step,
                 "tracker": advantage_state.state_dict() if advantage_state is not None else None,
                 "num_processes": acc.num_processes,
+                "sharded": acc.is_fsdp2,
                 "trainable_names": trainable_names,
                 "guards": guards,
             }
             final = checkpoint.commit(tmp, folder, epochs_done, state, keep)
     acc.wait_for_everyone()
     return final
+
+
+def check_launch(path: Path, state: dict[str, Any], accelerator: Accelerator) -> None:
+    """Refuse to resume the checkpoint ``path`` (its ``state.json``: ``state``) with another launch than the one that
+    wrote it: a sharded (FSDP2) checkpoint without FSDP or the reverse (its optimiser state is keyed otherwise), or
+    another number of processes (the random streams would differ). ``ValueError`` saying how to resume."""
+    sharded = bool(state.get("sharded", False))  # checkpoints from before sharding existed: unsharded
+    if sharded != accelerator.is_fsdp2:
+        written, now = ("a sharded (FSDP2)", "without") if sharded else ("an unsharded", "with")
+        raise ValueError(
+            f"{path} was written by {written} run and this one is launched {now} FSDP; resume with the launch "
+            "that wrote it (docs/multi-gpu.md#sharded-training-fsdp2)"
+        )
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(
+            f"{path} was written by {state['num_processes']} processes; resume with the same number "
+            f"(now {accelerator.num_processes}) so that the random streams match"
+        )
 
 
 def load_checkpoint(
@@ -114,14 +169,15 @@ def load_checkpoint(
     acc = accelerator
     data = checkpoint.load(path, acc.process_index)
     state = data["state"]
-    if state["num_processes"] != acc.num_processes:
-        raise ValueError(
-            f"{path} was written by {state['num_processes']} processes; resume with the same number "
-            f"(now {acc.num_processes}) so that the random streams match"
-        )
-    named = dict(acc.unwrap_model(denoiser).named_parameters())
+    check_launch(path, state, acc)
+    model = acc.unwrap_model(denoiser)
+    sharding.reshard(model)  # named_parameters() then gives the shards
+    named = dict(model.named_parameters())
     checkpoint.restore_trainable(path, data["trainable"], {name: named[name] for name in trainable_names})
-    optimizer.load_state_dict(data["optimizer"])
+    if acc.is_fsdp2:
+        sharding.load_full_optimizer_state(model, optimizer, data["optimizer"])
+    else:
+        optimizer.load_state_dict(data["optimizer"])
     estimator.load_state_dict(data["extra"], str(path))
     if advantage_state is not None:
         if state["tracker"] is None:
@@ -147,20 +203,31 @@ def save_final(
     """``run_dir/<folder>/`` (``final/``, or ``best/``): LoRA weights for ``pipe.load_lora_weights(final)``, or a full
     pipeline folder; or, with ``source``, a copy of that folder's weights (``final/`` from ``best/``). ``card(tmp)``
     writes the model card into the folder before it is put in place, so the card and the weights always go together.
-    All processes must call this; the main process writes."""
+    All processes must call this; the main process writes. A sharded (FSDP2) run writes its full weights, gathered from
+    the shards: the same files an unsharded run writes."""
     acc = accelerator
     final = run_dir / folder
     acc.wait_for_everyone()
+    model = acc.unwrap_model(denoiser)
+    full = None  # under sharding: the full weights (LoRA's, or every parameter), on the main process
+    if acc.is_fsdp2 and source is None:
+        names = [name for name, param in model.named_parameters() if param.requires_grad or not use_lora]
+        full = trainable_state(acc, denoiser, names)
     if acc.is_main_process:
         tmp = run_dir / f".final-tmp-{folder}-{os.getpid()}"
         with removed_on_failure(tmp, f"{folder}/", checkpoint.latest(run_dir / "checkpoints"), run_dir):
             if source is not None:
                 shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("README.md", "heldout_*.png"))
             elif use_lora:
-                model = acc.unwrap_model(denoiser)
-                family.save_lora(tmp, lora_state_dict(model), lora_metadata(model))
+                family.save_lora(tmp, lora_state_dict(model, full), lora_metadata(model))
+            elif full is not None:  # a plain module of the same class holds the full weights while the pipeline saves
+                family.set_denoiser(sharding.unsharded_copy(model, full))
+                try:
+                    pipe.save_pretrained(tmp, safe_serialization=True)
+                finally:
+                    family.set_denoiser(model)
             else:
-                family.set_denoiser(acc.unwrap_model(denoiser))
+                family.set_denoiser(model)
                 pipe.save_pretrained(tmp, safe_serialization=True)
             if card is not None:
                 card(tmp)

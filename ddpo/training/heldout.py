@@ -32,16 +32,24 @@ def evaluate_chunks(
     """Sample and score ``prompts`` in chunks of ``batch_size``: chunk ``k`` on process ``k % num_processes``, with
     ``sample(prompts, seed)`` (the noise seed ``derive_seed(0, Stream.EVAL_NOISE, k)``, never the run's seed, epoch or
     process count) and ``score(images, prompts, where)``. Returns the chunks, every process's results sorted by chunk,
-    and chunk 0's images on the process that sampled them (else None)."""
+    and chunk 0's images on the process that sampled them (else None).
+
+    Under sharding (FSDP2) each call of the denoiser gathers its weights from every process, so every process must
+    call it as often as the others: a process left one chunk short samples the last chunk once more and discards it
+    (the evaluated set and its results are those of an unsharded run)."""
     acc = accelerator
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    mine = range(acc.process_index, len(chunks), acc.num_processes)
     results, first_images = [], None
-    for k in range(acc.process_index, len(chunks), acc.num_processes):
+    for k in mine:
         trajectories = sample(chunks[k], derive_seed(0, Stream.EVAL_NOISE, k))
         values, info = score(trajectories.images, chunks[k], f"held-out evaluation, chunk {k}")[:2]
         results.append((k, values.cpu().tolist(), info))
         if k == 0:
             first_images = trajectories.images
+    rounds = -(-len(chunks) // acc.num_processes)
+    if acc.is_fsdp2 and len(mine) < rounds:  # in step with the processes that sample one more chunk
+        sample(chunks[-1], derive_seed(0, Stream.EVAL_NOISE, len(chunks) - 1))
     if acc.num_processes > 1:
         results = gather_object(results)
     results.sort(key=lambda item: item[0])

@@ -1,15 +1,18 @@
-"""How a run's processes run and how they fail: the CPU multi-process switch, where rewards are scored, and the one
-line each way of stopping (a lost process, Ctrl-C) leaves for the person who resumes."""
+"""How a run's processes run and how they fail: the CPU multi-process switch, where rewards are scored, the run
+directory several machines must share, and the one line each way of stopping (a lost process, Ctrl-C) leaves for the
+person who resumes."""
 
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 
 class TrainingError(RuntimeError):
@@ -35,6 +38,38 @@ def launched_on_cpu() -> bool:
     which accelerate would otherwise give every process a one-process state (each training alone, into the same run
     directory)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_shared_run_dir(accelerator, run_dir: Path) -> None:
+    """Refuse, before the model loads, a run over several machines whose processes do not all see ``run_dir`` where
+    machine 0 does. Machine 0 writes the checkpoints, every process writes its random state into them and reads them
+    on resume, so the run directory must be on a filesystem every machine mounts at the same path. Checked when the
+    processes span machines (more of them than ``LOCAL_WORLD_SIZE``, the count the launcher started on this machine):
+    machine 0 leaves a marker in the run directory's parent folder, every process looks for it, machine 0 removes it.
+    :class:`ConfigError` on every process, naming those that could not see it."""
+    from accelerate.utils import gather_object
+
+    if accelerator.num_processes <= int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+        return  # one machine
+    folder = Path(run_dir).resolve().parent
+    token = gather_object([uuid.uuid4().hex if accelerator.is_main_process else ""])[0]
+    marker = folder / f".ddpo-shared-{token}"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    accelerator.wait_for_everyone()
+    seen = gather_object([(accelerator.process_index, socket.gethostname(), marker.is_file())])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = [f"process {index} on {host}" for index, host, found in seen if not found]
+    if blind:
+        raise ConfigError(
+            f"the run directory {run_dir} is not shared by the machines of this run: {', '.join(blind)} cannot see "
+            f"the folder machine 0 writes it in; put output_dir on a filesystem every machine mounts at the same "
+            "path (NFS, Lustre), with an absolute path: machine 0 writes the checkpoints, every process writes its "
+            "random state into them and reads them on resume"
+        )
 
 
 def collective_failure(err: BaseException) -> bool:

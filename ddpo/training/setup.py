@@ -20,6 +20,7 @@ from .estimators import Estimator, Policy, estimator_for
 from .optim import get_optimizer_class
 from .processes import launched_on_cpu
 from .reporting import experiment_trackers
+from .strategy import carry_out, check_requested
 
 
 @dataclass
@@ -46,8 +47,11 @@ class Models:
 
 def make_accelerator(config: RunConfig, run_dir: Path) -> Accelerator:
     """The run's accelerator: its precision, gradient accumulation, experiment trackers (logging under ``run_dir``),
-    the collectives' timeout, and gloo on a CPU when several processes were launched."""
-    return Accelerator(
+    the collectives' timeout, gloo on a CPU when several processes were launched, and the distribution strategy the
+    launch asked for (DDP, or FSDP2: :mod:`~ddpo.training.strategy`), which it carries out or refuses before the
+    model loads."""
+    check_requested()
+    accelerator = Accelerator(
         cpu=launched_on_cpu(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
@@ -55,6 +59,8 @@ def make_accelerator(config: RunConfig, run_dir: Path) -> Accelerator:
         project_dir=str(run_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_timeout_seconds))],
     )
+    carry_out(accelerator)
+    return accelerator
 
 
 def build_models(config: RunConfig, accelerator: Accelerator, estimator_inputs: Any = None) -> Models:
@@ -126,7 +132,20 @@ def build_models(config: RunConfig, accelerator: Accelerator, estimator_inputs: 
     )
     if c.model.compile:
         denoiser.compile()  # in place: parameter names (checkpoints, LoRA export) are unchanged
+    if accelerator.is_fsdp2 and c.model.use_lora:
+        # Each process seeds its own RNG (set_seed(device_specific=True)), so LoRA's random initialisation differs
+        # between processes. DDP broadcasts process 0's weights when it wraps the model; FSDP2 keeps each process's
+        # slice of its own (unless accelerate's fsdp_cpu_ram_efficient_loading loads process 0's): broadcast first.
+        for param in params:
+            torch.distributed.broadcast(param.data, src=0)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    if accelerator.is_fsdp2 and reference is not None:
+        # The frozen reference is as large as the trained denoiser: sharded the same way (its calls run on every
+        # process in step with the policy's), so that sharding saves memory on it too.
+        reference = accelerator.prepare(reference)
+    # The trained tensors as the prepared model holds them: FSDP2 replaces each parameter by its shard (a DTensor).
+    named = dict(accelerator.unwrap_model(denoiser).named_parameters())
+    params = [named[name] for name in trainable_names]
     policy = Policy(
         config=c,
         family=family,

@@ -29,7 +29,7 @@ from ..models import absent_components
 from ..policy.advantages import COMPONENT_SCHEMES, build_advantage, clip_advantages
 from ..policy.sampling import CleanSamples, Trajectories, sample_clean, sample_trajectories
 from . import checkpoint_state, heldout, rundir
-from .checkpoint import weights_sha256
+from .checkpoint import read_json, weights_sha256
 from .checkpoint_state import TrainingSnapshot
 from .config import RunConfig, train_steps_per_trajectory
 from .epoch_sampling import epoch_batches, sample_epoch
@@ -38,13 +38,21 @@ from .guards import StopRules
 from .killpoints import kill_point
 from .model_card import write_model_card
 from .optimise import MinibatchSteps, optimise_epoch, shuffled_pairs
-from .processes import TrainingError, collective_failure, interrupted_message, lost_process_message, overlap_scoring
+from .processes import (
+    TrainingError,
+    check_shared_run_dir,
+    collective_failure,
+    interrupted_message,
+    lost_process_message,
+    overlap_scoring,
+)
 from .progress import EpochProgress, describe_batch_sizes
 from .reporting import layout_line, run_summary, write_epoch
 from .run_inputs import load_run_inputs
 from .runlog import read_jsonl
 from .scoring import checked_reward_call, checked_score
 from .setup import build_models, make_accelerator
+from .sharding import shard_metrics
 
 # Importable from here as before (the CLI and tests import them from the trainer).
 __all__ = ["Trainer", "TrainingError", "TrainingSnapshot", "interrupted_message", "new_run_dir", "overlap_scoring"]
@@ -66,6 +74,9 @@ class Trainer:
         self.accelerator = acc = make_accelerator(c, self.run_dir)
         set_seed(c.seed, device_specific=True)
         # Everything that can fail on user input fails here, before a model is loaded.
+        check_shared_run_dir(acc, self.run_dir)  # several machines write one run directory
+        if resume_checkpoint is not None:  # resumed by the launch that wrote it (processes, sharding)
+            checkpoint_state.check_launch(resume_checkpoint, read_json(resume_checkpoint / "state.json"), acc)
         inputs = load_run_inputs(c, acc.num_processes, acc.is_main_process)
         self.prompts, self.eval_prompts, self.reward = inputs.prompts, inputs.eval_prompts, inputs.reward
         self.prompt_metadata, self.guards = inputs.prompt_metadata, inputs.guards
@@ -219,9 +230,12 @@ class Trainer:
         }
         if "kl" in train_info:  # the KL to the base model that train.kl_coef weighs (stop.kl_limit reads it)
             self.stop_rules.note_kl(train_info["kl"])
-        if self.accelerator.num_processes > 1:
-            # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl.
-            metrics["weights_sha256"] = gather_object([weights_sha256(self.trainable_state())])
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            # DDP keeps the copies identical; this proves it, every epoch, in metrics.jsonl (sharded: one hash).
+            metrics["weights_sha256"] = checkpoint_state.weights_hashes(acc, self.denoiser, self.trainable_names)
+            if acc.is_fsdp2:  # what each process holds of the denoiser, measured
+                metrics.update(shard_metrics(acc, acc.unwrap_model(self.denoiser)))
         self.log(epoch, metrics, logged, rewards)
         return metrics
 
@@ -466,6 +480,7 @@ class Trainer:
     def restore(self, saved: TrainingSnapshot) -> None:
         """Back to ``saved`` (:meth:`snapshot`), gradients cleared; ``saved`` stays reusable."""
         self.global_step = checkpoint_state.restore(saved, self.params, self.optimizer, self.advantage_state)
+        self.policy.weights_changed()  # a sharded model gathers the restored weights at its next call
 
     def _checkpointed(self) -> dict[str, Any]:
         """The objects whose state a checkpoint holds (:mod:`~ddpo.training.checkpoint_state`)."""

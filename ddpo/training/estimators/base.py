@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..sharding import reshard
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -88,6 +90,12 @@ class Policy:
     def unwrapped(self) -> torch.nn.Module:
         """The trained denoiser without its DDP wrapper (no gradient synchronisation)."""
         return self.accelerator.unwrap_model(self.model)
+
+    def weights_changed(self) -> None:
+        """Say that :attr:`params` were changed in place outside an optimiser step (an old policy swapped in or out):
+        a sharded (FSDP2) model then drops the full weights it may still hold gathered from its last call, so that its
+        next call gathers the new ones (:func:`~ddpo.training.sharding.reshard`). Nothing to do otherwise."""
+        reshard(self.unwrapped())
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[torch.nn.Module]:

@@ -30,6 +30,7 @@ from ...policy.forward import (
     predictions,
 )
 from ...policy.sampling import autocast
+from ..sharding import copy_full_
 from ..streams import Stream, derive_seed
 from .base import Estimator, Need, Policy
 
@@ -158,12 +159,14 @@ class ForwardProcessEstimator(ReNoisingEstimator):
             current = [p.detach().clone() for p in params]
             for param, old in zip(params, self.old_params, strict=True):
                 param.copy_(old)
+        self.policy.weights_changed()
         try:
             yield
         finally:
             with torch.no_grad():
                 for param, value in zip(params, current, strict=True):
                     param.copy_(value)
+            self.policy.weights_changed()
 
     def end_epoch(self, global_step: int) -> dict[str, float]:
         """The old policy's once-per-epoch update ``old = d * old + (1 - d) * current`` with ``d`` from the global step
@@ -192,9 +195,8 @@ class ForwardProcessEstimator(ReNoisingEstimator):
                 f"{source} has no old-policy weights for {missing[:3]}; was it a run of train.algorithm=nft, or awm "
                 "with train.awm_ema_kl > 0?"
             )
-        with torch.no_grad():
-            for name, param in zip(names, self.old_params, strict=True):
-                param.copy_(old[f"old_policy.{name}"].to(param.device, param.dtype))
+        for name, param in zip(names, self.old_params, strict=True):
+            copy_full_(param, old[f"old_policy.{name}"])  # a sharded run's old policy keeps its own slice
 
     def loss(
         self, samples: CleanSamples, weights: torch.Tensor, i: torch.Tensor, j: torch.Tensor
