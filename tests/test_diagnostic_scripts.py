@@ -5,8 +5,10 @@ diagnosis's experimental reward (experimental_rewards.py) against rendered scene
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,16 @@ def run_script(name: str, *args: str) -> str:
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def script_refusal(name: str, *args: str, capsys, monkeypatch) -> str:
+    """The one-line refusal (stderr) of ``scripts/diagnostics/NAME ARGS``, run in this process: its arguments are
+    checked before any model loads, so a subprocess would spend its time importing torch."""
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "scripts" / "diagnostics" / name), run_name="__main__")
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -103,7 +115,7 @@ def test_reward_spread_branch_callback_shares_the_first_samples_state_after_k_st
     assert shared.shape == latents.shape and all(torch.equal(shared[j], latents[0]) for j in range(3))
 
 
-def test_reward_spread_script_branching_after_the_last_step_leaves_no_spread():
+def test_reward_spread_script_branching_after_the_last_step_leaves_no_spread(capsys, monkeypatch):
     """Samples that share their state after every step are one image: no variance within any prompt; branching
     after K < 1 or K > steps is refused with the option that does the first, and so is --branch-after with
     --share-initial-noise (which it makes moot)."""
@@ -113,31 +125,14 @@ def test_reward_spread_script_branching_after_the_last_step_leaves_no_spread():
     assert "sharing the state after 3 of 3 steps" in out
     for name, (_mean, _share, within_var, tied, *_rest) in table_rows(out).items():
         assert float(within_var) == 0 and float(tied) == 1, name
+    refused = partial(script_refusal, "reward_spread.py", capsys=capsys, monkeypatch=monkeypatch)
     for k in ("0", "4"):
-        cmd = [
-            sys.executable,
-            str(ROOT / "scripts" / "diagnostics" / "reward_spread.py"),
-            "--steps",
-            "3",
-            "--branch-after",
-            k,
-        ]
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode != 0 and "--share-initial-noise" in result.stderr
-    both = ["--steps", "3", "--branch-after", "1", "--share-initial-noise"]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "diagnostics" / "reward_spread.py"), *both],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0 and "drop --share-initial-noise" in result.stderr
+        assert "--share-initial-noise" in refused("--steps", "3", "--branch-after", k)
+    assert "drop --share-initial-noise" in refused("--steps", "3", "--branch-after", "1", "--share-initial-noise")
 
 
-def test_reward_spread_script_needs_two_seeds():
-    cmd = [sys.executable, str(ROOT / "scripts" / "diagnostics" / "reward_spread.py"), "--seeds", "1"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "at least 2" in result.stderr
+def test_reward_spread_script_needs_two_seeds(capsys, monkeypatch):
+    assert "at least 2" in script_refusal("reward_spread.py", "--seeds", "1", capsys=capsys, monkeypatch=monkeypatch)
 
 
 def test_score_scales_script_prints_the_analytic_scales_and_positive_norms():
