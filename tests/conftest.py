@@ -100,3 +100,18 @@ def ddp_tiny_run(fast_settings, tmp_path_factory) -> Path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "runs" / "run"
+
+
+def record_pipeline_loads(monkeypatch) -> list:
+    """Watch ``StableDiffusionPipeline.from_pretrained`` without changing it: the returned list gets each call's
+    positional arguments, so a test can check that no pipeline was read before an error."""
+    from diffusers import StableDiffusionPipeline
+
+    loads: list = []
+    original = StableDiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(
+        StableDiffusionPipeline,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)),
+    )
+    return loads

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import record_pipeline_loads
 
 from ddpo.cli import main
 
@@ -955,16 +956,7 @@ def test_bad_input_gives_one_clear_message(
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("DDPO_DEBUG", raising=False)
     capsys.readouterr()
-    loads = []
-    if early:  # no pipeline may be read before the error
-        from diffusers import StableDiffusionPipeline
-
-        original = StableDiffusionPipeline.from_pretrained.__func__
-        monkeypatch.setattr(
-            StableDiffusionPipeline,
-            "from_pretrained",
-            classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)),
-        )
+    loads = record_pipeline_loads(monkeypatch) if early else []  # no pipeline may be read before the error
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_pipeline_loads
 
 from ddpo.cli import main
 from ddpo.training.preference_data import load_preference_data
@@ -155,15 +156,7 @@ BAD_DATA = [  # (id, make the data from a copy of the fixture, key phrase of the
 @pytest.mark.parametrize(("make", "phrase"), [c[1:] for c in BAD_DATA], ids=[c[0] for c in BAD_DATA])
 def test_bad_preference_data_is_refused_before_the_model_loads(make, phrase, fast_overrides, tmp_path, capsys,
                                                               monkeypatch):  # fmt: skip
-    from diffusers import StableDiffusionPipeline
-
-    loads = []
-    original = StableDiffusionPipeline.from_pretrained.__func__
-    monkeypatch.setattr(
-        StableDiffusionPipeline,
-        "from_pretrained",
-        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)),
-    )
+    loads = record_pipeline_loads(monkeypatch)
     data = make(tmp_path)
     capsys.readouterr()
     code = main(["train", "--preset", "tiny", *fast_overrides, "train.algorithm=dpo", f"train.preference_data={data}",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_overrides
+from conftest import cli_overrides, record_pipeline_loads
 from safetensors.torch import load_file
 
 from ddpo.training.checkpoint import weights_sha256
@@ -268,19 +268,11 @@ def test_sharded_full_fine_tuning_equals_its_ddp_run(sharded_full, tiny_model_di
 def test_a_sharded_checkpoint_resumed_without_sharding_is_refused(sharded_lora, tmp_path, capsys, monkeypatch):
     """A sharded run's checkpoint keeps its optimiser state by parameter name; resumed by a launch without FSDP it is
     refused with one line that says how to resume, before the model loads."""
-    from diffusers import StableDiffusionPipeline
-
     from ddpo.cli import main
 
     run = tmp_path / "run"
     shutil.copytree(sharded_lora["run"], run)
-    loads = []
-    original = StableDiffusionPipeline.from_pretrained.__func__
-    monkeypatch.setattr(
-        StableDiffusionPipeline,
-        "from_pretrained",
-        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)),
-    )
+    loads = record_pipeline_loads(monkeypatch)
     assert main(["train", "--resume", str(run), "num_epochs=3"]) == 2
     assert loads == []
     err = capsys.readouterr().err
