@@ -58,18 +58,11 @@ def draw_prompts(
     return [prompts[i] for i in index for _ in range(samples_per_prompt)]
 
 
-def load_prompt_metadata(name_or_path: str, key: str = "prompts") -> dict[str, dict]:
-    """``{prompt: its row's other columns}`` of a prompt table (:mod:`~ddpo.training.prompt_files`); empty for a
-    text file, a shipped set or a table without other columns (:func:`load_prompts_and_metadata`)."""
-    path = Path(name_or_path).expanduser()
-    if not (path.is_file() and is_table(path)):
-        return {}
-    return load_prompts_and_metadata(name_or_path, key)[1]
-
-
 def load_prompts_and_metadata(name_or_path: str, key: str = "prompts") -> tuple[list[str], dict[str, dict]]:
-    """:func:`load_prompts` and :func:`load_prompt_metadata` of one source, a table read once. A prompt given twice
-    with different metadata is an error (the reward could not tell which row a sample came from)."""
+    """:func:`load_prompts` of one source and ``{prompt: its row's other columns}`` of a prompt table
+    (:mod:`~ddpo.training.prompt_files`; empty for a text file, a shipped set or a table without other columns), the
+    table read once. A prompt given twice with different metadata is an error (the reward could not tell which row a
+    sample came from)."""
     path = Path(name_or_path).expanduser()
     if not (path.is_file() and is_table(path)):
         return load_prompts(name_or_path, key), {}
