@@ -23,39 +23,9 @@ the same way, under the marker ``default_run`` of README.md and docs/results.md:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ddpo.tools.ablate.equal_budget import checked_runs, collect, plot, table
-
-EVAL_ARGS = ["--count", "173", "--seeds", "10", "11"]
-
-
-def markers(name: str) -> tuple[str, str]:
-    """The lines that enclose a published table: ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``."""
-    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-
-
-def check_run(run: Path) -> dict:
-    """``RUN/eval_all/summary.json``, running ``ddpo eval`` first if it is missing."""
-    summary = run / "eval_all" / "summary.json"
-    if not summary.is_file():
-        from ddpo.cli import main
-
-        if main(["eval", str(run), *EVAL_ARGS, "--out", str(run / "eval_all")]) != 0:
-            raise SystemExit(f"ddpo eval failed on {run}")
-    return json.loads(summary.read_text())
-
-
-def update(path: Path, markdown: str, marker: str = "equal_budget") -> None:
-    """Replace the block between the ``marker`` lines in ``path`` by ``markdown`` (the marker lines stay)."""
-    begin, end = markers(marker)
-    text = path.read_text()
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise SystemExit(f"{path}: needs one line {begin} and, after it, one line {end} around the table")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{markdown}{end}{tail}")
+from ddpo.tools.ablate.equal_budget import check_run, checked_runs, collect, plot, table, update_marked
 
 
 def main() -> None:
@@ -85,7 +55,7 @@ def main() -> None:
     (out / "equal_budget.md").write_text(markdown)
     plot(stats).savefig(out / "equal_budget.png", dpi=100)
     for path in args.update:
-        update(path, markdown, args.marker)
+        update_marked(path, markdown, args.marker)
     print(markdown)
     print(f"wrote {out / 'equal_budget.md'} and {out / 'equal_budget.png'}")
 

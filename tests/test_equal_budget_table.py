@@ -88,3 +88,34 @@ def test_a_run_still_training_is_not_checked(tmp_path):
     make_run(runs, "nft_2k__world__seed0", 2048, 0.05, 0.01, 60.0)
     (runs / "nft_2k__world__seed0" / "config.yaml").write_text("num_epochs: 4\n")  # 2 of 4 epochs logged
     assert [run.name for run in checked_runs(tmp_path / "ablation")] == ["nft_1k__world__seed0"]
+
+
+def test_reward_backprop_table_puts_reward_and_guard_side_by_side(tmp_path):
+    """scripts/reward_backprop_table.py: one row per estimator with its budget, minutes, the training reward's change
+    (``eval_all``, CLIP-score units: one decimal) and the guard's (``eval_world``), each over seeds, by hand."""
+    runs = tmp_path / "ablation" / "runs"
+    make_run(runs, "draft__clip__seed0", 1728, 6.0, 2.0, 150.0)
+    make_run(runs, "draft__clip__seed1", 1728, 8.0, 2.5, 210.0)
+    make_run(runs, "nft__clip__seed0", 1280, 9.5, 2.0, 160.0)
+    for name, change in (("draft__clip__seed0", 0.01), ("draft__clip__seed1", -0.03)):
+        (runs / name / "eval_world").mkdir()
+        summary = {"change": change, "change_se": 0.01, "mean_before": 0.8, "mean_after": 0.8 + change}
+        (runs / name / "eval_world" / "summary.json").write_text(json.dumps(summary))
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- reward_backprop:begin -->\nold\n<!-- reward_backprop:end -->\n")
+    cmd = [sys.executable, str(ROOT / "scripts" / "reward_backprop_table.py"), str(tmp_path / "ablation"), "--no-eval"]
+    result = subprocess.run([*cmd, "--update", str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "ablation" / "reward_backprop.md").read_text()
+    assert (
+        table.splitlines()[0]
+        == "| estimator | epochs (samples) | training minutes | `clip_score` change | guard `world` change |"
+    )
+    clip_se, world_se = math.sqrt(2 * 1.0**2 / 1 / 2), math.sqrt(2 * 0.02**2 / 1 / 2)  # std over 2 seeds / sqrt(2)
+    draft = (
+        f"| draft | 2 (1,728) | 3.0 | **+7.0 ± {clip_se:.1f}** (2 seeds: +6.0 ± 2.0, +8.0 ± 2.5) | "
+        f"**-0.010 ± {world_se:.3f}** (2 seeds: +0.010 ± 0.010, -0.030 ± 0.010) |"
+    )
+    assert draft in table.splitlines()
+    assert "| nft | 2 (1,280) | 2.7 | **+9.5 ± n/a** (1 seed: +9.5 ± 2.0) | not checked |" in table.splitlines()
+    assert doc.read_text() == f"<!-- reward_backprop:begin -->\n{table}<!-- reward_backprop:end -->\n"

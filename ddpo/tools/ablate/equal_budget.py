@@ -4,8 +4,12 @@ A run of ``ablations/equal_budget.yaml`` is named ``<estimator>_<N>k__<reward>__
 optional: the default run's seeds, ``ablations/default.yaml``, are ``default__world__seed<k>``); once it is checked
 (``ddpo eval RUN --count 173 --seeds 10 11 --out RUN/eval_all``, done by ``scripts/equal_budget_table.py``) its
 ``eval_all/summary.json`` holds the paired change over all held-out prompts. This module reads those summaries and
-the runs' ``metrics.jsonl`` (pure reading: it samples nothing), so the script and the ablation notebook draw the same
-table and plot.
+the runs' ``metrics.jsonl``, so the script and the ablation notebook draw the same table and plot; only
+:func:`check_run` samples (it runs ``ddpo eval`` where a summary is missing).
+
+The comparison of reward backpropagation at equal wall time (``ablations/reward_backprop.yaml``,
+``scripts/reward_backprop_table.py``) checks each run twice, on its training reward (``eval_all``) and on a guard
+(``eval_world``), and tabulates both side by side (:func:`reward_and_guard_table`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from ...training.evaluation import mean_and_se
 from ...training.runlog import read_jsonl
 from .runner import run_finished
 
-__all__ = ["RUN_NAME", "checked_runs", "collect", "plot", "table"]
+__all__ = ["CHECK_ARGS", "RUN_NAME", "check_run", "checked_runs", "collect", "plot", "reward_and_guard_table", "table",
+           "update_marked"]  # fmt: skip
 
 RUN_NAME = re.compile(r"^(?P<estimator>.+?)(?:_(?P<budget>\d+k))?__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
+CHECK_ARGS = ("--count", "173", "--seeds", "10", "11")
+"""The check of every run: all 173 held-out prompts x noise seeds 10 and 11, never used while tuning."""
 
 
 def finished(run: Path) -> bool:
@@ -44,13 +51,37 @@ def checked_runs(ablation: str | Path) -> list[Path]:
     return [run for run in sorted(runs.iterdir()) if RUN_NAME.match(run.name) and finished(run)]
 
 
-def collect(ablation: str | Path) -> list[dict[str, Any]]:
-    """One row per checked run (``eval_all/summary.json`` present): estimator, samples seen, seed, the paired change
-    and its standard error, the base's and the run's means, and the training wall time in minutes (the sum of the
-    run's ``epoch_seconds``: sampling, scoring and optimisation, without model loading)."""
+def check_run(run: Path, folder: str = "eval_all", eval_args: tuple[str, ...] = ()) -> dict:
+    """``RUN/<folder>/summary.json``, running ``ddpo eval RUN --count 173 --seeds 10 11 <eval_args> --out RUN/<folder>``
+    first if it is missing (``eval_args``, e.g. ``("--reward", "world")``, choose another reward than the run's)."""
+    summary = run / folder / "summary.json"
+    if not summary.is_file():
+        from ...cli import main
+
+        if main(["eval", str(run), *CHECK_ARGS, *eval_args, "--out", str(run / folder)]) != 0:
+            raise SystemExit(f"ddpo eval failed on {run}")
+    return json.loads(summary.read_text())
+
+
+def update_marked(path: Path, markdown: str, marker: str) -> None:
+    """Replace the block between the lines ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` of ``path`` by
+    ``markdown`` (the marker lines stay), so that a published table is a script's output."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = path.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{path}: needs one line {begin} and, after it, one line {end} around the table")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{markdown}{end}{tail}")
+
+
+def collect(ablation: str | Path, check: str = "eval_all") -> list[dict[str, Any]]:
+    """One row per checked run (``<check>/summary.json`` present): estimator, samples seen, epochs, seed, the paired
+    change and its standard error, the base's and the run's means, and the training wall time in minutes (the sum of
+    the run's ``epoch_seconds``: sampling, scoring and optimisation, without model loading)."""
     rows = []
     for run in checked_runs(ablation):
-        summary_file = run / "eval_all" / "summary.json"
+        summary_file = run / check / "summary.json"
         if not summary_file.is_file():
             continue
         summary = json.loads(summary_file.read_text())
@@ -60,6 +91,7 @@ def collect(ablation: str | Path) -> list[dict[str, Any]]:
             {
                 "estimator": match["estimator"],
                 "samples": int(metrics[-1]["samples"]),
+                "epochs": len(metrics),
                 "seed": int(match["seed"]),
                 "change": summary["change"],
                 "change_se": summary["change_se"],
@@ -94,13 +126,44 @@ def table(rows: list[dict[str, Any]]) -> tuple[str, dict[tuple[str, int], tuple[
                 continue
             mean, se = mean_and_se(torch.tensor([r["change"] for r in runs], dtype=torch.float64))
             stats[(estimator, budget)] = (mean, se, len(runs))
-            seeds = ", ".join(f"{r['change']:+.3f} ± {r['change_se']:.3f}" for r in runs)
             minutes = sum(r["minutes"] for r in runs) / len(runs)
-            spread = f"{se:.3f}" if len(runs) > 1 else "n/a"
-            count = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
-            out.append(f"**{mean:+.3f} ± {spread}** ({count}: {seeds}; {minutes:.1f} min)")
+            out.append(_over_seeds(runs, f"{minutes:.1f} min"))
         lines.append(f"| {estimator} | " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n", stats
+
+
+def _over_seeds(runs: list[dict[str, Any]], note: str = "") -> str:
+    """``**mean ± se** (k seeds: change ± se, ...[; note])`` of one estimator's runs: the mean change over seeds with
+    its standard error over seeds, then each seed's change with its own paired standard error; three decimals, one
+    where a change reaches 1 (a CLIP score, not a fraction of checks)."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    mean, se = mean_and_se(torch.tensor([r["change"] for r in runs], dtype=torch.float64))
+    d = 3 if max(abs(r["change"]) for r in runs) < 1 else 1
+    spread = f"{se:.{d}f}" if len(runs) > 1 else "n/a"
+    seeds = ", ".join(f"{r['change']:+.{d}f} ± {r['change_se']:.{d}f}" for r in runs)
+    count = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+    return f"**{mean:+.{d}f} ± {spread}** ({count}: {seeds}{'; ' + note if note else ''})"
+
+
+def reward_and_guard_table(
+    reward_rows: list[dict[str, Any]], guard_rows: list[dict[str, Any]], reward: str, guard: str
+) -> str:
+    """The Markdown table of a comparison at equal wall time: one row per estimator (in the order of
+    ``reward_rows``) with its epochs and samples, the mean training minutes per run, and the paired change of the
+    training reward (``reward_rows``, from :func:`collect`) and of the guard (``guard_rows``, the same runs checked on
+    another reward), each as the mean over seeds ± its standard error over seeds, then each seed's change."""
+    lines = [
+        f"| estimator | epochs (samples) | training minutes | `{reward}` change | guard `{guard}` change |",
+        "|---|---|---|---|---|",
+    ]
+    for estimator in dict.fromkeys(row["estimator"] for row in reward_rows):
+        runs = [r for r in reward_rows if r["estimator"] == estimator]
+        guards = [r for r in guard_rows if r["estimator"] == estimator]
+        minutes = sum(r["minutes"] for r in runs) / len(runs)
+        budget = f"{runs[0]['epochs']} ({runs[0]['samples']:,})"
+        guard_cell = _over_seeds(guards) if guards else "not checked"
+        lines.append(f"| {estimator} | {budget} | {minutes:.1f} | {_over_seeds(runs)} | {guard_cell} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(stats: dict[tuple[str, int], tuple[float, float, int]]):
