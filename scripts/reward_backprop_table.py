@@ -11,7 +11,9 @@ while tuning), its base model on the same noise and with the sampler the run tra
 epochs and samples, the mean training minutes per run (the sum of the run's ``epoch_seconds``), and the paired
 change of the reward and of the guard, each the mean over seeds ± its standard error over seeds, then each seed's
 change ± its own standard error over the 173 prompts. Writes ``OUT/reward_backprop.md`` (default OUT: the ablation
-folder) and prints it; ``--update FILE ...`` replaces the table between ``<!-- reward_backprop:begin -->`` and
+folder) and prints it, and ``OUT/reward_backprop.png``: each estimator's in-run evaluations (its own 64 held-out
+images, mean over seeds) of the reward and the guard against training minutes, where over-optimisation shows as a
+reward that keeps rising while the guard falls; ``--update FILE ...`` replaces the table between ``<!-- reward_backprop:begin -->`` and
 ``<!-- reward_backprop:end -->`` of each file:
 
     python scripts/reward_backprop_table.py runs/ablations/reward_backprop [--no-eval] [--update docs/results.md]
@@ -22,7 +24,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ddpo.tools.ablate.equal_budget import check_run, checked_runs, collect, reward_and_guard_table, update_marked
+from ddpo.tools.ablate.equal_budget import (
+    check_run,
+    checked_runs,
+    collect,
+    plot_reward_and_guard,
+    reward_and_guard_curves,
+    reward_and_guard_table,
+    update_marked,
+)
 
 GUARD = "world"
 
@@ -30,7 +40,7 @@ GUARD = "world"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ablation", type=Path, help="the output folder of ddpo ablate ablations/reward_backprop.yaml")
-    parser.add_argument("--out", type=Path, default=None, help="where reward_backprop.md goes (default: ABLATION)")
+    parser.add_argument("--out", type=Path, default=None, help="where reward_backprop.md/.png go (default: ABLATION)")
     parser.add_argument("--no-eval", action="store_true", help="tabulate only runs already checked (no ddpo eval)")
     parser.add_argument("--update", type=Path, nargs="*", default=[], help="files whose marked table to replace")
     args = parser.parse_args()
@@ -47,10 +57,12 @@ def main() -> None:
     out = args.out or args.ablation
     out.mkdir(parents=True, exist_ok=True)
     (out / "reward_backprop.md").write_text(markdown)
+    curves = reward_and_guard_curves(args.ablation, GUARD)
+    plot_reward_and_guard(curves, "clip_score", GUARD).savefig(out / "reward_backprop.png", dpi=100)
     for path in args.update:
         update_marked(path, markdown, "reward_backprop")
     print(markdown)
-    print(f"wrote {out / 'reward_backprop.md'}")
+    print(f"wrote {out / 'reward_backprop.md'} and {out / 'reward_backprop.png'}")
 
 
 if __name__ == "__main__":

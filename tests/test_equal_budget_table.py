@@ -119,3 +119,22 @@ def test_reward_backprop_table_puts_reward_and_guard_side_by_side(tmp_path):
     assert draft in table.splitlines()
     assert "| nft | 2 (1,280) | 2.7 | **+9.5 ± n/a** (1 seed: +9.5 ± 2.0) | not checked |" in table.splitlines()
     assert doc.read_text() == f"<!-- reward_backprop:begin -->\n{table}<!-- reward_backprop:end -->\n"
+    assert (tmp_path / "ablation" / "reward_backprop.png").stat().st_size > 0
+
+
+def test_reward_and_guard_curves_average_the_seeds_at_each_evaluation(tmp_path):
+    """The in-run curves: minutes are the epoch times summed up to the evaluated epoch, each point the mean over
+    seeds; an epoch only one seed evaluated is left out."""
+    from ddpo.tools.ablate.equal_budget import reward_and_guard_curves
+
+    runs = tmp_path / "ablation" / "runs"
+    for seed, seconds, evals in (
+        (0, 60.0, [(0, 70.0, 0.8), (1, 80.0, 0.7)]),
+        (1, 120.0, [(0, 72.0, 0.8), (1, 90.0, 0.9), (2, 1.0, 1.0)]),
+    ):
+        make_run(runs, f"alignprop__clip__seed{seed}", 128, 1.0, 0.5, seconds)
+        rows = [{"epoch": e, "reward_mean": r, "guard/world_mean": g} for e, r, g in evals]
+        (runs / f"alignprop__clip__seed{seed}" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = reward_and_guard_curves(tmp_path / "ablation", "world")
+    # epoch 1 ends after half of each run's seconds: (30 s + 60 s) / 2 = 45 s = 0.75 min
+    assert curves == {"alignprop": [(0.0, 71.0, 0.8), (0.75, 85.0, 0.8)]}

@@ -27,7 +27,7 @@ from ...training.runlog import read_jsonl
 from .runner import run_finished
 
 __all__ = ["CHECK_ARGS", "RUN_NAME", "check_run", "checked_runs", "collect", "plot", "reward_and_guard_table", "table",
-           "update_marked"]  # fmt: skip
+           "update_marked", "reward_and_guard_curves", "plot_reward_and_guard"]  # fmt: skip
 
 RUN_NAME = re.compile(r"^(?P<estimator>.+?)(?:_(?P<budget>\d+k))?__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
 CHECK_ARGS = ("--count", "173", "--seeds", "10", "11")
@@ -182,4 +182,45 @@ def plot(stats: dict[tuple[str, int], tuple[float, float, int]]):
            title="world reward: change over all held-out prompts (mean ± s.e. over seeds)")  # fmt: skip
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+    return fig
+
+
+def reward_and_guard_curves(ablation: str | Path, guard: str) -> dict[str, list[tuple[float, float, float]]]:
+    """The in-run evaluations of each estimator (every run's ``eval.jsonl``: its own held-out images, before training
+    and every ``eval_every`` epochs), averaged over seeds at each evaluated epoch: ``{estimator: [(training minutes,
+    reward, guard), ...]}``, the minutes being the mean over seeds of the ``epoch_seconds`` summed up to that epoch,
+    the guard the ``guard/<guard>_mean`` the trainer logs. Epochs that not every seed evaluated are left out."""
+    by_estimator: dict[str, list[dict[int, tuple[float, float, float]]]] = {}
+    for run in checked_runs(ablation):
+        elapsed, points = [0.0], {}
+        for row in read_jsonl(run / "metrics.jsonl"):
+            elapsed.append(elapsed[-1] + row.get("epoch_seconds", 0.0) / 60)
+        for row in read_jsonl(run / "eval.jsonl") if (run / "eval.jsonl").is_file() else []:
+            epoch = int(row["epoch"])
+            if f"guard/{guard}_mean" in row and epoch < len(elapsed):
+                points[epoch] = (elapsed[epoch], float(row["reward_mean"]), float(row[f"guard/{guard}_mean"]))
+        by_estimator.setdefault(RUN_NAME.match(run.name)["estimator"], []).append(points)
+    curves = {}
+    for estimator, runs in by_estimator.items():
+        epochs = sorted(set.intersection(*(set(points) for points in runs)))
+        curves[estimator] = [tuple(sum(points[e][i] for points in runs) / len(runs) for i in range(3)) for e in epochs]
+    return curves
+
+
+def plot_reward_and_guard(curves: dict[str, list[tuple[float, float, float]]], reward: str, guard: str):
+    """Two panels against training minutes, one line per estimator (:func:`reward_and_guard_curves`): the training
+    reward and the guard on the runs' own held-out images. A matplotlib ``Figure``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for estimator, points in curves.items():
+        minutes = [p[0] for p in points]
+        axes[0].plot(minutes, [p[1] for p in points], marker="o", label=estimator)
+        axes[1].plot(minutes, [p[2] for p in points], marker="o", label=estimator)
+    axes[0].set(xlabel="training minutes", ylabel=f"held-out {reward}", title=f"training reward: {reward}")
+    axes[1].set(xlabel="training minutes", ylabel=f"held-out {guard}", title=f"guard, never trained on: {guard}")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
     return fig
