@@ -128,3 +128,33 @@ def test_awm_without_its_proximal_term_refuses_an_old_policy_schedule():
     assert "set train.awm_ema_kl > 0, or train.old_policy_uprate back to 0.001" in str(refused.value)
     config = build_config(preset="tiny", overrides=[*flow, "train.old_policy_uprate=0.01", "train.awm_ema_kl=1"])
     assert config.train.old_policy_uprate == 0.01
+
+
+def test_a_shared_key_the_estimator_does_not_read_gets_a_note_not_an_error():
+    """The world preset sets train.advantage, train.batch_size and train.timestep_fraction for NFT; under draft they
+    do nothing, which start-up says (ddpo.training.run_inputs prints these notes) instead of dropping them silently.
+    At their defaults nothing is said."""
+    from ddpo.training.estimators import unused_key_notes
+
+    draft = build_config(
+        preset="world",
+        overrides=[
+            "train.algorithm=draft",
+            "sample.scheduler=ddim",
+            "train.gradient_accumulation_steps=4",
+            "reward.name=brightness",
+        ],
+    )
+    assert unused_key_notes(draft) == [
+        "train.batch_size=16 plays no part in train.algorithm=draft (each prompt batch, sample.batch_size, is one "
+        "minibatch): it is unused",
+        "train.advantage=group_center plays no part in train.algorithm=draft (there are no advantages: the reward's "
+        "gradient trains the model): it is unused",
+        "train.timestep_fraction=0.5 plays no part in train.algorithm=draft (the back-propagated steps are the last K "
+        "of each chain): it is unused",
+    ]
+    online = build_config(preset="world", overrides=["train.algorithm=online_dpo"])
+    assert [note.split(" plays")[0] for note in unused_key_notes(online)] == ["train.advantage=group_center"]
+    assert unused_key_notes(build_config(preset="world")) == []  # nft reads them all
+    draft.train.batch_size, draft.train.advantage, draft.train.timestep_fraction = 8, "per_prompt", 1.0
+    assert unused_key_notes(draft) == []  # at their defaults: nothing to say

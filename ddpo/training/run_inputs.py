@@ -11,7 +11,7 @@ import torch
 from rewards import accepts_metadata, get_reward, is_differentiable
 
 from .config import ConfigError, RunConfig
-from .estimators import estimator_for, not_differentiable_message
+from .estimators import estimator_for, not_differentiable_message, unused_key_notes
 from .evaluation import eval_prompt_list
 from .prompts import load_prompts_and_metadata
 
@@ -37,7 +37,7 @@ class RunInputs:
 def load_run_inputs(config: RunConfig, num_processes: int = 1, main_process: bool = True) -> RunInputs:
     """Load the run's prompts, reward, guards and the estimator's own inputs (read for ``num_processes``
     processes); on the main process, a note for what a setting cannot act on (a prompt table's columns with a reward
-    that takes no metadata, guards without ``eval_prompts``)."""
+    that takes no metadata, guards without ``eval_prompts``, a shared key the estimator does not read)."""
     c = config
     prompts, metadata = load_prompts_and_metadata(c.prompts)  # a prompt table is read once
     eval_prompts = []
@@ -59,5 +59,8 @@ def load_run_inputs(config: RunConfig, num_processes: int = 1, main_process: boo
             f"ddpo: note: eval_rewards ({', '.join(c.eval_rewards)}) are scored at held-out evaluations only, and "
             "eval_prompts is empty: they are not scored"
         )
+    if main_process:
+        for note in unused_key_notes(c):
+            print(f"ddpo: note: {note}")
     estimator_inputs = estimator.read_inputs(c, num_processes, main_process)
     return RunInputs(prompts, eval_prompts, reward, metadata, guards, estimator_inputs)

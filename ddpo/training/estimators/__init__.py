@@ -9,7 +9,14 @@ The trainer imports this package (the interface and the registry), never a famil
 from __future__ import annotations
 
 from .base import EpochResult, EpochRun, Estimator, Policy, PromptBatch, not_differentiable_message
-from .registry import ESTIMATORS, estimator_for, register_estimator, unregister_estimator, validate_estimators
+from .registry import (
+    ESTIMATORS,
+    estimator_for,
+    register_estimator,
+    unregister_estimator,
+    unused_key_notes,
+    validate_estimators,
+)
 
 __all__ = [
     "ESTIMATORS",
@@ -22,5 +29,6 @@ __all__ = [
     "not_differentiable_message",
     "register_estimator",
     "unregister_estimator",
+    "unused_key_notes",
     "validate_estimators",
 ]

@@ -243,6 +243,11 @@ class Estimator:
     values when this estimator is chosen; while another is chosen, a value other than the key's default is refused as
     doing nothing (:func:`~ddpo.training.estimators.registry.validate_estimators`)."""
 
+    unused_keys: ClassVar[dict[str, str]] = {}
+    """Shared config keys this estimator does not read, each with why (``{"train.advantage": "there are no
+    advantages"}``). A value other than the key's default gets a start-up note, not an error: a preset written for
+    another estimator sets them (:func:`~ddpo.training.estimators.registry.unused_key_notes`)."""
+
     def __init__(self, policy: Policy):
         self.policy = policy
         self.config = policy.config

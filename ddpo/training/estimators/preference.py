@@ -114,6 +114,10 @@ class OnlineDPO(PreferenceEstimator):
     pairs of the preferred samples it holds."""
 
     name = "online_dpo"
+    unused_keys = {
+        "train.advantage": "each prompt's pair is its best and worst rewarded sample; advantages are not used",
+        "train.adv_clip_max": "advantages are not used",
+    }
 
     @classmethod
     def validate(cls, config, chosen: type[Estimator], need: Need) -> None:

@@ -82,6 +82,19 @@ def validate_estimators(config: RunConfig, need: Need) -> type[Estimator]:
     return chosen
 
 
+def unused_key_notes(config: RunConfig) -> list[str]:
+    """One note for each key the run's estimator does not read (:attr:`~Estimator.unused_keys`) that is set to other
+    than its default, e.g. ``train.advantage=group_center`` under ``train.algorithm=draft``, so that a setting that
+    does nothing is said at start-up rather than silently dropped."""
+    chosen = estimator_for(config)
+    notes = []
+    for key, why in chosen.unused_keys.items():
+        value, default = _value_and_default(config, key)
+        if value != default:
+            notes.append(f"{key}={_shown(value)} plays no part in train.algorithm={chosen.name} ({why}): it is unused")
+    return notes
+
+
 def own_keys(cls: type[Estimator]) -> dict[str, str]:
     """The keys only ``cls`` reads: those its class and its bases declare (:attr:`~Estimator.own_keys`)."""
     keys: dict[str, str] = {}

@@ -37,6 +37,15 @@ class RewardBackpropagation(Estimator):
     owns_epoch = True
     needs_differentiable_reward = True
     own_keys = {"train.reward_clip_max": "reward backpropagation's clamp of each sample's reward"}
+    unused_keys = {
+        "train.batch_size": "each prompt batch, sample.batch_size, is one minibatch",
+        "train.advantage": "there are no advantages: the reward's gradient trains the model",
+        "train.adv_clip_max": "there are no advantages",
+        "train.clip_range": "there is no probability ratio",
+        "train.timestep_fraction": "the back-propagated steps are the last K of each chain",
+        "train.timestep_window": "the back-propagated steps are the last K of each chain",
+        "train.old_log_probs": "there are no log-probs",
+    }
 
     @classmethod
     def validate(cls, config, chosen: type[Estimator], need: Need) -> None:
