@@ -566,10 +566,12 @@ def preset_memory(cfg: dict, n: dict) -> dict:
     steps = sample["num_steps"]
     cond = n.get("cond_elems", TEXT_TOKENS * 768)
     trajectories = samples * ((steps + 1) * latent_elems * 4 + steps * 4 * 2 + cond * 4)
-    # Diffusion-DPO (dpo, online_dpo): an epoch keeps only clean latents; a training call runs a pair's two rows
-    # (conditional, no CFG), and full fine-tuning keeps the reference, a frozen float32 copy of the base denoiser.
+    # The forward-process estimators (awm, nft) and Diffusion-DPO (dpo, online_dpo) keep only each sample's clean
+    # latents (ddpo.policy.sampling.CleanSamples), not its chain and log-probs. DPO's training call runs a pair's two
+    # rows (conditional, no CFG), and its full fine-tuning keeps the reference, a frozen float32 copy of the base
+    # denoiser. (The epoch's decoded images, [B, 3, H, W] float32 in both kinds, are not counted: 3 MiB a 512 px sample.)
     preference = train.get("algorithm") in ("dpo", "online_dpo")
-    if preference:
+    if preference or train.get("algorithm") in ("awm", "nft"):
         trajectories = samples * (latent_elems * 4 + cond * 4)
     vae_bytes = 4 if n.get("vae_fp32") else wbytes
     parts = {

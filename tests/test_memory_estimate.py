@@ -166,3 +166,22 @@ def test_fsdp_units_are_the_blocks_accelerate_wraps(me):
     assert largest == max(me.count_params(block) for block in blocks)
     assert root == me.count_params(flux) - sum(me.count_params(block) for block in blocks)
     assert 0 < root < largest  # FLUX's blocks dominate: 19 double (339.8M each) and 38 single (141.6M each)
+
+
+def test_trajectories_are_the_chain_for_log_probs_and_clean_latents_for_the_forward_process(me):
+    """An epoch's stored samples, by hand: DDPO keeps each sample's T + 1 latents, its T log-probs (float32, twice:
+    the chain's and the old policy's) and its conditioning; NFT, AWM and the DPOs keep the clean latent and the
+    conditioning only (CleanSamples)."""
+    n = {"latent": 8, "latent_channels": 4, "cond_elems": 10, "lora_params": 0, "unet_params": 0, "vae_params": 0,
+         "text_params": 0, "train_fp32": (0, 0), "sample_fp32": (0, 0), "decode_fp32": (0, 0)}  # fmt: skip
+    cfg = {
+        "model": {"use_lora": True},
+        "sample": {"batch_size": 4, "num_batches_per_epoch": 2, "num_steps": 5, "guidance_scale": 1.0},
+        "train": {"algorithm": "ddpo_is", "batch_size": 4},
+        "reward": {"name": "brightness"},
+    }
+    latent, cond = 4 * 8 * 8 * 4, 10 * 4  # bytes of one float32 latent and one conditioning
+    assert me.preset_memory(cfg, n)["parts_gib"]["trajectories"] * me.GIB == 8 * (6 * latent + 5 * 8 + cond)
+    for algorithm in ("nft", "awm", "online_dpo"):
+        cfg["train"]["algorithm"] = algorithm
+        assert me.preset_memory(cfg, n)["parts_gib"]["trajectories"] * me.GIB == 8 * (latent + cond)
