@@ -22,18 +22,19 @@ the same way, under the marker ``default_run`` of README.md and docs/results.md:
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from ddpo.tools.ablate.equal_budget import check_run, checked_runs, collect, plot, table, update_marked
+from ddpo.tools.ablate.equal_budget import (
+    check_run,
+    checked_runs,
+    collect,
+    plot,
+    table,
+    table_script_parser,
+    update_marked,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ablation", type=Path, help="the output folder of ddpo ablate ablations/equal_budget.yaml")
-    parser.add_argument("--out", type=Path, default=None, help="where equal_budget.md / .png go (default: ABLATION)")
-    parser.add_argument("--no-eval", action="store_true", help="tabulate only runs already checked (no ddpo eval)")
-    parser.add_argument("--update", type=Path, nargs="*", default=[], help="files whose marked table to replace")
+    parser = table_script_parser(__doc__, "equal_budget", "equal_budget.md / .png")
     parser.add_argument(
         "--marker",
         default="equal_budget",

@@ -21,9 +21,6 @@ reward that keeps rising while the guard falls; ``--update FILE ...`` replaces t
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from ddpo.tools.ablate.equal_budget import (
     check_run,
     checked_runs,
@@ -31,6 +28,7 @@ from ddpo.tools.ablate.equal_budget import (
     plot_reward_and_guard,
     reward_and_guard_curves,
     reward_and_guard_table,
+    table_script_parser,
     update_marked,
 )
 
@@ -38,11 +36,7 @@ GUARD = "world"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ablation", type=Path, help="the output folder of ddpo ablate ablations/reward_backprop.yaml")
-    parser.add_argument("--out", type=Path, default=None, help="where reward_backprop.md/.png go (default: ABLATION)")
-    parser.add_argument("--no-eval", action="store_true", help="tabulate only runs already checked (no ddpo eval)")
-    parser.add_argument("--update", type=Path, nargs="*", default=[], help="files whose marked table to replace")
+    parser = table_script_parser(__doc__, "reward_backprop", "reward_backprop.md/.png")
     args = parser.parse_args()
     if not args.no_eval:
         for run in checked_runs(args.ablation):

@@ -14,6 +14,7 @@ The comparison of reward backpropagation at equal wall time (``ablations/reward_
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -27,7 +28,7 @@ from ...training.runlog import read_jsonl
 from .runner import run_finished
 
 __all__ = ["CHECK_ARGS", "RUN_NAME", "check_run", "checked_runs", "collect", "plot", "reward_and_guard_table", "table",
-           "update_marked", "reward_and_guard_curves", "plot_reward_and_guard"]  # fmt: skip
+           "table_script_parser", "update_marked", "reward_and_guard_curves", "plot_reward_and_guard"]  # fmt: skip
 
 RUN_NAME = re.compile(r"^(?P<estimator>.+?)(?:_(?P<budget>\d+k))?__(?P<reward>[^_]+)__seed(?P<seed>\d+)$")
 CHECK_ARGS = ("--count", "173", "--seeds", "10", "11")
@@ -61,6 +62,17 @@ def check_run(run: Path, folder: str = "eval_all", eval_args: tuple[str, ...] = 
         if main(["eval", str(run), *CHECK_ARGS, *eval_args, "--out", str(run / folder)]) != 0:
             raise SystemExit(f"ddpo eval failed on {run}")
     return json.loads(summary.read_text())
+
+
+def table_script_parser(description: str, grid: str, outputs: str) -> argparse.ArgumentParser:
+    """The arguments both table scripts take: the ablation folder of ``ddpo ablate ablations/<grid>.yaml``, ``--out``
+    (where ``outputs`` go), ``--no-eval`` and ``--update FILE ...``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ablation", type=Path, help=f"the output folder of ddpo ablate ablations/{grid}.yaml")
+    parser.add_argument("--out", type=Path, default=None, help=f"where {outputs} go (default: ABLATION)")
+    parser.add_argument("--no-eval", action="store_true", help="tabulate only runs already checked (no ddpo eval)")
+    parser.add_argument("--update", type=Path, nargs="*", default=[], help="files whose marked table to replace")
+    return parser
 
 
 def update_marked(path: Path, markdown: str, marker: str) -> None:
