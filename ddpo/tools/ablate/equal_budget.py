@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +58,19 @@ def check_run(run: Path, folder: str = "eval_all", eval_args: tuple[str, ...] = 
     """``RUN/<folder>/summary.json``, running ``ddpo eval RUN --count 173 --seeds 10 11 <eval_args> --out RUN/<folder>``
     first if it is missing (``eval_args``, e.g. ``("--reward", "world")``, choose another reward than the run's)."""
     summary = run / folder / "summary.json"
-    if not summary.is_file():
-        from ...cli import main
-
-        if main(["eval", str(run), *CHECK_ARGS, *eval_args, "--out", str(run / folder)]) != 0:
+    if not summary.is_file():  # the command itself, in a process of its own: tools sit below the CLI's layer
+        command = [
+            sys.executable,
+            "-m",
+            "ddpo.cli",
+            "eval",
+            str(run),
+            *CHECK_ARGS,
+            *eval_args,
+            "--out",
+            str(run / folder),
+        ]
+        if subprocess.run(command).returncode != 0:
             raise SystemExit(f"ddpo eval failed on {run}")
     return json.loads(summary.read_text())
 
