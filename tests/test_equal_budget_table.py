@@ -25,14 +25,19 @@ def make_run(runs: Path, name: str, samples: int, change: float, se: float, seco
     (run / "eval_all" / "summary.json").write_text(json.dumps(summary))
 
 
+def run_script(script: str, ablation: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python scripts/<script> ABLATION --no-eval ARGS...`` from the repository root, its output captured."""
+    cmd = [sys.executable, str(ROOT / "scripts" / script), str(ablation), "--no-eval", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_table_by_hand(tmp_path):
     runs = tmp_path / "ablation" / "runs"
     make_run(runs, "ddpo_is_1k__world__seed0", 1024, 0.10, 0.01, 60.0)
     make_run(runs, "ddpo_is_1k__world__seed1", 1024, 0.04, 0.02, 120.0)
     make_run(runs, "nft_2k__world__seed0", 2048, -0.02, 0.01, 30.0)
     (runs / "unfinished_1k__world__seed0").mkdir()  # no final/: skipped
-    cmd = [sys.executable, str(ROOT / "scripts" / "equal_budget_table.py"), str(tmp_path / "ablation"), "--no-eval"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("equal_budget_table.py", tmp_path / "ablation")
     assert result.returncode == 0, result.stderr[-2000:]
     markdown = (tmp_path / "ablation" / "equal_budget.md").read_text()
     assert markdown.splitlines()[0] == "| estimator | 1,024 samples | 2,048 samples |"
@@ -48,14 +53,13 @@ def test_update_replaces_only_the_marked_table(tmp_path):
     make_run(runs, "awm_1k__world__seed0", 1024, 0.05, 0.01, 60.0)
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- equal_budget:begin -->\n| old | table |\n<!-- equal_budget:end -->\nafter\n")
-    cmd = [sys.executable, str(ROOT / "scripts" / "equal_budget_table.py"), str(tmp_path / "ablation"), "--no-eval"]
-    result = subprocess.run([*cmd, "--update", str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("equal_budget_table.py", tmp_path / "ablation", "--update", str(doc))
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "ablation" / "equal_budget.md").read_text()
     assert doc.read_text() == f"intro\n<!-- equal_budget:begin -->\n{table}<!-- equal_budget:end -->\nafter\n"
     assert "| awm | **+0.050 ± n/a** (1 seed: +0.050 ± 0.010; 1.0 min) |" in table
     (tmp_path / "bare.md").write_text("no markers\n")
-    result = subprocess.run([*cmd, "--update", str(tmp_path / "bare.md")], cwd=ROOT, capture_output=True, text=True)
+    result = run_script("equal_budget_table.py", tmp_path / "ablation", "--update", str(tmp_path / "bare.md"))
     assert result.returncode != 0 and "needs one line <!-- equal_budget:begin -->" in result.stderr
 
 
@@ -68,9 +72,7 @@ def test_default_run_seeds_and_their_marker(tmp_path):
     doc = tmp_path / "README.md"
     untouched = "<!-- equal_budget:begin -->\n| estimator |\n<!-- equal_budget:end -->\n"
     doc.write_text(f"a\n<!-- default_run:begin -->\nold\n<!-- default_run:end -->\n{untouched}")
-    cmd = [sys.executable, str(ROOT / "scripts" / "equal_budget_table.py"), str(tmp_path / "ablation"), "--no-eval"]
-    cmd += ["--marker", "default_run", "--update", str(doc)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("equal_budget_table.py", tmp_path / "ablation", "--marker", "default_run", "--update", str(doc))
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "ablation" / "equal_budget.md").read_text()
     se = math.sqrt(0.01**2 * 2 / 1 / 2)  # std of (0.12, 0.10) over sqrt(2)
@@ -103,8 +105,7 @@ def test_reward_backprop_table_puts_reward_and_guard_side_by_side(tmp_path):
         (runs / name / "eval_world" / "summary.json").write_text(json.dumps(summary))
     doc = tmp_path / "results.md"
     doc.write_text("<!-- reward_backprop:begin -->\nold\n<!-- reward_backprop:end -->\n")
-    cmd = [sys.executable, str(ROOT / "scripts" / "reward_backprop_table.py"), str(tmp_path / "ablation"), "--no-eval"]
-    result = subprocess.run([*cmd, "--update", str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("reward_backprop_table.py", tmp_path / "ablation", "--update", str(doc))
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "ablation" / "reward_backprop.md").read_text()
     assert (
